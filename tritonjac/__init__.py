@@ -1,0 +1,8 @@
+"""tritonjac: outputs and per-point Jacobians of point-wise MLPs from one fused pass."""
+
+from .activations import Activation, Sine
+from .functional import mlp_jacobian
+from .module import JacobianMLP, jacobian
+
+__all__ = ["JacobianMLP", "Sine", "Activation", "jacobian", "mlp_jacobian"]
+__version__ = "0.1.0"

@@ -1,0 +1,109 @@
+"""The op: `(y, J) = mlp_jacobian(x, weights, biases, activations)`, input checks and backend dispatch."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .activations import as_activation
+from .reference import MLPSpec, mlp_jacobian_reference
+
+__all__ = ["mlp_jacobian", "BACKENDS", "SUPPORTED_DTYPES"]
+
+BACKENDS = ("auto", "torch", "triton")
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, not {backend!r}")
+    return backend
+
+
+def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+    check_backend(backend)
+    if backend == "triton":
+        # The fused Triton kernels are the next milestone; until they land, say so instead of
+        # silently running something else.
+        raise NotImplementedError(
+            "the Triton backend is not available in this version of tritonjac; "
+            "use backend='auto' or 'torch' (the analytic PyTorch engine)"
+        )
+    return "torch"
+
+
+def make_spec(activations: Sequence, num_layers: int, in_features: int, jacobian_inputs) -> MLPSpec:
+    acts = tuple(as_activation(a) for a in activations)
+    if len(acts) != num_layers:
+        raise ValueError(f"got {len(acts)} activations for {num_layers} layers; give one per layer (None for identity)")
+    k = in_features if jacobian_inputs is None else jacobian_inputs
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= in_features:
+        raise ValueError(f"jacobian_inputs must be an int from 1 to in_features={in_features}, not {jacobian_inputs!r}")
+    return MLPSpec(acts, k)
+
+
+def _check_tensors(x, weights, biases):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, not {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; tritonjac supports float32 and float64 inputs")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension, its last being the input features")
+    if len(weights) == 0:
+        raise ValueError("the MLP needs at least one layer")
+    if len(biases) != len(weights):
+        raise ValueError(f"got {len(biases)} biases for {len(weights)} layers; use None for a layer without bias")
+    width = x.shape[-1]
+    for l, (W, b) in enumerate(zip(weights, biases)):
+        for name, t in (("weight", W), ("bias", b)):
+            if t is None:
+                continue
+            if t.dtype != x.dtype:
+                raise TypeError(
+                    f"layer {l} {name} has dtype {t.dtype} but x has dtype {x.dtype}; "
+                    "convert one of them (e.g. module.to(x.dtype))"
+                )
+            if t.device != x.device:
+                raise RuntimeError(f"layer {l} {name} is on {t.device} but x is on {x.device}")
+        if W.dim() != 2:
+            raise ValueError(f"layer {l} weight must be 2-D (out, in), got shape {tuple(W.shape)}")
+        if W.shape[1] != width:
+            what = f"x has {width} features in its last dimension" if l == 0 else f"layer {l - 1} has {width} outputs"
+            raise ValueError(f"{what} but layer {l} expects {W.shape[1]} inputs (x.shape = {tuple(x.shape)})")
+        if b is not None and tuple(b.shape) != (W.shape[0],):
+            raise ValueError(f"layer {l} bias has shape {tuple(b.shape)}, expected ({W.shape[0]},)")
+        width = W.shape[0]
+
+
+def mlp_jacobian(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    biases: Sequence[torch.Tensor | None] | None,
+    activations: Sequence,
+    *,
+    jacobian_inputs: int | None = None,
+    backend: str = "auto",
+):
+    """Outputs and per-point Jacobians of a point-wise MLP.
+
+    Layer l computes h_l = s_l(W_l h_{l-1} + b_l), with `weights[l]` of shape (out, in) as in
+    `nn.Linear` and `activations[l]` a name, a torch activation module or None (identity).
+    x (..., in) gives y (..., out) and J (..., out, k) with J[..., i, j] = d y_i / d x_j for the
+    first k = `jacobian_inputs` input features (all by default). Both are differentiable with
+    respect to x, the weights and the biases.
+    """
+    weights = list(weights)
+    biases = [None] * len(weights) if biases is None else list(biases)
+    _check_tensors(x, weights, biases)
+    spec = make_spec(activations, len(weights), x.shape[-1], jacobian_inputs)
+    return apply_spec(x, weights, biases, spec, backend)
+
+
+def apply_spec(x, weights, biases, spec: MLPSpec, backend: str):
+    """`mlp_jacobian` after validation: flatten the leading dimensions, run the engine, restore them."""
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    d_out = weights[-1].shape[0]
+    _resolve_backend(backend, x)
+    y, J = mlp_jacobian_reference(x.reshape(-1, d_in), weights, biases, spec)
+    return y.view(*lead, d_out), J.view(*lead, d_out, spec.jacobian_inputs)

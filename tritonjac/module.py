@@ -1,0 +1,227 @@
+"""`JacobianMLP`: the user-facing module, conversion of existing models, and `tritonjac.jacobian`."""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .activations import Activation, as_activation
+from .functional import _check_tensors, apply_spec, check_backend, make_spec
+
+__all__ = ["JacobianMLP", "jacobian"]
+
+
+class JacobianMLP(nn.Module):
+    """A point-wise MLP that returns its outputs and their Jacobians with respect to its inputs.
+
+    `module(x)` gives `(y, J)`: x (..., in_features) -> y (..., out_features) and
+    J (..., out_features, k) with J[..., i, j] = d y_i / d x_j for the first k = `jacobian_inputs`
+    input features (all by default). `module(x, jacobian=False)` gives y alone.
+
+    The layers are registered under the names they have in the equivalent `nn.Sequential`
+    (Linear, activation, Linear, ...), so `state_dict()` loads into that Sequential and back, and
+    `to_sequential()` returns it, sharing the parameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: Sequence[int],
+        out_features: int,
+        activation="softplus",
+        *,
+        output_activation=None,
+        bias: bool = True,
+        jacobian_inputs: int | None = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        widths = [in_features, *hidden_features, out_features]
+        for w in widths:
+            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+                raise ValueError(f"feature counts must be positive ints, got in={in_features!r}, "
+                                 f"hidden={list(hidden_features)!r}, out={out_features!r}")
+        if dtype is not None and dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype {dtype} is not supported; use torch.float32 or torch.float64")
+        hidden_act, out_act = as_activation(activation), as_activation(output_activation)
+        layers = []
+        for l in range(len(widths) - 1):
+            layers.append(nn.Linear(widths[l], widths[l + 1], bias=bias, device=device, dtype=dtype))
+            act = hidden_act if l < len(widths) - 2 else out_act
+            if not act.is_identity:
+                layers.append(act.to_module())
+        self._install([(str(i), m) for i, m in enumerate(layers)], jacobian_inputs, backend)
+
+    # ---- construction shared with from_module --------------------------------------------------
+    def _install(self, named_layers, jacobian_inputs, backend):
+        """Register the layers under their names and derive the engine's description of them."""
+        linear_names, activations, kind = [], [], None
+        for index, (name, m) in enumerate(named_layers):
+            where = f"layer {index} ({name!r}: {type(m).__name__})"
+            if m._forward_pre_hooks or m._forward_hooks:
+                raise ValueError(
+                    f"{where} has forward hooks (e.g. the old torch.nn.utils.weight_norm), which the "
+                    "Jacobian engine would bypass; use torch.nn.utils.parametrizations instead"
+                )
+            if type(m) in (nn.Linear, nn.Conv1d):
+                if type(m) is nn.Conv1d:
+                    _check_pointwise_conv(m, where)
+                if kind is not None and type(m) is not kind:
+                    raise ValueError(f"{where}: a stack mixes Linear and Conv1d layers; use one kind")
+                kind = type(m)
+                linear_names.append(name)
+                activations.append(Activation("identity"))
+            elif type(m) is nn.Identity:
+                pass
+            else:
+                try:
+                    act = as_activation(m)
+                except ValueError:
+                    raise ValueError(
+                        f"{where} is not supported: expected nn.Linear, nn.Conv1d(kernel_size=1) or a "
+                        "supported activation (ReLU, LeakyReLU, Softplus, Tanh, Sigmoid, SiLU, GELU, "
+                        "tritonjac.Sine)"
+                    ) from None
+                if not linear_names:
+                    raise ValueError(f"{where}: the stack must start with a Linear or Conv1d layer")
+                if not activations[-1].is_identity:
+                    raise ValueError(f"{where}: two activations in a row are not supported")
+                activations[-1] = act
+            self.add_module(name, m)
+        if not linear_names:
+            raise ValueError("the stack has no Linear or Conv1d layer")
+        self._linear_names = tuple(linear_names)
+        self.channels_first = kind is nn.Conv1d
+        first = self._modules[linear_names[0]]
+        self.in_features = first.in_features if kind is nn.Linear else first.in_channels
+        self._spec = make_spec(activations, len(linear_names), self.in_features, jacobian_inputs)
+        self.backend = backend
+
+    @classmethod
+    def from_module(cls, module: nn.Module, *, jacobian_inputs: int | None = None, backend: str = "auto"):
+        """Convert an `nn.Sequential` of Linear (or Conv1d with kernel_size=1) layers and activations.
+
+        The result holds the very same layer modules, so it shares their Parameters: training either
+        trains both. A Conv1d stack keeps its channels-first layout: x (B, C_in, N) gives
+        y (B, C_out, N) and J (B, N, C_out, k).
+        """
+        if isinstance(module, JacobianMLP):
+            named = list(module.named_children())
+        elif type(module) is nn.Sequential:
+            named = list(module.named_children())
+        else:
+            raise TypeError(
+                f"from_module expects an nn.Sequential of Linear/Conv1d(kernel_size=1) layers and "
+                f"activations, got {type(module).__name__}"
+            )
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._install(named, jacobian_inputs, backend)
+        return self
+
+    # ---- properties ------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """'auto' (Triton for CUDA tensors once available, else PyTorch), 'torch' or 'triton'."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str):
+        self._backend = check_backend(value)
+
+    @property
+    def jacobian_inputs(self) -> int:
+        return self._spec.jacobian_inputs
+
+    @property
+    def activations(self) -> tuple[Activation, ...]:
+        """One activation per Linear layer (identity where none follows it)."""
+        return self._spec.activations
+
+    @property
+    def linear_layers(self) -> list[nn.Module]:
+        return [self._modules[n] for n in self._linear_names]
+
+    @property
+    def out_features(self) -> int:
+        return self._weights()[-1].shape[0]
+
+    @property
+    def hidden_features(self) -> list[int]:
+        return [W.shape[0] for W in self._weights()[:-1]]
+
+    def to_sequential(self) -> nn.Sequential:
+        """The equivalent `nn.Sequential`, holding the same layer modules (shared parameters)."""
+        return nn.Sequential(OrderedDict(self.named_children()))
+
+    def extra_repr(self) -> str:
+        return f"jacobian_inputs={self.jacobian_inputs}, backend={self.backend!r}"
+
+    def _weights(self) -> list[torch.Tensor]:
+        # read on every call: parametrized weights (e.g. weight_norm) are recomputed on access
+        if self.channels_first:
+            return [m.weight.squeeze(-1) for m in self.linear_layers]
+        return [m.weight for m in self.linear_layers]
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, jacobian: bool = True):
+        if not jacobian:
+            for m in self.children():  # exactly the nn.Sequential forward
+                x = m(x)
+            return x
+        weights = self._weights()
+        biases = [m.bias for m in self.linear_layers]
+        if self.channels_first:
+            if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ValueError(f"a Conv1d stack takes x of shape (B, C_in, N) or (C_in, N), got {shape}")
+            if x.shape[-2] != self.in_features:
+                raise ValueError(f"x has {x.shape[-2]} channels (dimension -2) but the first Conv1d "
+                                 f"expects {self.in_features} (x.shape = {tuple(x.shape)})")
+            x = x.transpose(-1, -2)
+        _check_tensors(x, weights, biases)
+        y, J = apply_spec(x, weights, biases, self._spec, self.backend)
+        if self.channels_first:
+            y = y.transpose(-1, -2).contiguous()
+        return y, J
+
+
+def _check_pointwise_conv(m: nn.Conv1d, where: str):
+    problems = []
+    if m.kernel_size != (1,):
+        problems.append(f"kernel_size={m.kernel_size[0]}")
+    if m.stride != (1,):
+        problems.append(f"stride={m.stride[0]}")
+    if m.padding not in ((0,), "valid"):
+        problems.append(f"padding={m.padding}")
+    if m.dilation != (1,):
+        problems.append(f"dilation={m.dilation[0]}")
+    if m.groups != 1:
+        problems.append(f"groups={m.groups}")
+    if problems:
+        raise ValueError(f"{where} is not point-wise ({', '.join(problems)}); only Conv1d with "
+                         "kernel_size=1, stride=1, padding=0, dilation=1, groups=1 is supported")
+
+
+# Conversions made by `jacobian`, per module; an entry is reused while the module's layers are the
+# same objects (replacing a layer invalidates it).
+_converted: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def jacobian(module: nn.Module, x: torch.Tensor, *, jacobian_inputs: int | None = None):
+    """(y, J) of a supported `nn.Sequential` (or a JacobianMLP) at x, converting it once and caching."""
+    if isinstance(module, JacobianMLP) and jacobian_inputs in (None, module.jacobian_inputs):
+        return module(x)
+    per_module = _converted.setdefault(module, {})
+    layers = tuple(module.children())
+    entry = per_module.get(jacobian_inputs)
+    if entry is None or entry[0] != tuple(map(id, layers)):
+        entry = (tuple(map(id, layers)), JacobianMLP.from_module(module, jacobian_inputs=jacobian_inputs))
+        per_module[jacobian_inputs] = entry
+    return entry[1](x)
