@@ -2,14 +2,16 @@
 
 This is the CPU path users run and the oracle the Triton kernels are tested against.
 
-Layout: per layer, the value is `h` (P, d) and the tangents are `T` (k, P, d): tangent-major, so the
-tangent propagation U = W T is one GEMM over k*P rows. The first layer's tangent U_1 is the first k
-columns of W_1 for every point, an expanded view (no matmul, no memory).
+Layout: a layer's input is one stacked tensor A = [h; T] of shape (1+k, P, d): row 0 the values,
+rows 1..k the tangents (tangent-major). So each layer is one GEMM over (1+k)*P rows giving
+Z = [z; U], and the backward needs two GEMMs per layer (weight gradient, propagation). A loss on y
+alone uses row 0 only. The first layer is special: its tangent U_1 is the first k columns of W_1 for
+every point (no matmul, nothing saved).
 
-Points are processed in chunks of a few MB each. Besides bounding temporary memory for huge inputs,
-this keeps every temporary below glibc's mmap threshold, so the allocator reuses freed memory instead
-of taking fresh zeroed pages from the kernel (measured: a 48 MB temporary costs ~15 ms of page faults
-on the 2-core CI machine, more than the GEMM that fills it).
+Points are processed in chunks of about a megabyte each. Besides bounding temporary memory for huge
+inputs, this keeps temporaries in cache and lets the allocator reuse them from chunk to chunk instead
+of touching fresh pages (measured on the 2-core CI machine: first-touch of fresh memory costs ~7x
+the arithmetic that fills it; 1-2 MB chunks were fastest for forward and training).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from .activations import Activation
 
 __all__ = ["MLPSpec", "mlp_jacobian_reference"]
 
-# Bytes of one chunk's tangent tensor (k, P, width); see the module docstring.
-CHUNK_BYTES = 8 << 20
+# Bytes of one chunk's stacked (1+k, P, width) tensor at the widest layer; see the module docstring.
+CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -42,46 +44,65 @@ def chunk_points(num_points: int, weights, spec: MLPSpec, itemsize: int) -> int:
     return max(1, min(num_points, CHUNK_BYTES // per_point))
 
 
-# ---- forward ---------------------------------------------------------------------------------------
-def _first_tangent(weight: torch.Tensor, k: int, num_points: int) -> torch.Tensor:
-    """U_1 = W_1 E: the first k columns of W_1, identical for every point, as a (k, P, d1) view."""
-    return weight[:, :k].t().unsqueeze(1).expand(k, num_points, weight.shape[0])
+# ---- building blocks -------------------------------------------------------------------------------
+def _first_tangent(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """U_1 = W_1 E, the first k columns of W_1, as (k, 1, d_1): it broadcasts over the points."""
+    return weight[:, :k].t().contiguous().unsqueeze(1)
 
 
-def _propagate(T: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """U = W T for all k tangents at once: (k, P, d_in) -> (k, P, d_out), one GEMM."""
-    k, P, d_in = T.shape
-    return torch.mm(T.reshape(k * P, d_in), weight.t()).view(k, P, weight.shape[0])
-
-
-def _forward_chunk(x, weights, biases, spec: MLPSpec, saved: list | None):
-    """y (P, d_L) and T_L (k, P, d_L) for one chunk of points x (P, d_0).
-
-    With `saved`, appends what the backward needs per layer: (z_l, U_l), U_l None where unneeded.
-    """
-    k, L, P = spec.jacobian_inputs, len(weights), x.shape[0]
-    h, T = x, None
-    for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
-        z = F.linear(h, W, b)
-        U = _first_tangent(W, k, P) if T is None else _propagate(T, W)
-        if saved is not None:
-            last = l == L - 1
-            keep_z = not (last and act.is_identity)
-            # U_l rebuilds T_l for the next layer's weight gradient, and feeds s'' at this one;
-            # U_1 is a view of W_1, recomputed for free.
-            keep_U = l > 0 and not (last and not act.has_curvature)
-            saved.append((z if keep_z else None, U if keep_U else None))
-        if act.is_identity:
-            h, T = z, U
+def _stack(h, slope, U, with_tangents: bool):
+    """A = [h; slope * U] as one (1+k, P, d) tensor (or (1, P, d) without tangents)."""
+    k = U.shape[0] if with_tangents else 0
+    A = h.new_empty(1 + k, *h.shape)
+    A[0] = h
+    if with_tangents:
+        if slope is None:  # identity activation
+            A[1:] = U
         else:
-            h, slope, _ = act.evaluate(z)
-            T = slope * U
-    return h, T
+            torch.mul(slope, U, out=A[1:])
+    return A
 
 
-def _to_jacobian(T: torch.Tensor) -> torch.Tensor:
-    """(k, P, d_L) tangents -> (P, d_L, k) Jacobian, J[p, i, j] = d y_i / d x_j."""
-    return T.permute(1, 2, 0).contiguous()
+def _activate(act: Activation, z, U, *, curvature: bool = False, with_tangents: bool = True):
+    """The next layer's input [s(z); s'(z) U], plus s'(z) and s''(z) for the backward pass."""
+    if act.is_identity:
+        return _stack(z, None, U, with_tangents), None, None
+    h, slope, second = act.evaluate(z, curvature=curvature)
+    return _stack(h, slope, U, with_tangents), slope, second
+
+
+def _linear(A, weight, bias):
+    """Z = [z; U] = W A (+ b on the value row): one GEMM over all rows of the stacked input."""
+    rows, P, d_in = A.shape
+    Z = torch.mm(A.view(rows * P, d_in), weight.t()).view(rows, P, weight.shape[0])
+    if bias is not None:
+        Z[0] += bias
+    return Z
+
+
+# ---- forward ---------------------------------------------------------------------------------------
+def _forward_chunk(x, weights, biases, spec: MLPSpec, saved: list | None):
+    """The stacked [y; T_L] (1+k, P, d_L) for one chunk of points x (P, d_0).
+
+    With `saved`, appends per layer what the backward needs: z_1 for the first layer, the stacked
+    Z_l = [z_l; U_l] for the others (None for an identity last layer, whose Z is never read).
+    """
+    k, L = spec.jacobian_inputs, len(weights)
+    A = None
+    for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
+        if l == 0:
+            z, U = F.linear(x, W, b), _first_tangent(W, k)
+            keep = z
+        else:
+            Z = _linear(A, W, b)
+            z, U = Z[0], Z[1:]
+            keep = Z
+        if saved is not None:
+            saved.append(None if (l == L - 1 and act.is_identity) else keep)
+        if l == L - 1 and act.is_identity and l > 0:
+            return Z  # y and T_L as they come out of the GEMM
+        A, _, _ = _activate(act, z, U)
+    return A
 
 
 def _forward(x2d, weights, biases, spec: MLPSpec, saved: list | None):
@@ -94,81 +115,78 @@ def _forward(x2d, weights, biases, spec: MLPSpec, saved: list | None):
     for start in range(0, P, step):
         stop = min(P, start + step)
         chunk_saved = [] if saved is not None else None
-        y_c, T_c = _forward_chunk(x2d[start:stop], weights, biases, spec, chunk_saved)
-        y[start:stop] = y_c
-        J[start:stop] = T_c.permute(1, 2, 0)
+        A = _forward_chunk(x2d[start:stop], weights, biases, spec, chunk_saved)
+        y[start:stop] = A[0]
+        J[start:stop] = A[1:].permute(1, 2, 0)
         if saved is not None:
             saved.append(chunk_saved)
     return y, J
 
 
 # ---- backward --------------------------------------------------------------------------------------
-def _backward_chunk(x, layer_saved, weights, spec: MLPSpec, gy, GT, grad_W, grad_b, need_x: bool):
-    """Accumulate weight and bias gradients of one chunk into grad_W / grad_b; return the grad of x.
+def _backward_chunk(x, layer_saved, weights, spec: MLPSpec, G, grad_W, grad_b, need_x: bool):
+    """Accumulate one chunk's weight and bias gradients into grad_W / grad_b; return the grad of x.
 
-    gy (P, d_L) and GT (k, P, d_L) are dLoss/dy and dLoss/dT_L; either may be None (no such loss).
+    G is dLoss/d[y; T_L], (1+k, P, d_L), or (1, P, d_L) when there is no loss on J.
     grad_W[l] / grad_b[l] are None where that gradient is not wanted.
     """
-    k, L, P = spec.jacobian_inputs, len(weights), x.shape[0]
+    k, L = spec.jacobian_inputs, len(weights)
     acts = spec.activations
-    gh = gy
+    tangents = G.shape[0] > 1
 
-    def tangent_input(l):  # U_l, with U_1 recomputed from W_1
-        return _first_tangent(weights[0], k, P) if l == 0 else layer_saved[l][1]
+    def saved_zU(l):
+        if l == 0:
+            return layer_saved[0], _first_tangent(weights[0], k)
+        Z = layer_saved[l]
+        return Z[0], Z[1:]
 
-    # s'(z_l) and s''(z_l) of the current layer, carried from one iteration to the next so that
-    # each activation is evaluated once.
+    # s'(z_l) and s''(z_l), carried from one layer to the next so each activation is evaluated once
     slope = second = None
     if not acts[-1].is_identity:
-        _, slope, second = acts[-1].evaluate(layer_saved[-1][0], value=False, curvature=GT is not None)
+        _, slope, second = acts[-1].evaluate(saved_zU(L - 1)[0], value=False, curvature=tangents)
 
     for l in range(L - 1, -1, -1):
-        act, W = acts[l], weights[l]
-        # dLoss/dz_l and dLoss/dU_l
-        if act.is_identity:
-            gz, GU = gh, GT
+        W = weights[l]
+        # GZ = dLoss/d[z_l; U_l]
+        if acts[l].is_identity:
+            GZ = G
         else:
-            gz = slope * gh if gh is not None else None
-            GU = slope * GT if GT is not None else None
-            if GT is not None and second is not None:
-                curvature = second * (GT * tangent_input(l)).sum(0)
-                gz = curvature if gz is None else gz + curvature
+            GZ = slope * G
+            if tangents and second is not None:
+                GZ[0] += second * (G[1:] * saved_zU(l)[1]).sum(0)
 
-        # this layer's inputs h_{l-1}, T_{l-1}, rebuilt from the saved z_{l-1}, U_{l-1}
-        if l == 0:
-            h_prev, T_prev = x, None
-        else:
-            prev = acts[l - 1]
-            z_prev = layer_saved[l - 1][0]
-            if prev.is_identity:
-                h_prev, slope, second = z_prev, None, None
-                T_prev = tangent_input(l - 1) if GU is not None else None
-            else:
-                h_prev, slope, second = prev.evaluate(z_prev, curvature=GT is not None)
-                T_prev = slope * tangent_input(l - 1) if GU is not None else None
-
-        # weight and bias gradients: gz h^T + GU T^T summed over points
-        if grad_W[l] is not None:
-            if gz is not None:
-                grad_W[l].addmm_(gz.t(), h_prev)
-            if GU is not None:
-                if T_prev is None:  # T_0 = E: GU T_0^T lands in the first k columns
-                    grad_W[l][:, :k] += GU.sum(1).t()
-                else:
-                    d_prev = T_prev.shape[-1]
-                    grad_W[l].addmm_(GU.reshape(-1, W.shape[0]).t(), T_prev.reshape(-1, d_prev))
-        if grad_b[l] is not None and gz is not None:
-            grad_b[l] += gz.sum(0)
-
-        # to the layer below
+        # this layer's input A = [h_{l-1}; T_{l-1}], rebuilt from what the forward saved
         if l > 0:
-            gh = gz @ W if gz is not None else None
-            GT = _propagate(GU, W.t()) if GU is not None else None
-        else:
-            if not need_x:
-                return None
-            gx = gz @ W if gz is not None else x.new_zeros(x.shape)
-            return gx
+            z_prev, U_prev = saved_zU(l - 1)
+            A, slope, second = _activate(acts[l - 1], z_prev, U_prev, curvature=tangents, with_tangents=tangents)
+
+        if grad_W[l] is not None:
+            if l > 0:
+                grad_W[l].addmm_(GZ.flatten(0, 1).t(), A.flatten(0, 1))
+            else:  # A = [x; E]: the tangent rows land in the first k columns
+                grad_W[0].addmm_(GZ[0].t(), x)
+                if tangents:
+                    grad_W[0][:, :k] += GZ[1:].sum(1).t()
+        if grad_b[l] is not None:
+            grad_b[l] += GZ[0].sum(0)
+
+        if l > 0:
+            rows, P, d = GZ.shape
+            G = torch.mm(GZ.reshape(rows * P, d), W).view(rows, P, W.shape[1])
+    return GZ[0] @ weights[0] if need_x else None
+
+
+def _stack_output_grads(gy, gJ, start, stop, like, d_out, spec: MLPSpec):
+    """dLoss/d[y; T_L] for points start:stop as (1+k, P, d_L), or (1, P, d_L) without a loss on J."""
+    rows = 1 if gJ is None else 1 + spec.jacobian_inputs
+    G = like.new_empty(rows, stop - start, d_out)
+    if gy is None:
+        G[0] = 0
+    else:
+        G[0] = gy[start:stop]
+    if gJ is not None:
+        G[1:] = gJ[start:stop].permute(2, 0, 1)
+    return G
 
 
 class _AnalyticJacobian(torch.autograd.Function):
@@ -182,10 +200,8 @@ class _AnalyticJacobian(torch.autograd.Function):
         y, J = _forward(x2d, weights, biases, spec, saved)
         ctx.set_materialize_grads(False)  # a loss on y alone or J alone gives None for the other
         ctx.spec = spec
-        ctx.num_chunks = len(saved)
-        flat = [t for chunk in saved for pair in chunk for t in pair]
-        ctx.save_for_backward(x2d, *weights, *flat)
         ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x2d, *weights, *(t for chunk in saved for t in chunk))
         return y, J
 
     @staticmethod
@@ -203,18 +219,14 @@ class _AnalyticJacobian(torch.autograd.Function):
             for l, W in enumerate(weights)
         ]
         gx = torch.empty_like(x2d) if need_x else None
-        P = x2d.shape[0]
+        P, d_out = x2d.shape[0], weights[-1].shape[0]
         if P > 0:
             step = chunk_points(P, weights, spec, x2d.element_size())
             for c, start in enumerate(range(0, P, step)):
                 stop = min(P, start + step)
-                pairs = flat[2 * L * c : 2 * L * (c + 1)]
-                layer_saved = [(pairs[2 * l], pairs[2 * l + 1]) for l in range(L)]
-                gy_c = gy[start:stop] if gy is not None else None
-                GT_c = gJ[start:stop].permute(2, 0, 1) if gJ is not None else None
-                gx_c = _backward_chunk(
-                    x2d[start:stop], layer_saved, weights, spec, gy_c, GT_c, grad_W, grad_b, need_x
-                )
+                G = _stack_output_grads(gy, gJ, start, stop, x2d, d_out, spec)
+                layer_saved = flat[L * c : L * (c + 1)]
+                gx_c = _backward_chunk(x2d[start:stop], layer_saved, weights, spec, G, grad_W, grad_b, need_x)
                 if need_x:
                     gx[start:stop] = gx_c
         return (None, gx, *grad_W, *grad_b)

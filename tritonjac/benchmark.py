@@ -1,0 +1,340 @@
+"""Side-by-side timing of tritonjac against its peers (DESIGN.md section 6).
+
+One case = one MLP shape, one point count, one dtype, one device. Every method of a mode is timed in
+interleaved rounds (A B C A B C ...), so that a noisy machine slows all of them alike, and the
+median, 20th and 80th percentiles are kept. Peak memory is measured per method after timing:
+`torch.cuda.max_memory_allocated` on a GPU; on CPU the growth of the resident set during one call
+(Linux: VmHWM reset through /proc/self/clear_refs after malloc_trim).
+
+Rows share one schema (`ROW_FIELDS`) for JSON/CSV, so plots and tables read the same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import gc
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .activations import as_activation
+from .module import JacobianMLP
+
+MODES = ("forward_jacobian", "train_step")
+ROW_FIELDS = (
+    "date", "device", "device_name", "torch", "triton", "threads", "mode", "method",
+    "n_points", "in_features", "width", "depth", "out_features", "activation", "dtype",
+    "median_ms", "p20_ms", "p80_ms", "points_per_s", "useful_gflops", "peak_mem_mb",
+    "speedup_vs_method", "status",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Case:
+    n_points: int = 65536
+    in_features: int = 3
+    width: int = 64
+    depth: int = 4  # hidden layers
+    out_features: int = 3
+    activation: str = "softplus(100)"
+    dtype: str = "float32"
+    device: str = "cpu"
+
+    def activation_module(self) -> nn.Module:
+        name, _, arg = self.activation.partition("(")
+        if name == "softplus":
+            return nn.Softplus(beta=float(arg.rstrip(")") or 1.0))
+        return as_activation(name).to_module()
+
+    def useful_flops(self, mode: str) -> float:
+        """Matmul flops of forward + tangents (DESIGN.md section 2); x3 for a training step."""
+        widths = [self.in_features] + [self.width] * self.depth + [self.out_features]
+        k = self.in_features
+        forward = sum(2 * a * b for a, b in zip(widths, widths[1:]))
+        tangents = sum(2 * k * a * b for a, b in zip(widths[1:], widths[2:]))
+        total = (forward + tangents) * self.n_points
+        return total * (3 if mode == "train_step" else 1)
+
+
+def build(case: Case, seed: int = 0):
+    """The JacobianMLP, the equivalent nn.Sequential (same parameters) and the input points."""
+    torch.manual_seed(seed)
+    dtype = getattr(torch, case.dtype)
+    model = JacobianMLP(
+        case.in_features, [case.width] * case.depth, case.out_features,
+        case.activation_module(), device=case.device, dtype=dtype,
+    )  # fmt: skip
+    x = torch.randn(case.n_points, case.in_features, device=case.device, dtype=dtype)
+    return model, model.to_sequential(), x
+
+
+def _loss(y, J):
+    # a loss on y and on J, as in training with a Jacobian regulariser
+    return y.square().mean() + J.square().mean()
+
+
+# ---- the peers ---------------------------------------------------------------------------------------
+def _three_grads(seq, x, create_graph):
+    """The seed's trick: one reverse pass per output component."""
+    x = x.detach().requires_grad_()
+    y = seq(x)
+    ones = torch.ones_like(y[..., 0])
+    rows = [torch.autograd.grad(y[..., i], x, ones, create_graph=create_graph, retain_graph=True)[0]
+            for i in range(y.shape[-1])]  # fmt: skip
+    return y, torch.stack(rows, dim=-2)
+
+
+def _batched_grads(seq, x, create_graph):
+    """The same trick with all reverse passes batched by autograd (is_grads_batched)."""
+    x = x.detach().requires_grad_()
+    y = seq(x)
+    d = y.shape[-1]
+    eye = torch.eye(d, dtype=y.dtype, device=y.device).unsqueeze(1).expand(d, *y.shape)
+    J = torch.autograd.grad(y, x, eye, create_graph=create_graph, is_grads_batched=True)[0]
+    return y, J.movedim(0, -2)
+
+
+def _func_jacobian(seq, transform):
+    def f(p):
+        y = seq(p)
+        return y, y
+
+    per_point = torch.func.vmap(transform(f, has_aux=True))
+
+    def run(x):
+        J, y = per_point(x)
+        return y, J
+
+    return run
+
+
+def _dense_jacobian(seq, x):
+    """torch.autograd.functional.jacobian: the (N, d, N, d) tensor, then its diagonal blocks."""
+    J = torch.autograd.functional.jacobian(seq, x, vectorize=True)
+    idx = torch.arange(x.shape[0], device=x.device)
+    return seq(x), J[idx, :, idx, :]
+
+
+def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
+    """name -> (forward_jacobian callable or None, train_step callable or None).
+
+    Every callable takes no argument; forward ones return (y, J), train ones run one step.
+    """
+    params = list(model.parameters())
+    jacfwd = _func_jacobian(seq, torch.func.jacfwd)
+    jacrev = _func_jacobian(seq, torch.func.jacrev)
+
+    def train(fn):
+        def step():
+            for p in params:
+                p.grad = None
+            y, J = fn()
+            _loss(y, J).backward()
+
+        return step
+
+    def no_grad(fn):
+        def run():
+            with torch.no_grad():
+                return fn()
+
+        return run
+
+    label = f"tritonjac ({'torch' if model.backend in ('auto', 'torch') else model.backend})"
+    table = {
+        label: (no_grad(lambda: model(x)), train(lambda: model(x))),
+        "nn.Sequential forward (no J)": (no_grad(lambda: (seq(x), None)), None),
+        "3x autograd.grad (seed)": (lambda: _three_grads(seq, x, False), train(lambda: _three_grads(seq, x, True))),
+        "autograd.grad is_grads_batched": (
+            lambda: _batched_grads(seq, x, False), train(lambda: _batched_grads(seq, x, True))),
+        "vmap(jacfwd)": (no_grad(lambda: jacfwd(x)), train(lambda: jacfwd(x))),
+        "vmap(jacrev)": (no_grad(lambda: jacrev(x)), train(lambda: jacrev(x))),
+    }  # fmt: skip
+    if case.n_points <= 1024:
+        table["autograd.functional.jacobian"] = (lambda: _dense_jacobian(seq, x), None)
+    if include_compile:
+        compiled_jacfwd = torch.compile(jacfwd)
+        compiled_seq = torch.compile(seq)
+        table["torch.compile(vmap(jacfwd))"] = (
+            no_grad(lambda: compiled_jacfwd(x)), train(lambda: compiled_jacfwd(x)))
+        table["torch.compile(seq) + 3x grad"] = (
+            lambda: _three_grads(compiled_seq, x, False), train(lambda: _three_grads(compiled_seq, x, True)))
+    return table
+
+
+# ---- measuring -----------------------------------------------------------------------------------------
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _elapsed_ms(fn, device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _libc():
+    with contextlib.suppress(OSError):
+        return ctypes.CDLL("libc.so.6")
+    return None
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    return None
+
+
+def peak_memory_mb(fn, device: str) -> float | None:
+    """Extra memory held at the peak of one call of fn, beyond what existed before it."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    libc = _libc()
+    if libc is None or _proc_status_bytes("VmHWM:") is None:
+        return None
+    libc.malloc_trim(0)  # give freed heap back, so the resident set is live memory only
+    before = _proc_status_bytes("VmRSS:")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark VmHWM to the current resident set
+    except OSError:
+        return None
+    fn()
+    return (_proc_status_bytes("VmHWM:") - before) / 2**20
+
+
+@dataclass
+class Result:
+    method: str
+    times_ms: list = field(default_factory=list)
+    peak_mem_mb: float | None = None
+    status: str = "ok"
+
+
+def time_interleaved(methods: dict, device: str, rounds: int, warmup: int = 2, max_seconds: float = 60.0):
+    """Time each callable in interleaved rounds; a method that raises is kept with its error."""
+    results = {name: Result(name) for name in methods}
+    live = dict(methods)
+    for name, fn in list(live.items()):
+        try:
+            for _ in range(warmup):
+                fn()
+        except Exception as e:  # a peer that cannot run this case (e.g. compile refuses it)
+            results[name].status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            del live[name]
+    start = time.perf_counter()
+    for r in range(rounds):
+        for name, fn in live.items():
+            results[name].times_ms.append(_elapsed_ms(fn, device))
+        if r >= 2 and time.perf_counter() - start > max_seconds:
+            break
+    for name, fn in live.items():
+        results[name].peak_mem_mb = peak_memory_mb(fn, device)
+    return results
+
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            with open("/proc/cpuinfo") as f:
+                name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "device": device,
+        "device_name": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_case(case: Case, *, modes=MODES, rounds: int = 7, include_compile: bool = True,
+             methods: list[str] | None = None, max_seconds: float = 60.0) -> list[dict]:  # fmt: skip
+    """Benchmark every method on one case; one row per (mode, method)."""
+    model, seq, x = build(case)
+    table = method_table(case, model, seq, x, include_compile=include_compile)
+    if methods is not None:
+        table = {k: v for k, v in table.items() if any(m in k for m in methods)}
+    env = environment(case.device)
+    rows = []
+    for mode in modes:
+        column = 0 if mode == "forward_jacobian" else 1
+        fns = {name: pair[column] for name, pair in table.items() if pair[column] is not None}
+        results = time_interleaved(fns, case.device, rounds, max_seconds=max_seconds)
+        flops = case.useful_flops(mode)
+        for res in results.values():
+            row = {**env, **{k: v for k, v in asdict(case).items() if k != "device"}, "mode": mode,
+                   "method": res.method, "status": res.status, "peak_mem_mb": res.peak_mem_mb}  # fmt: skip
+            if res.times_ms:
+                q = statistics.quantiles(res.times_ms, n=10, method="inclusive")
+                med = statistics.median(res.times_ms)
+                row.update(median_ms=med, p20_ms=q[1], p80_ms=q[7],
+                           points_per_s=case.n_points / med * 1e3, useful_gflops=flops / med / 1e6)  # fmt: skip
+            rows.append(row)
+        _add_speedups(rows)
+    return rows
+
+
+def _add_speedups(rows):
+    """speedup_vs_method: for tritonjac rows, the ratio of each other method's median to ours."""
+    for row in rows:
+        if row["method"].startswith("tritonjac") and row.get("median_ms"):
+            row["speedup_vs_method"] = {
+                other["method"]: other["median_ms"] / row["median_ms"]
+                for other in rows
+                if other["mode"] == row["mode"] and other is not row and other.get("median_ms")
+            }
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table per mode: median time, points/s, peak memory, ratio to tritonjac."""
+    out = []
+    for mode in MODES:
+        sub = [r for r in rows if r["mode"] == mode]
+        if not sub:
+            continue
+        ours = next((r for r in sub if r["method"].startswith("tritonjac") and r.get("median_ms")), None)
+        r0 = sub[0]
+        out.append(f"\n{mode}: N={r0['n_points']}, {r0['in_features']} -> {r0['depth']}x{r0['width']} -> "
+                   f"{r0['out_features']}, {r0['activation']}, {r0['dtype']}, {r0['device_name']} "
+                   f"({r0['threads']} threads)")  # fmt: skip
+        out.append(f"  {'method':34s} {'median ms':>10s} {'p20-p80':>15s} {'Mpoints/s':>10s} "
+                   f"{'peak MB':>8s} {'x tritonjac':>11s}")  # fmt: skip
+        for r in sorted(sub, key=lambda r: r.get("median_ms") or math.inf):
+            if not r.get("median_ms"):
+                out.append(f"  {r['method']:34s} {r['status']}")
+                continue
+            mem = f"{r['peak_mem_mb']:8.1f}" if r.get("peak_mem_mb") is not None else f"{'-':>8s}"
+            ratio = f"{r['median_ms'] / ours['median_ms']:10.2f}x" if ours else ""
+            spread = f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}"
+            out.append(f"  {r['method']:34s} {r['median_ms']:10.2f} {spread:>15s} "
+                       f"{r['points_per_s'] / 1e6:10.2f} {mem} {ratio}")  # fmt: skip
+    return "\n".join(out)
