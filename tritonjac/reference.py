@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .activations import Activation
 
@@ -205,8 +204,14 @@ class _AnalyticJacobian(torch.autograd.Function):
         return y, J
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy, gJ):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient would itself be differentiated. Refuse loudly rather
+            # than return a gradient that silently carries no graph.
+            raise RuntimeError(
+                "tritonjac's backward is first-order: differentiating its gradients (create_graph=True, "
+                "double backward) is not supported. J is already an output: put the loss on J instead."
+            )
         spec = ctx.spec
         L = len(spec.activations)
         x2d, *rest = ctx.saved_tensors
