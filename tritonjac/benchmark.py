@@ -338,3 +338,82 @@ def format_table(rows: list[dict]) -> str:
             out.append(f"  {r['method']:34s} {r['median_ms']:10.2f} {spread:>15s} "
                        f"{r['points_per_s'] / 1e6:10.2f} {mem} {ratio}")  # fmt: skip
     return "\n".join(out)
+
+
+# ---- targets and plots ---------------------------------------------------------------------------------
+# The CPU product's targets (forward+J and training step against the peers, measured in one run).
+CPU_TARGETS = (
+    ("forward_jacobian", "nn.Sequential forward (no J)", "at most", 3.2,
+     "forward+J time / plain nn.Sequential forward time"),
+    ("forward_jacobian", "fastest peer", "at least", 1.2, "fastest peer time / forward+J time"),
+    ("train_step", "3x autograd.grad (seed)", "at least", 2.0,
+     "three-grad (create_graph) step time / our step time"),
+    ("train_step", "3x autograd.grad (seed) memory", "at most", 0.5, "our peak memory / three-grad peak memory"),
+)  # fmt: skip
+
+PEERS_EXCLUDED_FROM_FASTEST = ("tritonjac", "nn.Sequential forward")
+
+
+def check_targets(rows: list[dict]) -> list[tuple[str, float | None, str, float, bool | None]]:
+    """(description, measured, 'at most'/'at least', target, met) for each CPU target."""
+    out = []
+    for mode, against, sense, target, text in CPU_TARGETS:
+        sub = {r["method"]: r for r in rows if r["mode"] == mode and r.get("median_ms")}
+        ours = next((r for m, r in sub.items() if m.startswith("tritonjac")), None)
+        value = None
+        if ours is not None:
+            if against == "fastest peer":
+                peers = [r["median_ms"] for m, r in sub.items() if not m.startswith(PEERS_EXCLUDED_FROM_FASTEST)]
+                value = min(peers) / ours["median_ms"] if peers else None
+            elif against.endswith(" memory"):
+                other = sub.get(against[: -len(" memory")])
+                if other and other.get("peak_mem_mb") and ours.get("peak_mem_mb") is not None:
+                    value = ours["peak_mem_mb"] / other["peak_mem_mb"]
+            elif against in sub:
+                ratio = ours["median_ms"] / sub[against]["median_ms"]
+                value = ratio if sense == "at most" else 1.0 / ratio
+        met = None if value is None else (value <= target if sense == "at most" else value >= target)
+        out.append((text, value, sense, target, met))
+    return out
+
+
+def format_targets(rows: list[dict]) -> str:
+    lines = ["\ntargets:"]
+    for text, value, sense, target, met in check_targets(rows):
+        shown = "n/a" if value is None else f"{value:.2f}"
+        verdict = "not measured" if met is None else ("met" if met else "MISSED")
+        lines.append(f"  {text}: {shown} ({sense} {target}) {verdict}")
+    return "\n".join(lines)
+
+
+def plot_case(rows: list[dict], path: str):
+    """Bar charts of median time (with p20-p80) and peak memory per method, one row per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if any(r["mode"] == m and r.get("median_ms") for r in rows)]
+    fig, axes = plt.subplots(len(modes), 2, figsize=(13, 3.2 * len(modes)), squeeze=False)
+    for (ax_t, ax_m), mode in zip(axes, modes):
+        sub = sorted((r for r in rows if r["mode"] == mode and r.get("median_ms")), key=lambda r: r["median_ms"])
+        names = [r["method"] for r in sub]
+        colors = ["tab:orange" if n.startswith("tritonjac") else "tab:gray" if "no J" in n else "tab:blue" for n in names]
+        med = [r["median_ms"] for r in sub]
+        err = [[r["median_ms"] - r["p20_ms"] for r in sub], [r["p80_ms"] - r["median_ms"] for r in sub]]
+        ax_t.barh(names, med, xerr=err, color=colors)
+        ax_t.invert_yaxis()
+        ax_t.set_xlabel("median time (ms), bars p20-p80")
+        ax_t.set_title(mode.replace("_", " "))
+        mem = [r.get("peak_mem_mb") or 0.0 for r in sub]
+        ax_m.barh(names, mem, color=colors)
+        ax_m.invert_yaxis()
+        ax_m.set_xlabel("peak extra memory (MB)")
+        ax_m.set_yticklabels([])
+    r0 = rows[0]
+    fig.suptitle(f"N={r0['n_points']}, {r0['in_features']} -> {r0['depth']}x{r0['width']} -> {r0['out_features']}, "
+                 f"{r0['activation']}, {r0['dtype']} on {r0['device_name']} ({r0['threads']} threads), "
+                 f"torch {r0['torch']}")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
