@@ -1,0 +1,75 @@
+"""The benchmark harness and the main job run end to end on a tiny case (correctness, not speed)."""
+
+import json
+
+import pytest
+
+from tritonjac import benchmark
+from tritonjac.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def rows():
+    case = benchmark.Case(n_points=300, width=16, depth=2)
+    return benchmark.run_case(case, rounds=3, include_compile=False)
+
+
+def test_rows_follow_the_schema(rows):
+    methods = {r["method"] for r in rows}
+    assert {"tritonjac (torch)", "nn.Sequential forward (no J)", "3x autograd.grad (seed)", "vmap(jacfwd)",
+            "vmap(jacrev)", "autograd.functional.jacobian"} <= methods  # fmt: skip
+    for r in rows:
+        assert set(r) <= set(benchmark.ROW_FIELDS), set(r) - set(benchmark.ROW_FIELDS)
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+    assert {r["mode"] for r in rows} == set(benchmark.MODES)
+    ours = next(r for r in rows if r["method"].startswith("tritonjac") and r["mode"] == "train_step")
+    assert "3x autograd.grad (seed)" in ours["speedup_vs_method"]
+
+
+def test_peers_compute_the_same_jacobian():
+    import torch
+
+    case = benchmark.Case(n_points=50, width=8, depth=2, dtype="float64")
+    model, seq, x = benchmark.build(case)
+    table = benchmark.method_table(case, model, seq, x, include_compile=False)
+    y0, J0 = table["tritonjac (torch)"][0]()
+    for name, (forward, _) in table.items():
+        y, J = forward()
+        assert torch.allclose(y, y0, rtol=1e-10, atol=1e-12), name
+        if J is not None:
+            assert torch.allclose(J, J0, rtol=1e-10, atol=1e-12), name
+
+
+def test_targets_and_table(rows):
+    text = benchmark.format_table(rows) + benchmark.format_targets(rows)
+    assert "forward_jacobian" in text and "train_step" in text
+    results = benchmark.check_targets(rows)
+    assert len(results) == len(benchmark.CPU_TARGETS)
+    assert all(value is not None for _, value, _, _, _ in results)
+
+
+def test_failing_peer_is_reported_not_fatal():
+    def broken():
+        raise RuntimeError("refused by the compiler")
+
+    results = benchmark.time_interleaved({"ok": lambda: None, "broken": broken}, "cpu", rounds=2)
+    assert results["ok"].status == "ok" and len(results["ok"].times_ms) == 2
+    assert results["broken"].status.startswith("error: RuntimeError: refused by the compiler")
+
+
+def test_main_job(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    assert main(["--points", "256", "--width", "8", "--depth", "2", "--rounds", "2", "--no-compile",
+                 "--json", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "self-check against torch.func (float64)" in printed and "-> OK" in printed
+    assert "targets:" in printed
+    assert json.loads(out.read_text())[0]["n_points"] == 256
+
+
+def test_plot(rows, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "case.png"
+    benchmark.plot_case(rows, str(path))
+    assert path.stat().st_size > 10_000
