@@ -43,7 +43,7 @@ def make_spec(activations: Sequence, num_layers: int, in_features: int, jacobian
     return MLPSpec(acts, k)
 
 
-def _check_tensors(x, weights, biases):
+def check_tensors(x, weights, biases):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, not {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -95,7 +95,7 @@ def mlp_jacobian(
     """
     weights = list(weights)
     biases = [None] * len(weights) if biases is None else list(biases)
-    _check_tensors(x, weights, biases)
+    check_tensors(x, weights, biases)
     spec = make_spec(activations, len(weights), x.shape[-1], jacobian_inputs)
     return apply_spec(x, weights, biases, spec, backend)
 

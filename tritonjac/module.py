@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .activations import Activation, as_activation
-from .functional import _check_tensors, apply_spec, check_backend, make_spec
+from .functional import check_tensors, apply_spec, check_backend, make_spec
 
 __all__ = ["JacobianMLP", "jacobian"]
 
@@ -185,7 +185,7 @@ class JacobianMLP(nn.Module):
                 raise ValueError(f"x has {x.shape[-2]} channels (dimension -2) but the first Conv1d "
                                  f"expects {self.in_features} (x.shape = {tuple(x.shape)})")
             x = x.transpose(-1, -2)
-        _check_tensors(x, weights, biases)
+        check_tensors(x, weights, biases)
         y, J = apply_spec(x, weights, biases, self._spec, self.backend)
         if self.channels_first:
             y = y.transpose(-1, -2).contiguous()
