@@ -43,16 +43,38 @@ def chunk_points(num_points: int, weights, spec: MLPSpec, itemsize: int) -> int:
     return max(1, min(num_points, CHUNK_BYTES // per_point))
 
 
+class _Scratch:
+    """Per-call scratch tensors that every chunk reuses.
+
+    Fresh multi-MB allocations are the slowest thing on CPU here: glibc serves them with new
+    mappings (same-size blocks are unmapped again on free), and touching the new pages costs more
+    than the arithmetic that fills them. One buffer per role, grown to the largest request.
+    """
+
+    def __init__(self, like: torch.Tensor):
+        self.like = like
+        self.buffers = {}
+
+    def get(self, role: str, *shape: int) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self.buffers.get(role)
+        if buf is None or buf.numel() < n:
+            buf = self.buffers[role] = self.like.new_empty(n)
+        return buf[:n].view(shape)
+
+
 # ---- building blocks -------------------------------------------------------------------------------
 def _first_tangent(weight: torch.Tensor, k: int) -> torch.Tensor:
     """U_1 = W_1 E, the first k columns of W_1, as (k, 1, d_1): it broadcasts over the points."""
     return weight[:, :k].t().contiguous().unsqueeze(1)
 
 
-def _stack(h, slope, U, with_tangents: bool):
+def _stack(h, slope, U, with_tangents: bool, scratch: _Scratch):
     """A = [h; slope * U] as one (1+k, P, d) tensor (or (1, P, d) without tangents)."""
     k = U.shape[0] if with_tangents else 0
-    A = h.new_empty(1 + k, *h.shape)
+    A = scratch.get("A", 1 + k, *h.shape)
     A[0] = h
     if with_tangents:
         if slope is None:  # identity activation
@@ -62,12 +84,12 @@ def _stack(h, slope, U, with_tangents: bool):
     return A
 
 
-def _activate(act: Activation, z, U, *, curvature: bool = False, with_tangents: bool = True):
-    """The next layer's input [s(z); s'(z) U], plus s'(z) and s''(z) for the backward pass."""
+def _activate(act: Activation, z, U, scratch: _Scratch, *, curvature: bool = False, with_tangents: bool = True):
+    """The next layer's input [s(z); s'(z) U] (in scratch), plus s'(z) and s''(z) for the backward."""
     if act.is_identity:
-        return _stack(z, None, U, with_tangents), None, None
+        return _stack(z, None, U, with_tangents, scratch), None, None
     h, slope, second = act.evaluate(z, curvature=curvature)
-    return _stack(h, slope, U, with_tangents), slope, second
+    return _stack(h, slope, U, with_tangents, scratch), slope, second
 
 
 def _rowsum_product(GT, U):
@@ -92,7 +114,7 @@ def _linear(A, weight, bias):
 
 
 # ---- forward ---------------------------------------------------------------------------------------
-def _forward_chunk(x, weights, biases, spec: MLPSpec, saved: list | None):
+def _forward_chunk(x, weights, biases, spec: MLPSpec, saved: list | None, scratch: _Scratch):
     """The stacked [y; T_L] (1+k, P, d_L) for one chunk of points x (P, d_0).
 
     With `saved`, appends per layer what the backward needs: z_1 for the first layer, the stacked
@@ -112,7 +134,7 @@ def _forward_chunk(x, weights, biases, spec: MLPSpec, saved: list | None):
             saved.append(None if (l == L - 1 and act.is_identity) else keep)
         if l == L - 1 and act.is_identity and l > 0:
             return Z  # y and T_L as they come out of the GEMM
-        A, _, _ = _activate(act, z, U)
+        A, _, _ = _activate(act, z, U, scratch)
     return A
 
 
@@ -123,10 +145,11 @@ def _forward(x2d, weights, biases, spec: MLPSpec, saved: list | None):
     y = x2d.new_empty(P, d_out)
     J = x2d.new_empty(P, d_out, k)
     step = chunk_points(P, weights, spec, x2d.element_size())
+    scratch = _Scratch(x2d)
     for start in range(0, P, step):
         stop = min(P, start + step)
         chunk_saved = [] if saved is not None else None
-        A = _forward_chunk(x2d[start:stop], weights, biases, spec, chunk_saved)
+        A = _forward_chunk(x2d[start:stop], weights, biases, spec, chunk_saved, scratch)
         y[start:stop] = A[0]
         J[start:stop] = A[1:].permute(1, 2, 0)
         if saved is not None:
@@ -135,7 +158,7 @@ def _forward(x2d, weights, biases, spec: MLPSpec, saved: list | None):
 
 
 # ---- backward --------------------------------------------------------------------------------------
-def _backward_chunk(x, layer_saved, weights, spec: MLPSpec, G, grad_W, grad_b, need_x: bool):
+def _backward_chunk(x, layer_saved, weights, spec: MLPSpec, G, grad_W, grad_b, need_x: bool, scratch: _Scratch):
     """Accumulate one chunk's weight and bias gradients into grad_W / grad_b; return the grad of x.
 
     G is dLoss/d[y; T_L], (1+k, P, d_L), or (1, P, d_L) when there is no loss on J.
@@ -161,15 +184,18 @@ def _backward_chunk(x, layer_saved, weights, spec: MLPSpec, G, grad_W, grad_b, n
         # GZ = dLoss/d[z_l; U_l]
         if acts[l].is_identity:
             GZ = G
-        else:
-            GZ = slope * G
-            if tangents and second is not None:
-                GZ[0].addcmul_(second, _rowsum_product(G[1:], saved_zU(l)[1]))
+        else:  # in place: G is this function's own buffer
+            curvature = _rowsum_product(G[1:], saved_zU(l)[1]) if tangents and second is not None else None
+            GZ = G.mul_(slope)
+            if curvature is not None:
+                GZ[0].addcmul_(second, curvature)
 
         # this layer's input A = [h_{l-1}; T_{l-1}], rebuilt from what the forward saved
         if l > 0:
             z_prev, U_prev = saved_zU(l - 1)
-            A, slope, second = _activate(acts[l - 1], z_prev, U_prev, curvature=tangents, with_tangents=tangents)
+            A, slope, second = _activate(
+                acts[l - 1], z_prev, U_prev, scratch, curvature=tangents, with_tangents=tangents
+            )
 
         if grad_W[l] is not None:
             if l > 0:
@@ -181,16 +207,17 @@ def _backward_chunk(x, layer_saved, weights, spec: MLPSpec, G, grad_W, grad_b, n
         if grad_b[l] is not None:
             grad_b[l] += GZ[0].sum(0)
 
-        if l > 0:
+        if l > 0:  # ping-pong between two buffers: GZ is read while G is written
             rows, P, d = GZ.shape
-            G = torch.mm(GZ.reshape(rows * P, d), W).view(rows, P, W.shape[1])
+            G = scratch.get("G" if l % 2 else "G'", rows, P, W.shape[1])
+            torch.mm(GZ.view(rows * P, d), W, out=G.view(rows * P, W.shape[1]))
     return GZ[0] @ weights[0] if need_x else None
 
 
-def _stack_output_grads(gy, gJ, start, stop, like, d_out, spec: MLPSpec):
+def _stack_output_grads(gy, gJ, start, stop, d_out, spec: MLPSpec, scratch: _Scratch):
     """dLoss/d[y; T_L] for points start:stop as (1+k, P, d_L), or (1, P, d_L) without a loss on J."""
     rows = 1 if gJ is None else 1 + spec.jacobian_inputs
-    G = like.new_empty(rows, stop - start, d_out)
+    G = scratch.get("G_out", rows, stop - start, d_out)
     if gy is None:
         G[0] = 0
     else:
@@ -239,11 +266,14 @@ class _AnalyticJacobian(torch.autograd.Function):
         P, d_out = x2d.shape[0], weights[-1].shape[0]
         if P > 0:
             step = chunk_points(P, weights, spec, x2d.element_size())
+            scratch = _Scratch(x2d)
             for c, start in enumerate(range(0, P, step)):
                 stop = min(P, start + step)
-                G = _stack_output_grads(gy, gJ, start, stop, x2d, d_out, spec)
+                G = _stack_output_grads(gy, gJ, start, stop, d_out, spec, scratch)
                 layer_saved = flat[L * c : L * (c + 1)]
-                gx_c = _backward_chunk(x2d[start:stop], layer_saved, weights, spec, G, grad_W, grad_b, need_x)
+                gx_c = _backward_chunk(
+                    x2d[start:stop], layer_saved, weights, spec, G, grad_W, grad_b, need_x, scratch
+                )
                 if need_x:
                     gx[start:stop] = gx_c
         return (None, gx, *grad_W, *grad_b)
