@@ -29,7 +29,7 @@ def time_vs_points(rows, path, title):
     fig, ax = plt.subplots(figsize=(8, 5))
     for method, pts in sorted(by_method.items()):
         pts.sort()
-        style = dict(lw=3, color="tab:orange") if method.startswith("tritonjac") else dict(lw=1.2)
+        style = dict(lw=3, color="black") if method.startswith("tritonjac") else dict(lw=1.2)
         if "no J" in method:
             style = dict(lw=1.2, ls="--", color="gray")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method, **style)
