@@ -198,7 +198,7 @@ def _check_pointwise_conv(m: nn.Conv1d, where: str):
         problems.append(f"kernel_size={m.kernel_size[0]}")
     if m.stride != (1,):
         problems.append(f"stride={m.stride[0]}")
-    if m.padding not in ((0,), "valid"):
+    if m.padding not in ((0,), "valid", "same"):  # with kernel_size 1 all three pad nothing
         problems.append(f"padding={m.padding}")
     if m.dilation != (1,):
         problems.append(f"dilation={m.dilation[0]}")
