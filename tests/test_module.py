@@ -167,6 +167,7 @@ def bad_stacks():
         (nn.Sequential(nn.Linear(3, 8), nn.Conv1d(8, 3, 1)), r"layer 1 .* mixes Linear and Conv1d"),
         (nn.Sequential(hooked), r"layer 0 .* has forward hooks"),
         (nn.Sequential(), r"no Linear or Conv1d layer"),
+        (nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(5, 3)), r"layer '0' has 8 outputs but the next layer '2' expects 5 inputs"),
         (nn.Linear(3, 3), r"from_module expects an nn.Sequential .* got Linear"),
         (nn.Sequential(nn.Linear(3, 8), nn.Sequential(nn.Tanh())), r"layer 1 \('1': Sequential\) is not supported"),
     ]

@@ -98,6 +98,10 @@ class JacobianMLP(nn.Module):
             raise ValueError("the stack has no Linear or Conv1d layer")
         self._linear_names = tuple(linear_names)
         self.channels_first = kind is nn.Conv1d
+        shapes = [W.shape for W in self._weights()]
+        for (name_a, (out_a, _)), (name_b, (_, in_b)) in zip(zip(linear_names, shapes), zip(linear_names[1:], shapes[1:])):
+            if out_a != in_b:
+                raise ValueError(f"layer {name_a!r} has {out_a} outputs but the next layer {name_b!r} expects {in_b} inputs")
         first = self._modules[linear_names[0]]
         self.in_features = first.in_features if kind is nn.Linear else first.in_channels
         self._spec = make_spec(activations, len(linear_names), self.in_features, jacobian_inputs)
@@ -111,9 +115,7 @@ class JacobianMLP(nn.Module):
         trains both. A Conv1d stack keeps its channels-first layout: x (B, C_in, N) gives
         y (B, C_out, N) and J (B, N, C_out, k).
         """
-        if isinstance(module, JacobianMLP):
-            named = list(module.named_children())
-        elif type(module) is nn.Sequential:
+        if isinstance(module, JacobianMLP) or type(module) is nn.Sequential:
             named = list(module.named_children())
         else:
             raise TypeError(
