@@ -98,10 +98,11 @@ class JacobianMLP(nn.Module):
             raise ValueError("the stack has no Linear or Conv1d layer")
         self._linear_names = tuple(linear_names)
         self.channels_first = kind is nn.Conv1d
-        shapes = [W.shape for W in self._weights()]
-        for (name_a, (out_a, _)), (name_b, (_, in_b)) in zip(zip(linear_names, shapes), zip(linear_names[1:], shapes[1:])):
-            if out_a != in_b:
-                raise ValueError(f"layer {name_a!r} has {out_a} outputs but the next layer {name_b!r} expects {in_b} inputs")
+        shapes = [W.shape for W in self._weights()]  # (out, in) per Linear/Conv1d layer
+        for l in range(1, len(shapes)):
+            if shapes[l - 1][0] != shapes[l][1]:
+                raise ValueError(f"layer {linear_names[l - 1]!r} has {shapes[l - 1][0]} outputs but the next "
+                                 f"layer {linear_names[l]!r} expects {shapes[l][1]} inputs")
         first = self._modules[linear_names[0]]
         self.in_features = first.in_features if kind is nn.Linear else first.in_channels
         self._spec = make_spec(activations, len(linear_names), self.in_features, jacobian_inputs)
