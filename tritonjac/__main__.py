@@ -13,6 +13,7 @@ import torch
 def self_check(device: str) -> bool:
     """y, J and gradients of every activation against torch.func, in float64 on `device`."""
     from .activations import ACTIVATION_NAMES
+    from .benchmark import func_jacobian
     from .module import JacobianMLP
 
     torch.manual_seed(0)
@@ -29,11 +30,7 @@ def self_check(device: str) -> bool:
         loss = y.square().sum() + J.square().sum()
         grads = torch.autograd.grad(loss, [x, *model.parameters()])
 
-        def with_aux(p):
-            out = seq(p)
-            return out, out
-
-        J_ref, y_ref = torch.func.vmap(torch.func.jacfwd(with_aux, has_aux=True))(x)
+        y_ref, J_ref = func_jacobian(seq, torch.func.jacfwd)(x)
         J_ref = J_ref[..., :3]
         ref_grads = torch.autograd.grad(y_ref.square().sum() + J_ref.square().sum(), [x, *model.parameters()],
                                         allow_unused=True, materialize_grads=True)  # fmt: skip

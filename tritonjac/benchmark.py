@@ -101,7 +101,8 @@ def _batched_grads(seq, x, create_graph):
     return y, J.movedim(0, -2)
 
 
-def _func_jacobian(seq, transform):
+def func_jacobian(seq, transform):
+    """x -> (y, J) of a per-point module through torch.func.vmap(transform(...)) (jacfwd or jacrev)."""
     def f(p):
         y = seq(p)
         return y, y
@@ -128,8 +129,8 @@ def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
     Every callable takes no argument; forward ones return (y, J), train ones run one step.
     """
     params = list(model.parameters())
-    jacfwd = _func_jacobian(seq, torch.func.jacfwd)
-    jacrev = _func_jacobian(seq, torch.func.jacrev)
+    jacfwd = func_jacobian(seq, torch.func.jacfwd)
+    jacrev = func_jacobian(seq, torch.func.jacrev)
 
     def train(fn):
         def step():
