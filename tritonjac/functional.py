@@ -7,12 +7,14 @@ from typing import Sequence
 import torch
 
 from .activations import as_activation
-from .reference import MLPSpec, mlp_jacobian_reference
+from .reference import MLPSpec, backward_by_recompute, mlp_jacobian_reference
 
 __all__ = ["mlp_jacobian", "BACKENDS", "SUPPORTED_DTYPES"]
 
 BACKENDS = ("auto", "torch", "triton")
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+TORCH_DTYPES = (torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def check_backend(backend: str) -> str:
@@ -21,16 +23,22 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def _resolve_backend(backend: str, x: torch.Tensor) -> str:
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """"auto": the Triton kernels for CUDA tensors they support, the PyTorch engine otherwise."""
     check_backend(backend)
+    if backend == "auto":
+        backend = "triton" if x.device.type == "cuda" and x.dtype in TRITON_DTYPES else "torch"
     if backend == "triton":
-        # The fused Triton kernels are the next milestone; until they land, say so instead of
-        # silently running something else.
-        raise NotImplementedError(
-            "the Triton backend is not available in this version of tritonjac; "
-            "use backend='auto' or 'torch' (the analytic PyTorch engine)"
+        from . import triton_ops  # imports triton: only when the kernels are asked for
+
+        triton_ops.check_device(x)
+        triton_ops.check_dtype(x.dtype)
+    elif x.dtype not in TORCH_DTYPES:
+        raise TypeError(
+            f"x has dtype {x.dtype}: the PyTorch engine computes in float32 or float64; "
+            "half precision runs on the Triton backend (CUDA tensors)"
         )
-    return "torch"
+    return backend
 
 
 def make_spec(activations: Sequence, num_layers: int, in_features: int, jacobian_inputs) -> MLPSpec:
@@ -47,7 +55,7 @@ def check_tensors(x, weights, biases):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, not {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x has dtype {x.dtype}; tritonjac supports float32 and float64 inputs")
+        raise TypeError(f"x has dtype {x.dtype}; tritonjac supports float32, float64, bfloat16 and float16 inputs")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension, its last being the input features")
     if len(weights) == 0:
@@ -100,10 +108,72 @@ def mlp_jacobian(
     return apply_spec(x, weights, biases, spec, backend)
 
 
-def apply_spec(x, weights, biases, spec: MLPSpec, backend: str):
-    """`mlp_jacobian` after validation: flatten the leading dimensions, run the engine, restore them."""
+def apply_spec(x, weights, biases, spec: MLPSpec, backend: str, jacobian: bool = True):
+    """`mlp_jacobian` after validation: flatten the leading dimensions, run the engine, restore them.
+
+    Returns (y, J), or (y, None) without `jacobian` (Triton backend only: the PyTorch engine's
+    forward without tangents is the module's own nn.Sequential forward).
+    """
     lead, d_in = x.shape[:-1], x.shape[-1]
     d_out = weights[-1].shape[0]
-    _resolve_backend(backend, x)
-    y, J = mlp_jacobian_reference(x.reshape(-1, d_in), weights, biases, spec)
-    return y.view(*lead, d_out), J.view(*lead, d_out, spec.jacobian_inputs)
+    x2d = x.reshape(-1, d_in)
+    if resolve_backend(backend, x) == "triton":
+        y, J = _triton_mlp(x2d, weights, biases, spec, jacobian)
+    else:
+        y, J = mlp_jacobian_reference(x2d, weights, biases, spec)
+    y = y.view(*lead, d_out)
+    if not jacobian:
+        return y, None
+    return y, J.view(*lead, d_out, spec.jacobian_inputs)
+
+
+def _triton_mlp(x2d, weights, biases, spec: MLPSpec, jacobian: bool):
+    from . import triton_ops
+
+    params = [*weights, *biases]
+    tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2d, *params))
+    if not tracked:
+        return triton_ops.mlp_forward(x2d, weights, biases, spec, jacobian=jacobian)
+    out = _TritonMLP.apply(spec, jacobian, x2d, *params)
+    return out if jacobian else (out, None)
+
+
+class _TritonMLP(torch.autograd.Function):
+    """The fused Triton forward; its backward recomputes the forward with the analytic engine.
+
+    Saves only x and the parameters (the recompute strategy of DESIGN.md section 2).
+    """
+
+    @staticmethod
+    def forward(ctx, spec: MLPSpec, jacobian: bool, x2d, *params):
+        from . import triton_ops
+
+        L = len(spec.activations)
+        weights, biases = list(params[:L]), list(params[L:])
+        y, J = triton_ops.mlp_forward(x2d, weights, biases, spec, jacobian=jacobian)
+        ctx.set_materialize_grads(False)
+        ctx.spec = spec
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x2d, *weights, *(b for b in biases if b is not None))
+        if J is None:
+            return y
+        return y, J
+
+    @staticmethod
+    def backward(ctx, gy, gJ=None):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "tritonjac's backward is first-order: differentiating its gradients (create_graph=True, "
+                "double backward) is not supported. J is already an output: put the loss on J instead."
+            )
+        spec = ctx.spec
+        L = len(spec.activations)
+        x2d, *rest = ctx.saved_tensors
+        weights, present = rest[:L], iter(rest[L:])
+        biases = [next(present) if has else None for has in ctx.has_bias]
+        needs = ctx.needs_input_grad  # (spec, jacobian, x, W_1..W_L, b_1..b_L)
+        gx, grad_W, grad_b = backward_by_recompute(
+            x2d, weights, biases, spec, gy, gJ,
+            needs[2], needs[3 : 3 + L], [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])],
+        )  # fmt: skip
+        return (None, None, gx, *grad_W, *grad_b)

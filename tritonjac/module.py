@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .activations import Activation, as_activation
-from .functional import check_tensors, apply_spec, check_backend, make_spec
+from .functional import apply_spec, check_backend, check_tensors, make_spec, resolve_backend
 
 __all__ = ["JacobianMLP", "jacobian"]
 
@@ -174,7 +174,7 @@ class JacobianMLP(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, jacobian: bool = True):
-        if not jacobian:
+        if not jacobian and not (isinstance(x, torch.Tensor) and self._fused_without_jacobian(x)):
             for m in self.children():  # exactly the nn.Sequential forward
                 x = m(x)
             return x
@@ -189,10 +189,21 @@ class JacobianMLP(nn.Module):
                                  f"expects {self.in_features} (x.shape = {tuple(x.shape)})")
             x = x.transpose(-1, -2)
         check_tensors(x, weights, biases)
-        y, J = apply_spec(x, weights, biases, self._spec, self.backend)
+        y, J = apply_spec(x, weights, biases, self._spec, self.backend, jacobian)
         if self.channels_first:
             y = y.transpose(-1, -2).contiguous()
-        return y, J
+        return (y, J) if jacobian else y
+
+    def _fused_without_jacobian(self, x: torch.Tensor) -> bool:
+        """Whether forward(x, jacobian=False) runs the Triton kernels' forward-only variant."""
+        if self.backend == "torch":
+            return False
+        if self.backend == "triton":
+            return True  # resolve_backend names the problem if x does not suit the kernels
+        try:
+            return resolve_backend(self.backend, x) == "triton"
+        except TypeError:
+            return False
 
 
 def _check_pointwise_conv(m: nn.Conv1d, where: str):

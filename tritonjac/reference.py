@@ -256,27 +256,49 @@ class _AnalyticJacobian(torch.autograd.Function):
         x2d, *rest = ctx.saved_tensors
         weights, flat = rest[:L], rest[L:]
         needs = ctx.needs_input_grad  # (spec, x, W_1..W_L, b_1..b_L)
-        need_x = needs[1]
-        grad_W = [torch.zeros_like(W) if needs[2 + l] else None for l, W in enumerate(weights)]
-        grad_b = [
-            W.new_zeros(W.shape[0]) if ctx.has_bias[l] and needs[2 + L + l] else None
-            for l, W in enumerate(weights)
-        ]
-        gx = torch.empty_like(x2d) if need_x else None
-        P, d_out = x2d.shape[0], weights[-1].shape[0]
-        if P > 0:
-            step = chunk_points(P, weights, spec, x2d.element_size())
-            scratch = _Scratch(x2d)
-            for c, start in enumerate(range(0, P, step)):
-                stop = min(P, start + step)
-                G = _stack_output_grads(gy, gJ, start, stop, d_out, spec, scratch)
-                layer_saved = flat[L * c : L * (c + 1)]
-                gx_c = _backward_chunk(
-                    x2d[start:stop], layer_saved, weights, spec, G, grad_W, grad_b, need_x, scratch
-                )
-                if need_x:
-                    gx[start:stop] = gx_c
+        gx, grad_W, grad_b = _backward(
+            x2d, weights, spec, gy, gJ, needs[1], needs[2 : 2 + L], [h and n for h, n in zip(ctx.has_bias, needs[2 + L :])],
+            lambda c, start, stop: flat[L * c : L * (c + 1)],
+        )
         return (None, gx, *grad_W, *grad_b)
+
+
+def _backward(x2d, weights, spec: MLPSpec, gy, gJ, need_x, need_W, need_b, layer_saved):
+    """Chunked backward: gradients of x, the weights and the biases (None where not needed).
+
+    `layer_saved(c, start, stop)` gives chunk c's per-layer saved tensors (see `_forward_chunk`).
+    """
+    grad_W = [torch.zeros_like(W) if need else None for W, need in zip(weights, need_W)]
+    grad_b = [W.new_zeros(W.shape[0]) if need else None for W, need in zip(weights, need_b)]
+    gx = torch.empty_like(x2d) if need_x else None
+    P, d_out = x2d.shape[0], weights[-1].shape[0]
+    if P > 0:
+        step = chunk_points(P, weights, spec, x2d.element_size())
+        scratch = _Scratch(x2d)
+        for c, start in enumerate(range(0, P, step)):
+            stop = min(P, start + step)
+            G = _stack_output_grads(gy, gJ, start, stop, d_out, spec, scratch)
+            gx_c = _backward_chunk(
+                x2d[start:stop], layer_saved(c, start, stop), weights, spec, G, grad_W, grad_b, need_x, scratch
+            )
+            if need_x:
+                gx[start:stop] = gx_c
+    return gx, grad_W, grad_b
+
+
+def backward_by_recompute(x2d, weights, biases, spec: MLPSpec, gy, gJ, need_x, need_W, need_b):
+    """The analytic backward for a forward that saved nothing but its inputs: each chunk's forward
+    is recomputed (in the input dtype) before its backward. Serves the Triton forward until the
+    Triton backward lands."""
+    scratch = _Scratch(x2d)
+
+    def recompute(c, start, stop):
+        saved = []
+        _forward_chunk(x2d[start:stop], weights, biases, spec, saved, scratch)
+        return saved
+
+    with torch.no_grad():
+        return _backward(x2d, weights, spec, gy, gJ, need_x, need_W, need_b, recompute)
 
 
 def mlp_jacobian_reference(x2d, weights, biases, spec: MLPSpec):

@@ -1,0 +1,188 @@
+"""Fused forward kernels: outputs and Jacobians of a point-wise MLP (DESIGN.md section 2).
+
+Both kernels keep a layer's input as one stacked tile A of shape (BLOCK_M, SLOTS, width): slot 0
+holds the values h, slots 1..K the K tangents T, and padding slots up to the next power of two hold
+zeros. Reshaped to (BLOCK_M * SLOTS, width) it is the left operand of one `tl.dot` per layer
+(4 x BLOCK_M rows for the common K = 3, no padding), which gives Z = [z; U] at once; then
+
+    h = s(z),  T = s'(z) * U            (slot 0 of Z is z; the activation is evaluated once per point)
+
+- `_mlp_forward_kernel` runs the whole network for a block of points: nothing but x, y and J touches
+  global memory. The first layer (in_features <= 16) is a loop of outer-product FMAs and its tangent
+  is W_1's first K columns (no matmul); the last layer (out_features <= 16) is one reduction over the
+  width per output, so tiny dimensions never become 16-wide matmuls.
+- `_layer_forward_kernel` runs one layer (the design card's chained form) for layers too wide or
+  too unequal for the first kernel: it reads [h; T] and writes the next [h; T].
+
+With JACOBIAN=False, SLOTS is 1 and the same code is a plain fused MLP forward.
+"""
+
+import triton
+import triton.language as tl
+
+from .activations import IDENTITY, activation_and_slope, activation_value
+
+
+@triton.jit
+def _dot(a, w, acc, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
+    """a @ w (+ acc) with fp32 accumulation.
+
+    UPCAST_BF16 is for the Triton interpreter only, whose bf16 dot is wrong (triton 3.9 returns
+    garbage): the bf16 operands are widened to fp32, which gives the same exact products.
+    """
+    if UPCAST_BF16:
+        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
+    return tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=tl.float32)
+
+
+@triton.jit
+def _activate_stacked(Z, o_slot, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: tl.constexpr):
+    """[s(z); s'(z) U] from Z = [z; U], stacked on axis 1 of a 3-D tile."""
+    if ACT == IDENTITY:
+        return Z
+    if SLOTS == 1:
+        return activation_value(Z, ACT, PARAM, THRESHOLD)
+    is_value = o_slot[None, :, None] == 0
+    z = tl.sum(tl.where(is_value, Z, 0.0), axis=1)
+    s, ds = activation_and_slope(z, ACT, PARAM, THRESHOLD)
+    return tl.where(is_value, s[:, None, :], ds[:, None, :] * Z)
+
+
+@triton.jit(do_not_specialize=["num_points", "num_hidden", "points_bucket"])
+def _mlp_forward_kernel(
+    x_ptr, w_first_ptr, b_first_ptr, w_hidden_ptr, b_hidden_ptr, w_last_ptr, b_last_ptr, y_ptr, j_ptr,
+    num_points, num_hidden, points_bucket,
+    stride_xp, stride_xf, stride_yp, stride_yf, stride_jp, stride_jo, stride_jk,
+    IN: tl.constexpr, K: tl.constexpr, WIDTH: tl.constexpr, OUT: tl.constexpr,
+    ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
+    LAST_ACT: tl.constexpr, LAST_PARAM: tl.constexpr, LAST_THRESHOLD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
+    SLOTS: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST_BF16: tl.constexpr = False,
+):  # fmt: skip
+    """y (and J) for BLOCK_M points through every layer.
+
+    Weights are contiguous: w_first (WIDTH, IN), w_hidden (num_hidden, WIDTH, WIDTH), w_last
+    (OUT, WIDTH); biases likewise (zeros where a layer has none). Layers 1..L-1 use ACT, layer L
+    uses LAST_ACT. points_bucket only keys the autotuner.
+    """
+    tl.static_assert(SLOTS >= 1 + K or not JACOBIAN, "SLOTS must hold the value and K tangents")
+    tl.static_assert(WIDTH_PAD >= 16, "tl.dot needs every dimension >= 16")
+    i_m = tl.program_id(0).to(tl.int64)
+    o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_p = o_p < num_points
+    o_w = tl.arange(0, WIDTH_PAD)
+    m_w = o_w < WIDTH
+    o_s = tl.arange(0, SLOTS)
+    is_value = o_s[None, :, None] == 0
+    operand_ty = w_hidden_ptr.dtype.element_ty
+
+    # ---- layer 1: z = x W^T + b as IN outer products; U = W's first K columns ------------------
+    z = tl.zeros((BLOCK_M, WIDTH_PAD), tl.float32)
+    for i in tl.static_range(IN):
+        b_x = tl.load(x_ptr + o_p * stride_xp + i * stride_xf, mask=m_p, other=0.0).to(tl.float32)
+        b_col = tl.load(w_first_ptr + o_w * IN + i, mask=m_w, other=0.0).to(tl.float32)
+        z += b_x[:, None] * b_col[None, :]
+    if HAS_BIAS:
+        z += tl.load(b_first_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)[None, :]
+    if JACOBIAN:
+        # b_u[s, n] = W_1[n, s - 1] for the tangent slots 1..K, 0 elsewhere
+        m_u = (o_s[:, None] >= 1) & (o_s[:, None] <= K) & m_w[None, :]
+        b_u = tl.load(w_first_ptr + o_w[None, :] * IN + (o_s[:, None] - 1), mask=m_u, other=0.0)
+        s, ds = activation_and_slope(z, ACT, ACT_PARAM, ACT_THRESHOLD)
+        A = tl.where(is_value, s[:, None, :], ds[:, None, :] * b_u.to(tl.float32)[None, :, :])
+    else:
+        A = activation_value(z, ACT, ACT_PARAM, ACT_THRESHOLD)[:, None, :]
+
+    # ---- hidden layers: one dot over the stacked rows per layer --------------------------------
+    m_ww = m_w[:, None] & m_w[None, :]
+    for l in range(num_hidden):
+        # b_wt[k, n] = W_l[n, k]
+        b_wt = tl.load(w_hidden_ptr + l * WIDTH * WIDTH + o_w[None, :] * WIDTH + o_w[:, None], mask=m_ww, other=0.0)
+        b_a = tl.reshape(A, (BLOCK_M * SLOTS, WIDTH_PAD)).to(operand_ty)
+        Z = _dot(b_a, b_wt.to(operand_ty), None, PRECISION, UPCAST_BF16)
+        Z = tl.reshape(Z, (BLOCK_M, SLOTS, WIDTH_PAD))
+        if HAS_BIAS:
+            b_b = tl.load(b_hidden_ptr + l * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
+            Z += tl.where(is_value, b_b[None, None, :], 0.0)
+        A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+
+    # ---- last layer: one reduction over the width per output -----------------------------------
+    is_value_2d = o_s[None, :] == 0
+    for o in tl.static_range(OUT):
+        b_row = tl.load(w_last_ptr + o * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
+        r = tl.sum(A * b_row[None, None, :], axis=2)  # (BLOCK_M, SLOTS): [z; U] of output o
+        if HAS_BIAS:
+            r += tl.where(is_value_2d, tl.load(b_last_ptr + o).to(tl.float32), 0.0)
+        if LAST_ACT != IDENTITY:
+            if JACOBIAN:
+                z_o = tl.sum(tl.where(is_value_2d, r, 0.0), axis=1)
+                s, ds = activation_and_slope(z_o, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
+                r = tl.where(is_value_2d, s[:, None], ds[:, None] * r)
+            else:
+                r = activation_value(r, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
+        p_y = y_ptr + o_p[:, None] * stride_yp + o * stride_yf + o_s[None, :] * 0
+        tl.store(p_y, r.to(y_ptr.dtype.element_ty), mask=m_p[:, None] & is_value_2d)
+        if JACOBIAN:
+            p_j = j_ptr + o_p[:, None] * stride_jp + o * stride_jo + (o_s[None, :] - 1) * stride_jk
+            m_j = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= K)
+            tl.store(p_j, r.to(j_ptr.dtype.element_ty), mask=m_j)
+
+
+@triton.jit(do_not_specialize=["num_points", "d_in", "d_out", "points_bucket"])
+def _layer_forward_kernel(
+    a_ptr, w_ptr, b_ptr, h_ptr, t_ptr,
+    num_points, d_in, d_out, points_bucket,
+    stride_ap, stride_as, stride_af, stride_wn, stride_wk,
+    stride_hp, stride_hf, stride_tp, stride_ts, stride_tf,
+    K: tl.constexpr, FIRST: tl.constexpr,
+    ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
+    SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    UPCAST_BF16: tl.constexpr = False,
+):  # fmt: skip
+    """One layer for BLOCK_M points and BLOCK_N output features: [h; T] -> [s(z); s'(z) W T].
+
+    The input is read at a[p, slot, f] (slot stride stride_as); with FIRST it is x (P, d_in) and the
+    tangent slots are the identity's first K columns, built on the fly. Values are written to
+    h[p, n], tangent slot s to t[p, s - 1, n] (strides given), so the last layer writes y and J.
+    """
+    tl.static_assert(SLOTS >= 1 + K or not JACOBIAN, "SLOTS must hold the value and K tangents")
+    i_m = tl.program_id(0).to(tl.int64)
+    i_n = tl.program_id(1)
+    o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_p = o_p < num_points
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < d_out
+    o_s = tl.arange(0, SLOTS)
+    m_s = o_s < (1 + K if JACOBIAN else 1)
+    operand_ty = w_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M * SLOTS, BLOCK_N), tl.float32)
+    for k0 in range(0, d_in, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < d_in
+        if FIRST:
+            b_x = tl.load(a_ptr + o_p[:, None] * stride_ap + o_k[None, :] * stride_af, mask=m_p[:, None] & m_k[None, :], other=0.0)
+            identity = tl.where(o_k[None, None, :] == o_s[None, :, None] - 1, 1.0, 0.0)
+            b_a = tl.where(o_s[None, :, None] == 0, b_x.to(tl.float32)[:, None, :], identity)
+        else:
+            p_a = a_ptr + o_p[:, None, None] * stride_ap + o_s[None, :, None] * stride_as + o_k[None, None, :] * stride_af
+            m_a = m_p[:, None, None] & m_s[None, :, None] & m_k[None, None, :]
+            b_a = tl.load(p_a, mask=m_a, other=0.0)
+        b_wt = tl.load(w_ptr + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_a = tl.reshape(b_a, (BLOCK_M * SLOTS, BLOCK_K)).to(operand_ty)
+        acc = _dot(b_a, b_wt.to(operand_ty), acc, PRECISION, UPCAST_BF16)
+
+    Z = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_N))
+    if HAS_BIAS:
+        b_b = tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
+        Z += tl.where(o_s[None, :, None] == 0, b_b[None, None, :], 0.0)
+    A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+
+    m_pn = m_p[:, None, None] & m_n[None, None, :]
+    p_h = h_ptr + o_p[:, None, None] * stride_hp + o_n[None, None, :] * stride_hf + o_s[None, :, None] * 0
+    tl.store(p_h, A.to(h_ptr.dtype.element_ty), mask=m_pn & (o_s[None, :, None] == 0))
+    if JACOBIAN:
+        p_t = t_ptr + o_p[:, None, None] * stride_tp + (o_s[None, :, None] - 1) * stride_ts + o_n[None, None, :] * stride_tf
+        m_t = m_pn & (o_s[None, :, None] >= 1) & m_s[None, :, None]
+        tl.store(p_t, A.to(t_ptr.dtype.element_ty), mask=m_t)

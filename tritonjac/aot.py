@@ -1,0 +1,236 @@
+"""Ahead-of-time compilation of the kernels for real GPUs, without one (DESIGN.md section 4).
+
+`compile_config` compiles one kernel for one configuration and target and reads what the compiler
+made of it: registers, spilled bytes (cuobjdump's STACK), local memory, shared memory and whether
+the matmuls became tensor-core instructions (`wgmma` on sm_90, `mma` on sm_80).
+
+    python -m tritonjac.aot [--arch 80 90] [--jobs 2]
+
+compiles every shipped configuration (`shipped_cases`) and prints one line per case. It must run
+without TRITON_INTERPRET (the interpreter replaces the jitted functions the compiler needs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["Case", "CompileReport", "compile_config", "shipped_cases", "main"]
+
+# Pointer arguments and their role, per kernel (the dtype of "data" pointers follows the case).
+_POINTERS = {
+    "mlp_forward": ("x_ptr", "w_first_ptr", "b_first_ptr", "w_hidden_ptr", "b_hidden_ptr", "w_last_ptr", "b_last_ptr", "y_ptr", "j_ptr"),
+    "layer_forward": ("a_ptr", "w_ptr", "b_ptr", "h_ptr", "t_ptr"),
+}
+
+
+# Largest dynamic shared memory one block may use (CUDA occupancy tables: 163 KB on sm_80, 227 KB on sm_90).
+SHARED_LIMIT = {80: 166_912, 90: 232_448}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One kernel specialisation: its constexprs, launch configuration, data dtype and target."""
+
+    kernel: str
+    constexprs: tuple  # sorted (name, value) pairs
+    config: tuple  # sorted (name, value) pairs of the block sizes
+    num_warps: int
+    num_stages: int
+    dtype: str  # "fp32", "bf16" or "fp16"
+    arch: int
+
+    @property
+    def label(self) -> str:
+        c = dict(self.constexprs)
+        shape = f"W{c.get('WIDTH', '-')}" if self.kernel == "mlp_forward" else f"first={int(c['FIRST'])}"
+        cfg = dict(self.config)
+        blocks = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
+        return (
+            f"sm_{self.arch} {self.kernel} {shape} K={c['K']} act={c['ACT']} {self.dtype}/{c['PRECISION']} "
+            f"jac={int(c['JACOBIAN'])} blocks={blocks} w{self.num_warps} s{self.num_stages}"
+        )
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    label: str
+    registers: int
+    spill_bytes: int  # per thread
+    local_bytes: int
+    shared_bytes: int
+    matrix_instruction: str  # "wgmma", "mma" or "none"
+    seconds: float
+    error: str = ""
+    shared_limit: int = 0
+
+    @property
+    def problems(self) -> list[str]:
+        """Why this compilation is unacceptable (empty when it is fine)."""
+        if self.error:
+            return [self.error]
+        out = []
+        if self.spill_bytes or self.local_bytes:
+            out.append(f"spills {self.spill_bytes} B/thread, local memory {self.local_bytes} B")
+        if self.shared_bytes > self.shared_limit:
+            out.append(f"shared memory {self.shared_bytes} B > {self.shared_limit} B")
+        return out
+
+
+def _jit_function(kernel: str):
+    from .kernels import forward
+
+    return {"mlp_forward": forward._mlp_forward_kernel, "layer_forward": forward._layer_forward_kernel}[kernel]
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def compile_config(case: Case) -> CompileReport:
+    """Compile one case and read its resource usage from the cubin."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
+    fn = _jit_function(case.kernel)
+    constexprs = dict(case.constexprs) | dict(case.config) | {"UPCAST_BF16": False}
+    pointers = _POINTERS[case.kernel]
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = f"*{case.dtype}"
+        else:
+            signature[name] = "i32"
+    # pointers from torch's allocator are 16-byte aligned, as the JIT would find at launch
+    attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in pointers}
+    start = time.perf_counter()
+    try:
+        src = ASTSource(fn, signature, constexprs, attrs)
+        compiled = triton.compile(
+            src,
+            target=GPUTarget("cuda", case.arch, 32),
+            options={"num_warps": case.num_warps, "num_stages": case.num_stages},
+        )
+    except Exception as err:  # report, do not hide: the caller fails the case
+        error = f"{type(err).__name__}: {err}"[:2000]
+        return CompileReport(case.label, 0, 0, 0, 0, "none", time.perf_counter() - start, error, SHARED_LIMIT[case.arch])
+    seconds = time.perf_counter() - start
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+
+    def field(name):
+        m = re.search(rf"\b{name}:(\d+)", usage)
+        return int(m.group(1)) if m else 0
+
+    ptx = compiled.asm["ptx"]
+    instr = "wgmma" if "wgmma" in ptx else "mma" if re.search(r"\bmma\.sync", ptx) else "none"
+    return CompileReport(
+        case.label,
+        registers=field("REG"),
+        spill_bytes=field("STACK"),
+        local_bytes=field("LOCAL"),
+        shared_bytes=max(field("SHARED"), int(compiled.metadata.shared)),
+        matrix_instruction=instr,
+        seconds=round(seconds, 1),
+        shared_limit=SHARED_LIMIT[case.arch],
+    )
+
+
+def _case(kernel, constexprs: dict, config, dtype: str, arch: int) -> Case:
+    return Case(
+        kernel,
+        tuple(sorted(constexprs.items())),
+        tuple(sorted(config.kwargs.items())),
+        config.num_warps,
+        config.num_stages,
+        dtype,
+        arch,
+    )
+
+
+def shipped_cases(archs=(80, 90)) -> list[Case]:
+    """Every configuration tritonjac ships, at the shapes its shipped tables and candidates serve.
+
+    The whole-network kernel at widths 64 and 128 (3 -> W -> 3, softplus, K = 3), with and without
+    tangents, TF32 / 3xTF32 / bf16; the per-layer kernel (first and later layers, with and without
+    tangents) in the same precisions: each candidate configuration the pruning keeps for the arch.
+    """
+    import torch
+
+    from . import triton_ops, tuning
+    from .activations import as_activation
+    from .reference import MLPSpec
+
+    cases = []
+    softplus = as_activation(torch.nn.Softplus(beta=100.0))
+    for arch in archs:
+        for width in (64, 128):
+            W = [torch.empty(width, 3), torch.empty(width, width), torch.empty(3, width)]
+            spec = MLPSpec((softplus, softplus, as_activation(None)), 3)
+            for dtype, precision in (("fp32", "tf32"), ("fp32", "tf32x3"), ("bf16", "ieee")):
+                for jacobian in (True, False):
+                    cx = triton_ops._rename_last(triton_ops.network_constexprs(W, [None] * 3, spec, jacobian, precision))
+                    cx["HAS_BIAS"] = True
+                    named = dict(cx)
+                    for config in tuning.prune_network_configs(tuning.network_configs(), named, arch=arch):
+                        cases.append(_case("mlp_forward", cx, config, dtype, arch))
+        for first, jacobian in ((True, True), (False, True), (False, False)):
+            for dtype, precision in (("fp32", "tf32"), ("fp32", "tf32x3"), ("bf16", "ieee")):
+                cx = triton_ops.layer_constexprs(softplus, 3, first, True, jacobian, precision)
+                for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
+                    cases.append(_case("layer_forward", cx, config, dtype, arch))
+    return cases
+
+
+def _compile_case(case: Case) -> CompileReport:
+    return compile_config(case)
+
+
+def format_report(r: CompileReport) -> str:
+    return (
+        f"{'BAD' if r.problems else 'ok '} {r.label:<80} regs={r.registers:>3} spill={r.spill_bytes:>5} "
+        f"local={r.local_bytes} smem={r.shared_bytes:>6} {r.matrix_instruction:<5} {r.seconds:>5.1f}s"
+        + (f"  {'; '.join(r.problems)[:300]}" if r.problems else "")
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tritonjac.aot", description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--json", help="write the reports to this file")
+    parser.add_argument("--match", default="", help="only cases whose label contains this text")
+    args = parser.parse_args(argv)
+    cases = [c for c in shipped_cases(tuple(args.arch)) if args.match in c.label]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        reports = list(pool.map(_compile_case, cases))
+    bad = 0
+    for r in reports:
+        bad += bool(r.problems)
+        print(format_report(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(r) for r in reports], indent=1))
+    print(f"{len(reports) - bad}/{len(reports)} cases compile without spills", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""Launchers for the Triton kernels: plans, shapes, strides, grids and configurations.
+
+`mlp_forward` picks one of two plans:
+- "network": one launch of `_mlp_forward_kernel` for the whole MLP, when the hidden layers share
+  one width whose stacked tile fits the registers (see `network_fits`), in/out features are at most
+  16 and every layer but the last has the same activation;
+- "layers": one launch of `_layer_forward_kernel` per layer otherwise (wide layers such as IDR's
+  512, mixed widths or activations, single-layer nets), with [h; T] between layers in global memory
+  in the compute dtype.
+
+Precision of float32 inputs follows `torch.get_float32_matmul_precision()`: "highest" runs the
+matmuls as 3xTF32 (fp32-accurate), "high" and "medium" as TF32. bfloat16 and float16 inputs use
+half operands with fp32 accumulation; activations, tangent scaling and reductions are fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import tuning
+from .reference import MLPSpec
+from .tuning import interpreting
+
+__all__ = ["mlp_forward", "plan_for", "ACTIVATION_IDS", "TRITON_DTYPES", "matmul_precision", "Plan"]
+
+# Mirrors the ids in kernels/activations.py.
+ACTIVATION_IDS = {
+    "identity": 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "softplus": 3,
+    "tanh": 4,
+    "sigmoid": 5,
+    "silu": 6,
+    "gelu": 7,
+    "gelu_tanh": 8,
+    "sine": 9,
+}
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_NETWORK_FEATURES = 16  # in_features and out_features of the whole-network kernel
+MAX_NETWORK_WIDTH = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The jitted kernels and their autotuned wrappers, built on first use (Triton imports lazily)."""
+    from .kernels import forward
+
+    network_tuned = tuning.autotune(
+        tuning.network_configs(),
+        key=["IN", "K", "WIDTH_PAD", "OUT", "SLOTS", "ACT", "LAST_ACT", "HAS_BIAS", "JACOBIAN", "PRECISION", "points_bucket"],
+        prune=tuning.prune_network_configs,
+    )(forward._mlp_forward_kernel)
+    layer_tuned = tuning.autotune(
+        tuning.layer_configs(),
+        key=["K", "FIRST", "SLOTS", "ACT", "HAS_BIAS", "JACOBIAN", "PRECISION", "d_in", "d_out", "points_bucket"],
+        prune=tuning.prune_layer_configs,
+    )(forward._layer_forward_kernel)
+    return {
+        "mlp_forward": (forward._mlp_forward_kernel, network_tuned),
+        "layer_forward": (forward._layer_forward_kernel, layer_tuned),
+    }
+
+
+# Under the interpreter: one fixed configuration per kernel, small enough that the tests' shapes
+# exercise partial blocks in every dimension.
+INTERPRETER_CONFIGS = {
+    "mlp_forward": triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1),
+    "layer_forward": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1),
+}
+
+
+def matmul_precision(dtype: torch.dtype) -> str:
+    """The `tl.dot` input precision for this input dtype under the current float32 matmul setting."""
+    if dtype != torch.float32:
+        return "ieee"  # half operands: the setting only concerns fp32 operands
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _slots(k: int, jacobian: bool) -> int:
+    return triton.next_power_of_2(1 + k) if jacobian else 1
+
+
+def _pad_width(width: int) -> int:
+    return max(16, triton.next_power_of_2(width))
+
+
+def _activation_constexprs(act, prefix: str) -> dict:
+    return {
+        prefix: ACTIVATION_IDS[act.name],
+        f"{prefix}_PARAM": float(act.param),
+        f"{prefix}_THRESHOLD": float(act.threshold),
+    }
+
+
+# ---- plans -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # "network" or "layers"
+    reason: str  # why "layers" was chosen, for users asking `plan_for`
+
+
+def network_fits(width: int, slots: int, precision: str, arch: int) -> bool:
+    """Whether some whole-network configuration fits the registers at this width and slot count."""
+    named = {"SLOTS": slots, "WIDTH_PAD": _pad_width(width), "PRECISION": precision}
+    return bool(tuning.prune_network_configs(tuning.network_configs(), named, arch=arch))
+
+
+def plan_for(weights, spec: MLPSpec, jacobian: bool = True, precision: str = "tf32", arch: int = 90) -> Plan:
+    """Whole network in one launch, or one launch per layer (see the module docstring)."""
+    L = len(weights)
+    d_in, d_out = weights[0].shape[1], weights[-1].shape[0]
+    hidden = {w.shape[0] for w in weights[:-1]}
+    if L < 2:
+        return Plan("layers", "a single layer")
+    if len(hidden) > 1:
+        return Plan("layers", f"hidden widths differ ({sorted(hidden)})")
+    (width,) = hidden
+    if width > MAX_NETWORK_WIDTH:
+        return Plan("layers", f"hidden width {width} > {MAX_NETWORK_WIDTH}")
+    if d_in > MAX_NETWORK_FEATURES or d_out > MAX_NETWORK_FEATURES:
+        return Plan("layers", f"in/out features {d_in}/{d_out} > {MAX_NETWORK_FEATURES}")
+    if len(set(spec.activations[:-1])) > 1:
+        return Plan("layers", "hidden activations differ")
+    if not network_fits(width, _slots(spec.jacobian_inputs, jacobian), precision, arch):
+        return Plan("layers", f"width {width} with {spec.jacobian_inputs} tangents in {precision} does not fit the registers")
+    return Plan("network", "")
+
+
+# ---- launching -------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _launch(name: str, grid, args: dict, key: str, device: torch.device) -> None:
+    """Run kernel `name` with the interpreter's, the shipped or the autotuned configuration."""
+    raw, tuned = _kernels()[name]
+    if interpreting():
+        config = INTERPRETER_CONFIGS[name]
+        args = {**args, "UPCAST_BF16": args["x_ptr" if "x_ptr" in args else "w_ptr"].dtype == torch.bfloat16}
+    else:
+        config = tuning.shipped_config(name, key, _device_name(device.index or 0))
+    if config is not None:
+        raw[grid(config.kwargs)](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        return
+    tuned[grid](**args)
+    tuning.record_tuned(name, key, _device_name(device.index or 0), tuned.best_config)
+
+
+def _key(dtype: torch.dtype, constexprs: dict, **runtime) -> str:
+    parts = [f"dtype={str(dtype).removeprefix('torch.')}"]
+    parts += [f"{k}={v}" for k, v in sorted(constexprs.items())]
+    parts += [f"{k}={v}" for k, v in sorted(runtime.items())]
+    return ",".join(parts)
+
+
+def network_constexprs(weights, biases, spec: MLPSpec, jacobian: bool, precision: str) -> dict:
+    width = weights[0].shape[0]
+    return {
+        "IN": weights[0].shape[1],
+        "K": spec.jacobian_inputs,
+        "WIDTH": width,
+        "OUT": weights[-1].shape[0],
+        **_activation_constexprs(spec.activations[0], "ACT"),
+        **_activation_constexprs(spec.activations[-1], "LAST_ACT"),
+        "HAS_BIAS": any(b is not None for b in biases),
+        "JACOBIAN": jacobian,
+        "PRECISION": precision,
+        "SLOTS": _slots(spec.jacobian_inputs, jacobian),
+        "WIDTH_PAD": _pad_width(width),
+    }
+
+
+def layer_constexprs(act, k: int, first: bool, has_bias: bool, jacobian: bool, precision: str) -> dict:
+    return {
+        "K": k,
+        "FIRST": first,
+        **_activation_constexprs(act, "ACT"),
+        "HAS_BIAS": has_bias,
+        "JACOBIAN": jacobian,
+        "PRECISION": precision,
+        "SLOTS": _slots(k, jacobian),
+    }
+
+
+def _rename_last(constexprs: dict) -> dict:
+    """The kernel names the last layer's activation LAST_ACT / LAST_PARAM / LAST_THRESHOLD."""
+    out = dict(constexprs)
+    out["LAST_PARAM"] = out.pop("LAST_ACT_PARAM")
+    out["LAST_THRESHOLD"] = out.pop("LAST_ACT_THRESHOLD")
+    return out
+
+
+def _run_network(x, weights, biases, spec, y, J, jacobian, precision):
+    P = x.shape[0]
+    width = weights[0].shape[0]
+    constexprs = _rename_last(network_constexprs(weights, biases, spec, jacobian, precision))
+
+    def bias_or_zeros(b, n):
+        return b if b is not None else x.new_zeros(n, dtype=weights[0].dtype)
+
+    hidden_w = weights[1:-1]
+    w_hidden = torch.stack(hidden_w) if hidden_w else weights[0].new_empty(1, width, width)
+    b_hidden = (
+        torch.stack([bias_or_zeros(b, width) for b in biases[1:-1]]) if hidden_w else weights[0].new_empty(1, width)
+    )
+    J_arg = J if J is not None else y  # not written without tangents
+    args = dict(
+        x_ptr=x,
+        w_first_ptr=weights[0].contiguous(),
+        b_first_ptr=bias_or_zeros(biases[0], width),
+        w_hidden_ptr=w_hidden.contiguous(),
+        b_hidden_ptr=b_hidden.contiguous(),
+        w_last_ptr=weights[-1].contiguous(),
+        b_last_ptr=bias_or_zeros(biases[-1], weights[-1].shape[0]),
+        y_ptr=y,
+        j_ptr=J_arg,
+        num_points=P,
+        num_hidden=len(hidden_w),
+        points_bucket=tuning.points_bucket(P),
+        stride_xp=x.stride(0),
+        stride_xf=x.stride(1),
+        stride_yp=y.stride(0),
+        stride_yf=y.stride(1),
+        stride_jp=J_arg.stride(0),
+        stride_jo=J_arg.stride(1),
+        stride_jk=J_arg.stride(2) if J is not None else 0,
+        **constexprs,
+    )
+    key = _key(x.dtype, constexprs, bucket=args["points_bucket"])
+    _launch("mlp_forward", lambda meta: (triton.cdiv(P, meta["BLOCK_M"]),), args, key, x.device)
+
+
+def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):
+    P = x.shape[0]
+    k, L = spec.jacobian_inputs, len(weights)
+    rows = 1 + k if jacobian else 1
+    a = x
+    a_strides = (x.stride(0), 0, x.stride(1))
+    for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
+        d_out, d_in = W.shape
+        if l == L - 1:
+            h, t = y, (J if jacobian else y)
+            h_strides = (y.stride(0), y.stride(1))
+            t_strides = (J.stride(0), J.stride(2), J.stride(1)) if jacobian else (0, 0, 0)
+        else:  # [h; T] as (P, 1+k, d_out) in the compute dtype
+            buf = x.new_empty(P, rows, d_out)
+            h, t = buf, buf[:, 1:] if jacobian else buf
+            h_strides = (buf.stride(0), buf.stride(2))
+            t_strides = (buf.stride(0), buf.stride(1), buf.stride(2))
+        constexprs = layer_constexprs(act, k, l == 0, b is not None, jacobian, precision)
+        args = dict(
+            a_ptr=a,
+            w_ptr=W,
+            b_ptr=b if b is not None else W,
+            h_ptr=h,
+            t_ptr=t,
+            num_points=P,
+            d_in=d_in,
+            d_out=d_out,
+            points_bucket=tuning.points_bucket(P),
+            stride_ap=a_strides[0],
+            stride_as=a_strides[1],
+            stride_af=a_strides[2],
+            stride_wn=W.stride(0),
+            stride_wk=W.stride(1),
+            stride_hp=h_strides[0],
+            stride_hf=h_strides[1],
+            stride_tp=t_strides[0],
+            stride_ts=t_strides[1],
+            stride_tf=t_strides[2],
+            **constexprs,
+        )
+        key = _key(x.dtype, constexprs, d_in=d_in, d_out=d_out, bucket=args["points_bucket"])
+        grid = lambda meta, d_out=d_out: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(d_out, meta["BLOCK_N"]))  # noqa: E731
+        _launch("layer_forward", grid, args, key, x.device)
+        if l < L - 1:
+            a, a_strides = buf, (buf.stride(0), buf.stride(1), buf.stride(2))
+
+
+def check_device(x: torch.Tensor) -> None:
+    """The Triton backend needs CUDA tensors, or CPU tensors under the interpreter."""
+    if x.device.type == "cuda":
+        return
+    if x.device.type == "cpu" and interpreting():
+        return
+    raise RuntimeError(
+        f"backend='triton' needs CUDA tensors (x is on {x.device}); on CPU it runs only under the "
+        "Triton interpreter (TRITON_INTERPRET=1 set before triton is imported). Use backend='auto' or 'torch'."
+    )
+
+
+def check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in TRITON_DTYPES:
+        raise TypeError(
+            f"the Triton backend computes in float32, bfloat16 or float16, not {dtype}; "
+            "use backend='torch' for float64"
+        )
+
+
+def mlp_forward(x2d, weights, biases, spec: MLPSpec, *, jacobian: bool = True):
+    """y (P, d_L) and J (P, d_L, k) (None without `jacobian`) from the fused kernels; no autograd."""
+    check_device(x2d)
+    check_dtype(x2d.dtype)
+    P = x2d.shape[0]
+    d_out, k = weights[-1].shape[0], spec.jacobian_inputs
+    y = x2d.new_empty(P, d_out)
+    J = x2d.new_empty(P, d_out, k) if jacobian else None
+    if P == 0:
+        return y, J
+    precision = matmul_precision(x2d.dtype)
+    with torch.cuda.device(x2d.device) if x2d.device.type == "cuda" else _null():
+        arch = tuning.current_arch() if x2d.device.type == "cuda" else 90
+        if plan_for(weights, spec, jacobian, precision, arch).kind == "network":
+            _run_network(x2d, weights, biases, spec, y, J, jacobian, precision)
+        else:
+            _run_layers(x2d, weights, biases, spec, y, J, jacobian, precision)
+    return y, J
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,179 @@
+"""Kernel configurations: the candidates, the shipped per-GPU tables, the interpreter's fixed choice.
+
+How a launch picks its configuration (block sizes, warps, stages):
+1. Under the Triton interpreter, one fixed configuration (the interpreter cannot time anything).
+2. The shipped table for this GPU (`tritonjac/configs/<GPU name>.json`, filled from real runs by
+   `perf/gpu_check.sh`), looked up by the launch's key.
+3. Otherwise `triton.autotune` over the candidates below, with its on-disk result cache where the
+   installed Triton has `cache_results`. What it picks is recorded (`tuned_table`) so a GPU run can
+   write the next shipped table.
+
+Keys hold the shapes that change the best choice and a bucket of the point count, never the raw
+count (a new N must not retune or recompile).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import warnings
+from pathlib import Path
+
+import triton
+
+__all__ = [
+    "interpreting",
+    "points_bucket",
+    "network_configs",
+    "layer_configs",
+    "prune_network_configs",
+    "prune_layer_configs",
+    "shipped_config",
+    "record_tuned",
+    "tuned_table",
+    "SHIPPED_DIR",
+]
+
+SHIPPED_DIR = Path(__file__).parent / "configs"
+
+# Register budgets below which ahead-of-time compilation showed no spills (tests/test_aot.py checks
+# every candidate the pruning keeps), in fp32 elements per thread:
+# - whole-network kernel: its stacked (BLOCK_M * SLOTS, WIDTH_PAD) tile at most NETWORK_TILE_BUDGET
+#   (8 for 3xTF32 before sm_90, whose mma.sync keeps the split operands in registers), and the tile
+#   plus the layer's weight tile (twice for 3xTF32) at most NETWORK_BUDGET;
+# - per-layer kernel: its (BLOCK_M * SLOTS, BLOCK_N) accumulator (the 3-D epilogue is costly).
+# On sm_90 the dot also needs at least 64 rows (BLOCK_M * SLOTS) to become a wgmma (a warpgroup's M);
+# with fewer, Triton falls back to the older mma.sync.
+WGMMA_ROWS = 64
+NETWORK_TILE_BUDGET = 32
+NETWORK_BUDGET = 144
+LAYER_BUDGET = 16
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def points_bucket(num_points: int) -> int:
+    """log2 bucket of the number of 4096-point blocks: 0 up to 4096 points, then one per doubling."""
+    return max(0, (num_points - 1) // 4096).bit_length()
+
+
+# ---- candidates ------------------------------------------------------------------------------------
+# num_stages=1 left out: one sm_90 case spilled 8 bytes with it (W64, bf16, no tangents) and no
+# two-stage case did.
+def network_configs() -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=2) for bm in (16, 32, 64, 128) for w in (4, 8)]
+
+
+def layer_configs() -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
+        for bm, bn, w in ((16, 32, 4), (16, 64, 8), (32, 32, 8), (16, 16, 4), (64, 32, 4), (64, 64, 8))
+        for s in (2, 3)
+    ]
+
+
+def current_arch() -> int:
+    """Compute capability of the current CUDA device as 80, 90, ...; 90 without one (interpreter)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 90
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def network_fits_config(block_m: int, slots: int, width_pad: int, num_warps: int, precision: str, arch: int) -> bool:
+    """Whether this whole-network configuration stays within the register budgets."""
+    threads = 32 * num_warps
+    tile = block_m * slots * width_pad / threads
+    weight = width_pad * width_pad / threads * (2 if precision == "tf32x3" else 1)
+    tile_budget = 8 if precision == "tf32x3" and arch < 90 else NETWORK_TILE_BUDGET
+    min_rows = WGMMA_ROWS if arch >= 90 else 16
+    return block_m * slots >= min_rows and tile <= tile_budget and tile + weight <= NETWORK_BUDGET
+
+
+def layer_cost(block_m: int, slots: int, block_n: int, num_warps: int) -> float:
+    return block_m * slots * block_n / (32 * num_warps)
+
+
+def prune_network_configs(configs, named_args, arch: int | None = None, **kwargs):
+    """Keep the configurations within the register budgets (possibly none: use the layer kernel)."""
+    arch = current_arch() if arch is None else arch
+    slots, width, precision = named_args["SLOTS"], named_args["WIDTH_PAD"], named_args["PRECISION"]
+    return [
+        c for c in configs if network_fits_config(c.kwargs["BLOCK_M"], slots, width, c.num_warps, precision, arch)
+    ]
+
+
+def prune_layer_configs(configs, named_args, arch: int | None = None, **kwargs):
+    """Keep the configurations within the register budget, with wgmma-sized dots on sm_90."""
+    arch = current_arch() if arch is None else arch
+    slots = named_args["SLOTS"]
+
+    def cost(c):
+        return layer_cost(c.kwargs["BLOCK_M"], slots, c.kwargs["BLOCK_N"], c.num_warps)
+
+    fits = [c for c in configs if cost(c) <= LAYER_BUDGET]
+    big = [c for c in fits if arch < 90 or c.kwargs["BLOCK_M"] * slots >= WGMMA_ROWS]
+    # many tangents (SLOTS >= 16): nothing fits; the smallest tile spills least
+    return big or fits or [min(configs, key=cost)]
+
+
+def autotune(configs, key, prune):
+    """`triton.autotune` with the on-disk result cache where this Triton has it."""
+    kwargs = {}
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs["cache_results"] = True
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune}, **kwargs)
+
+
+# ---- shipped tables and what tuning found --------------------------------------------------------------
+def _config_to_json(config: triton.Config) -> dict:
+    return {"kwargs": dict(config.kwargs), "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def _config_from_json(entry) -> triton.Config:
+    kwargs = entry["kwargs"]
+    if not isinstance(kwargs, dict) or not all(isinstance(v, int) for v in kwargs.values()):
+        raise ValueError(f"bad kwargs {kwargs!r}")
+    return triton.Config(dict(kwargs), num_warps=int(entry["num_warps"]), num_stages=int(entry["num_stages"]))
+
+
+def _table_path(device_name: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in device_name)
+    return SHIPPED_DIR / f"{safe}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _shipped_table(device_name: str) -> dict:
+    path = _table_path(device_name)
+    if not path.exists():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        return {kernel: {key: _config_from_json(e) for key, e in entries.items()} for kernel, entries in raw.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        warnings.warn(f"tritonjac: ignoring the config table {path}: {err}", RuntimeWarning, stacklevel=2)
+        return {}
+
+
+def shipped_config(kernel: str, key: str, device_name: str) -> triton.Config | None:
+    """The shipped configuration for this kernel and key on this GPU, or None."""
+    return _shipped_table(device_name).get(kernel, {}).get(key)
+
+
+_TUNED: dict = {}
+
+
+def record_tuned(kernel: str, key: str, device_name: str, config: triton.Config) -> None:
+    _TUNED.setdefault(device_name, {}).setdefault(kernel, {})[key] = _config_to_json(config)
+
+
+def tuned_table(device_name: str) -> dict:
+    """What autotuning chose in this process on that GPU, in the shipped tables' JSON format."""
+    return _TUNED.get(device_name, {})
