@@ -26,6 +26,8 @@ _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
 _GELU_TANH_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 _GELU_TANH_A = tl.constexpr(0.044715)
+# Products with these constants put the tensor first: the interpreter turns constexpr * tensor into
+# a constexpr that later calls cannot take.
 
 
 @triton.jit
@@ -67,7 +69,7 @@ def activation_value(z, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: tl.co
     elif ACT == GELU:
         s = 0.5 * z * (1.0 + tl.erf(z * _SQRT_HALF))
     elif ACT == GELU_TANH:
-        s = 0.5 * z * (1.0 + _tanh(_GELU_TANH_C * z * (1.0 + _GELU_TANH_A * z * z)))
+        s = 0.5 * z * (1.0 + _tanh(z * (1.0 + z * z * _GELU_TANH_A) * _GELU_TANH_C))
     else:
         tl.static_assert(ACT == SINE, "unknown activation id")
         s = tl.sin(z * PARAM)
@@ -112,9 +114,9 @@ def activation_and_slope(z, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: t
         ds = cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
     elif ACT == GELU_TANH:
         z2 = z * z
-        t = _tanh(_GELU_TANH_C * z * (1.0 + _GELU_TANH_A * z2))
+        t = _tanh(z * (1.0 + z2 * _GELU_TANH_A) * _GELU_TANH_C)
         s = 0.5 * z * (1.0 + t)
-        ds = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * _GELU_TANH_C * (1.0 + 3.0 * _GELU_TANH_A * z2)
+        ds = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * ((1.0 + z2 * (3.0 * _GELU_TANH_A)) * _GELU_TANH_C)
     else:
         tl.static_assert(ACT == SINE, "unknown activation id")
         wz = z * PARAM
@@ -159,11 +161,11 @@ def activation_slope_and_curvature(z, ACT: tl.constexpr, PARAM: tl.constexpr, TH
         d2s = pdf * (2.0 - z * z)
     elif ACT == GELU_TANH:
         z2 = z * z
-        t = _tanh(_GELU_TANH_C * z * (1.0 + _GELU_TANH_A * z2))
+        t = _tanh(z * (1.0 + z2 * _GELU_TANH_A) * _GELU_TANH_C)
         sech2 = 1.0 - t * t
-        du = _GELU_TANH_C * (1.0 + 3.0 * _GELU_TANH_A * z2)
+        du = (1.0 + z2 * (3.0 * _GELU_TANH_A)) * _GELU_TANH_C
         ds = 0.5 * (1.0 + t) + 0.5 * z * sech2 * du
-        d2s = sech2 * (du + 0.5 * z * (_GELU_TANH_C * 6.0 * _GELU_TANH_A * z - 2.0 * t * du * du))
+        d2s = sech2 * (du + 0.5 * z * (z * (6.0 * _GELU_TANH_A * _GELU_TANH_C) - 2.0 * t * du * du))
     else:
         tl.static_assert(ACT == SINE, "unknown activation id")
         wz = z * PARAM

@@ -1,10 +1,24 @@
-"""Shared helpers: the torch.func oracle and a relative-error measure."""
+"""Shared helpers: the torch.func oracle, a relative-error measure, the device the Triton kernels run on.
 
-import pytest
+Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched on before
+triton is imported: that happens here, first thing (unless TRITON_INTERPRET is already set).
+"""
+
+import os
+
 import torch
 
-import tritonjac
-from tritonjac.benchmark import func_jacobian
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import tritonjac  # noqa: E402
+from tritonjac.benchmark import func_jacobian  # noqa: E402
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# The device the Triton backend runs on in this test session: a real GPU, or the interpreter on CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
 
 
 @pytest.fixture(autouse=True)
@@ -43,3 +57,14 @@ def make_mlp(d_in, hidden, d_out, activation="softplus", **kw):
             for layer in model.linear_layers:
                 layer.weight.mul_(1.0 / 30.0)
     return model
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Every tensor the Triton launchers allocate starts as NaN, so an unwritten element fails."""
+    from tritonjac import triton_ops
+
+    def nan_buffer(like, *shape):
+        return like.new_full(shape, float("nan"))
+
+    monkeypatch.setattr(triton_ops, "new_buffer", nan_buffer)

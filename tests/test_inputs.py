@@ -23,11 +23,18 @@ def test_scalar_input(model):
         model(torch.tensor(1.0, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex128, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex128])
 def test_unsupported_dtypes(model, dtype):
     x = torch.ones(5, 3).to(dtype)
-    with pytest.raises(TypeError, match=f"x has dtype {dtype}; tritonjac supports float32 and float64"):
+    with pytest.raises(TypeError, match=f"x has dtype {dtype}; tritonjac supports float32, float64, bfloat16 and float16"):
         model(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_needs_the_triton_backend(dtype):
+    model = make_mlp(3, [16], 2, dtype=dtype, backend="torch")
+    with pytest.raises(TypeError, match=f"x has dtype {dtype}: the PyTorch engine computes in float32 or float64"):
+        model(torch.ones(5, 3, dtype=dtype))
 
 
 def test_dtype_mismatch_with_parameters(model):

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .activations import Activation, as_activation
-from .functional import apply_spec, check_backend, check_tensors, make_spec, resolve_backend
+from .functional import SUPPORTED_DTYPES, apply_spec, check_backend, check_tensors, make_spec, resolve_backend
 
 __all__ = ["JacobianMLP", "jacobian"]
 
@@ -47,8 +47,8 @@ class JacobianMLP(nn.Module):
             if isinstance(w, bool) or not isinstance(w, int) or w < 1:
                 raise ValueError(f"feature counts must be positive ints, got in={in_features!r}, "
                                  f"hidden={list(hidden_features)!r}, out={out_features!r}")
-        if dtype is not None and dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"dtype {dtype} is not supported; use torch.float32 or torch.float64")
+        if dtype is not None and dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"dtype {dtype} is not supported; use float32 or float64 (or bfloat16/float16 on the Triton backend)")
         hidden_act, out_act = as_activation(activation), as_activation(output_activation)
         layers = []
         for l in range(len(widths) - 1):

@@ -249,7 +249,7 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):
             h_strides = (y.stride(0), y.stride(1))
             t_strides = (J.stride(0), J.stride(2), J.stride(1)) if jacobian else (0, 0, 0)
         else:  # [h; T] as (P, 1+k, d_out) in the compute dtype
-            buf = x.new_empty(P, rows, d_out)
+            buf = new_buffer(x, P, rows, d_out)
             h, t = buf, buf[:, 1:] if jacobian else buf
             h_strides = (buf.stride(0), buf.stride(2))
             t_strides = (buf.stride(0), buf.stride(1), buf.stride(2))
@@ -283,6 +283,11 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):
             a, a_strides = buf, (buf.stride(0), buf.stride(1), buf.stride(2))
 
 
+def new_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """Every tensor the kernels write (the tests replace this to poison them with NaN)."""
+    return like.new_empty(shape)
+
+
 def check_device(x: torch.Tensor) -> None:
     """The Triton backend needs CUDA tensors, or CPU tensors under the interpreter."""
     if x.device.type == "cuda":
@@ -309,8 +314,8 @@ def mlp_forward(x2d, weights, biases, spec: MLPSpec, *, jacobian: bool = True):
     check_dtype(x2d.dtype)
     P = x2d.shape[0]
     d_out, k = weights[-1].shape[0], spec.jacobian_inputs
-    y = x2d.new_empty(P, d_out)
-    J = x2d.new_empty(P, d_out, k) if jacobian else None
+    y = new_buffer(x2d, P, d_out)
+    J = new_buffer(x2d, P, d_out, k) if jacobian else None
     if P == 0:
         return y, J
     precision = matmul_precision(x2d.dtype)

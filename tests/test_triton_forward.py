@@ -1,0 +1,262 @@
+"""The Triton forward kernels against the analytic engine in float64.
+
+Without a GPU these run in Triton's interpreter on CPU tensors (conftest switches it on); on a GPU
+machine the same tests run the compiled kernels on CUDA tensors. Every output the launchers allocate
+starts as NaN (`poisoned_outputs`), so an element a kernel forgets to write fails the comparison.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import tritonjac
+from tritonjac import triton_ops
+from tritonjac.functional import make_spec
+
+from conftest import INTERPRETING, TRITON_DEVICE, rel_err
+
+pytestmark = [
+    pytest.mark.skipif(
+        TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported"
+    ),
+    pytest.mark.usefixtures("poisoned_outputs"),
+]
+
+# Largest relative error (max |err| / max |ref|) against float64, per float32 matmul precision:
+# "highest" is fp32-accurate (3xTF32 on GPUs; fp32 unit roundoff 6e-8, a few layers of accumulation);
+# "high" is TF32 (10-bit mantissa: unit roundoff 4.9e-4) on GPUs, exact fp32 in the interpreter.
+TOLERANCE = {"highest": 2e-5, "high": 1e-2}
+ALL_ACTIVATIONS = ["identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine"]
+
+
+@pytest.fixture(params=["highest"])
+def precision(request):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(before)
+
+
+def random_mlp(dims, bias=True, dtype=torch.float32, scale=1.0):
+    """Weights (out, in) with unit-variance outputs and small biases; `bias` may be a per-layer list."""
+    pairs = list(zip(dims[:-1], dims[1:]))
+    has_bias = bias if isinstance(bias, list) else [bias] * len(pairs)
+    weights = [(torch.randn(o, i, dtype=torch.float64) * scale / i**0.5).to(dtype) for i, o in pairs]
+    biases = [(0.1 * torch.randn(o, dtype=torch.float64)).to(dtype) if b else None for (i, o), b in zip(pairs, has_bias)]
+    return weights, biases
+
+
+def run_both(x, weights, biases, acts, k=None):
+    """(y, J) from the Triton backend on TRITON_DEVICE and from the analytic engine in float64."""
+    dev = TRITON_DEVICE
+    y, J = tritonjac.mlp_jacobian(
+        x.to(dev), [w.to(dev) for w in weights], [None if b is None else b.to(dev) for b in biases], acts,
+        jacobian_inputs=k, backend="triton",
+    )  # fmt: skip
+    y_ref, J_ref = tritonjac.mlp_jacobian(
+        x.double(), [w.double() for w in weights], [None if b is None else b.double() for b in biases], acts,
+        jacobian_inputs=k, backend="torch",
+    )  # fmt: skip
+    return y.cpu(), J.cpu(), y_ref, J_ref
+
+
+def check(dims, acts, precision, *, N=63, k=None, bias=True, expect_plan=None, scale=1.0, x=None):
+    weights, biases = random_mlp(dims, bias, scale=scale)
+    if expect_plan is not None:
+        spec = make_spec(acts, len(weights), dims[0], k)
+        plan = triton_ops.plan_for(weights, spec, precision=triton_ops.matmul_precision(torch.float32))
+        assert plan.kind == expect_plan, plan
+    x = torch.randn(N, dims[0]) if x is None else x
+    y, J, y_ref, J_ref = run_both(x, weights, biases, acts, k)
+    assert y.shape == y_ref.shape and J.shape == J_ref.shape
+    assert rel_err(y.double(), y_ref) < TOLERANCE[precision], "y"
+    assert rel_err(J.double(), J_ref) < TOLERANCE[precision], "J"
+
+
+def scale_for(act):
+    return 1.0 / 30.0 if act == "sine" else 1.0  # keep sin(30 z) well conditioned, as SIREN's init does
+
+
+# ---- what the issue lists ------------------------------------------------------------------------
+@pytest.mark.parametrize("plan", ["network", "layers"])
+@pytest.mark.parametrize("act", ALL_ACTIVATIONS)
+def test_every_activation(act, plan, precision):
+    hidden = [32, 32] if plan == "network" else [40, 24]
+    check([3, *hidden, 2], [act, act, None], precision, expect_plan=plan, scale=scale_for(act))
+
+
+@pytest.mark.parametrize("act", ["softplus", "tanh", "sigmoid", "sine"])
+def test_activation_on_the_last_layer(act, precision):
+    check([3, 32, 32, 4], ["relu", "relu", act], precision, expect_plan="network", scale=scale_for(act))
+    check([3, 40, 24, 4], ["relu", "relu", act], precision, expect_plan="layers", scale=scale_for(act))
+
+
+def test_softplus_with_beta_and_threshold(precision):
+    act = torch.nn.Softplus(beta=100.0, threshold=20.0)  # IDR/NeuS; beta z crosses the threshold here
+    check([3, 64, 64, 64, 64, 3], [act] * 4 + [None], precision, N=200, expect_plan="network")
+
+
+@pytest.mark.parametrize("width", [1, 3, 16, 48, 64, 100, 128, 256, 512])
+def test_widths(width, precision):
+    plan = "network" if width <= 64 else None  # 128 runs whole-network in TF32, per layer in 3xTF32
+    if width > 128:
+        plan = "layers"
+    check([3, width, width, 3], ["softplus", "softplus", None], precision, expect_plan=plan)
+
+
+@pytest.mark.parametrize("precision", ["high"], indirect=True)
+def test_width_128_whole_network_in_tf32(precision):
+    check([3, 128, 128, 3], ["tanh", "tanh", None], precision, expect_plan="network")
+
+
+@pytest.mark.parametrize("depth", range(1, 9))
+def test_depths(depth, precision):
+    dims = [3] + [32] * (depth - 1) + [3]
+    check(dims, ["tanh"] * (depth - 1) + [None], precision, expect_plan="layers" if depth == 1 else "network")
+
+
+@pytest.mark.parametrize(
+    "d_in,d_out,k",
+    [(1, 1, 1), (2, 5, 1), (3, 3, 2), (4, 16, 2), (7, 3, 7), (16, 1, 3), (16, 16, 16)],
+    ids=lambda v: str(v),
+)
+def test_in_out_features_and_tangents(d_in, d_out, k, precision):
+    check([d_in, 32, 32, d_out], ["silu", "silu", None], precision, k=k)
+
+
+@pytest.mark.parametrize("N", [0, 1, 63, 1000])
+@pytest.mark.parametrize("plan", ["network", "layers"])
+def test_point_counts(N, plan, precision):
+    hidden = [64, 64] if plan == "network" else [40, 24]
+    check([3, *hidden, 3], ["softplus", "softplus", None], precision, N=N, expect_plan=plan)
+
+
+@pytest.mark.parametrize("bias", [False, [True, False, True], [False, True, False]], ids=["none", "mixed1", "mixed2"])
+@pytest.mark.parametrize("plan", ["network", "layers"])
+def test_bias_or_not(bias, plan, precision):
+    hidden = [32, 32] if plan == "network" else [40, 24]
+    check([3, *hidden, 3], ["gelu", "gelu", None], precision, bias=bias, expect_plan=plan)
+
+
+def test_mixed_hidden_activations_run_per_layer(precision):
+    check([3, 32, 32, 3], ["tanh", "relu", None], precision, expect_plan="layers")
+
+
+@pytest.mark.parametrize(
+    "make_x",
+    [
+        lambda: torch.randn(3, 70).t(),  # transposed: stride (1, 70)
+        lambda: torch.randn(140, 3)[::2],  # every other row
+        lambda: torch.randn(70, 5)[:, 1:4],  # a column slice
+        lambda: torch.randn(1, 3).expand(70, 3),  # stride 0 over the points
+    ],
+    ids=["transposed", "row-step", "column-slice", "expanded"],
+)
+@pytest.mark.parametrize("plan", ["network", "layers"])
+def test_non_contiguous_inputs(make_x, plan, precision):
+    hidden = [32, 32] if plan == "network" else [40, 24]
+    check([3, *hidden, 3], ["tanh", "tanh", None], precision, x=make_x(), expect_plan=plan)
+
+
+@pytest.mark.parametrize("lead", [(), (5,), (2, 7), (2, 3, 4)], ids=str)
+def test_leading_shapes_through_the_module(lead, precision):
+    model = tritonjac.JacobianMLP(3, [32, 32], 3, "softplus", backend="triton", device=TRITON_DEVICE)
+    x = torch.randn(*lead, 3, device=TRITON_DEVICE)
+    y, J = model(x)
+    model.backend = "torch"
+    y_ref, J_ref = model.double()(x.double())
+    assert y.shape == (*lead, 3) and J.shape == (*lead, 3, 3)
+    assert rel_err(y.double(), y_ref) < TOLERANCE[precision] and rel_err(J.double(), J_ref) < TOLERANCE[precision]
+
+
+@pytest.mark.parametrize("plan", ["network", "layers"])
+def test_forward_without_jacobian(plan, precision):
+    hidden = [32, 32] if plan == "network" else [40, 24]
+    model = tritonjac.JacobianMLP(3, hidden, 2, "sigmoid", backend="triton", device=TRITON_DEVICE)
+    x = torch.randn(63, 3, device=TRITON_DEVICE)
+    y = model(x, jacobian=False)
+    with torch.no_grad():
+        y_seq = copy.deepcopy(model.to_sequential()).double()(x.cpu().double())
+    assert isinstance(y, torch.Tensor) and rel_err(y.cpu().double(), y_seq) < TOLERANCE[precision]
+    # the kernels' forward-only variant itself
+    weights = [m.weight for m in model.linear_layers]
+    biases = [m.bias for m in model.linear_layers]
+    with torch.no_grad():
+        y2, J2 = triton_ops.mlp_forward(x, weights, biases, model._spec, jacobian=False)
+    assert J2 is None and rel_err(y2.cpu().double(), y_seq) < TOLERANCE[precision]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("plan", ["network", "layers"])
+def test_half_precision_within_twice_torch_error(dtype, plan):
+    """bf16/fp16: the error against float64 is at most 2x what PyTorch itself makes in that dtype."""
+    hidden = [64, 64] if plan == "network" else [40, 24]
+    dims = [3, *hidden, 3]
+    acts = ["softplus", "softplus", None]
+    weights, biases = random_mlp(dims, dtype=dtype)
+    x = torch.randn(1000, 3).to(dtype)
+    y, J, y_ref, J_ref = run_both(x, weights, biases, acts)
+    assert y.dtype == dtype and J.dtype == dtype
+    # PyTorch in the same dtype (CPU): the module's nn.Sequential and torch.func's jacfwd
+    seq = tritonjac.JacobianMLP(3, hidden, 3, "softplus", dtype=dtype)
+    with torch.no_grad():
+        for layer, W, b in zip(seq.linear_layers, weights, biases):
+            layer.weight.copy_(W)
+            layer.bias.copy_(b)
+    seq = seq.to_sequential()
+    with torch.no_grad():
+        y_torch = seq(x)
+    J_torch = torch.func.vmap(torch.func.jacfwd(seq))(x)
+    for ours, theirs, ref in ((y, y_torch, y_ref), (J, J_torch, J_ref)):
+        err, torch_err = rel_err(ours.double(), ref), rel_err(theirs.double(), ref)
+        assert err <= 2 * torch_err, (err, torch_err)
+
+
+# ---- autograd: the Triton forward's backward recomputes with the analytic engine -------------------
+@pytest.mark.parametrize("loss_on", ["y", "J", "both"])
+@pytest.mark.parametrize("plan", ["network", "layers"])
+def test_gradients_through_the_triton_backend(loss_on, plan, precision):
+    hidden = [32, 32] if plan == "network" else [40, 24]
+    reference = tritonjac.JacobianMLP(3, hidden, 3, "softplus", backend="torch", dtype=torch.float64)
+    ours = copy.deepcopy(reference).to(device=TRITON_DEVICE, dtype=torch.float32)
+    ours.backend = "triton"
+    x0 = torch.randn(50, 3, dtype=torch.float64)
+    grads = {}
+    for name, model in (("triton", ours), ("torch", reference)):
+        p = next(model.parameters())
+        x = x0.to(p).requires_grad_()
+        y, J = model(x)
+        loss = 0.0
+        if loss_on in ("y", "both"):
+            loss = loss + (y**2).sum()
+        if loss_on in ("J", "both"):
+            loss = loss + (J * torch.linspace(-1, 1, 9).to(p).view(3, 3)).sum()
+        loss.backward()
+        grads[name] = [x.grad.cpu()] + [p.grad.cpu() for p in model.parameters()]
+    for ours, ref in zip(grads["triton"], grads["torch"]):
+        assert rel_err(ours.double(), ref) < TOLERANCE[precision] * 5
+
+
+def test_training_on_y_only_without_jacobian(precision):
+    model = tritonjac.JacobianMLP(3, [32, 32], 1, "softplus", backend="triton", device=TRITON_DEVICE)
+    x = torch.randn(40, 3, device=TRITON_DEVICE)
+    model(x, jacobian=False).sum().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.to_sequential()(x).sum().backward()
+    for a, b in zip(ours, model.parameters()):
+        assert rel_err(a.double(), b.grad.double()) < TOLERANCE[precision] * 5
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+def test_float64_is_refused_with_a_clear_error():
+    model = tritonjac.JacobianMLP(3, [8], 2, backend="triton", dtype=torch.float64, device=TRITON_DEVICE)
+    with pytest.raises(TypeError, match="Triton backend computes in float32, bfloat16 or float16, not torch.float64"):
+        model(torch.randn(4, 3, dtype=torch.float64, device=TRITON_DEVICE))
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
+    with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors \(x is on cpu\)"):
+        triton_ops.check_device(torch.zeros(1))

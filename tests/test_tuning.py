@@ -1,0 +1,113 @@
+"""Plans, configuration candidates, the shipped per-GPU tables (no kernel runs here)."""
+
+import json
+
+import pytest
+import torch
+import triton
+
+from tritonjac import triton_ops, tuning
+from tritonjac.functional import make_spec
+
+
+def spec_for(dims, act="softplus", k=None, last=None):
+    weights = [torch.empty(o, i) for i, o in zip(dims[:-1], dims[1:])]
+    acts = [act] * (len(dims) - 2) + [last]
+    return weights, make_spec(acts, len(weights), dims[0], k)
+
+
+@pytest.mark.parametrize(
+    "dims,precision,arch,kind",
+    [
+        ([3, 64, 64, 64, 64, 3], "tf32", 90, "network"),  # the benchmark net
+        ([3, 64, 64, 64, 64, 3], "tf32x3", 80, "layers"),  # 3xTF32 with tangents spills on sm_80
+        ([3, 128, 128, 3], "tf32", 90, "network"),
+        ([3, 128, 128, 3], "tf32x3", 90, "layers"),
+        ([3, 128, 128, 3], "ieee", 80, "network"),  # half operands
+        ([3, 100, 100, 3], "tf32", 90, "network"),  # padded to 128
+        ([3, 512, 512, 512, 1], "tf32", 90, "layers"),  # IDR's width
+        ([3, 64, 32, 3], "tf32", 90, "layers"),  # mixed widths
+        ([3, 3], "tf32", 90, "layers"),  # one layer
+        ([17, 64, 3], "tf32", 90, "layers"),  # more than 16 inputs
+        ([3, 64, 17], "tf32", 90, "layers"),  # more than 16 outputs
+    ],
+)
+def test_plan_for(dims, precision, arch, kind):
+    weights, spec = spec_for(dims)
+    assert triton_ops.plan_for(weights, spec, True, precision, arch).kind == kind
+
+
+def test_many_tangents_run_per_layer():
+    weights, spec = spec_for([16, 128, 128, 3], k=16)
+    plan = triton_ops.plan_for(weights, spec, True, "tf32", 90)
+    assert plan.kind == "layers" and "does not fit" in plan.reason
+
+
+def test_mixed_activations_run_per_layer():
+    weights = [torch.empty(32, 3), torch.empty(32, 32), torch.empty(3, 32)]
+    spec = make_spec(["tanh", "relu", None], 3, 3, None)
+    assert triton_ops.plan_for(weights, spec).reason == "hidden activations differ"
+
+
+def test_points_bucket_is_coarse():
+    assert tuning.points_bucket(0) == tuning.points_bucket(1) == tuning.points_bucket(4096) == 0
+    assert tuning.points_bucket(4097) == tuning.points_bucket(8192) == 1
+    assert tuning.points_bucket(2**20) == tuning.points_bucket(2**20 - 5000) == 8
+    assert len({tuning.points_bucket(n) for n in range(1, 2**22, 997)}) == 11
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("width", [16, 32, 64, 128])
+@pytest.mark.parametrize("jacobian", [True, False])
+def test_network_candidates_exist_where_the_plan_says_network(arch, width, jacobian):
+    slots = 4 if jacobian else 1
+    for precision in ("tf32", "tf32x3", "ieee"):
+        named = {"SLOTS": slots, "WIDTH_PAD": width, "PRECISION": precision}
+        kept = tuning.prune_network_configs(tuning.network_configs(), named, arch=arch)
+        assert bool(kept) == triton_ops.network_fits(width, slots, precision, arch)
+        for c in kept:
+            assert c.kwargs["BLOCK_M"] * slots >= (64 if arch >= 90 else 16)  # wgmma needs 64 rows
+
+
+@pytest.mark.parametrize("slots", [1, 2, 4, 8, 16, 32])
+def test_layer_candidates_never_empty(slots):
+    for arch in (80, 90):
+        assert tuning.prune_layer_configs(tuning.layer_configs(), {"SLOTS": slots}, arch=arch)
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "SHIPPED_DIR", tmp_path)
+    tuning._shipped_table.cache_clear()
+    yield tmp_path
+    tuning._shipped_table.cache_clear()
+
+
+def test_shipped_table_lookup(table_dir):
+    entry = {"kwargs": {"BLOCK_M": 32}, "num_warps": 8, "num_stages": 2}
+    (table_dir / "NVIDIA_H100_80GB_HBM3.json").write_text(json.dumps({"mlp_forward": {"key-a": entry}}))
+    config = tuning.shipped_config("mlp_forward", "key-a", "NVIDIA H100 80GB HBM3")
+    assert isinstance(config, triton.Config)
+    assert config.kwargs == {"BLOCK_M": 32} and config.num_warps == 8 and config.num_stages == 2
+    assert tuning.shipped_config("mlp_forward", "key-b", "NVIDIA H100 80GB HBM3") is None
+    assert tuning.shipped_config("mlp_forward", "key-a", "NVIDIA A100-SXM4-80GB") is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", json.dumps({"mlp_forward": {"k": {"kwargs": {"BLOCK_M": "__import__('os')"}, "num_warps": 4, "num_stages": 2}}}),
+     json.dumps(["a list"])],
+    ids=["corrupt", "non-int-value", "wrong-shape"],
+)
+def test_bad_shipped_table_is_ignored_with_a_warning(table_dir, content):
+    (table_dir / "GPU.json").write_text(content)
+    with pytest.warns(RuntimeWarning, match="ignoring the config table"):
+        assert tuning.shipped_config("mlp_forward", "k", "GPU") is None
+
+
+def test_tuned_table_round_trips_through_the_shipped_format(table_dir):
+    config = triton.Config({"BLOCK_M": 64}, num_warps=4, num_stages=2)
+    tuning.record_tuned("mlp_forward", "key", "Test GPU", config)
+    (table_dir / "Test_GPU.json").write_text(json.dumps(tuning.tuned_table("Test GPU")))
+    back = tuning.shipped_config("mlp_forward", "key", "Test GPU")
+    assert back.kwargs == config.kwargs and back.num_warps == 4
