@@ -34,10 +34,17 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--quick", action="store_true", help="N in {1024, 16384}, no torch.compile, 5 rounds")
     p.add_argument("--max-seconds", type=float, default=60.0, help="per case and mode, after 3 rounds")
+    p.add_argument("--tuned-configs", metavar="DIR",
+                        help="write the configurations autotuning chose (GPU) to DIR/<GPU name>.json")
+    p.add_argument("--precision", choices=["highest", "high"], default=None,
+                        help="torch.set_float32_matmul_precision (default: high, i.e. TF32, on GPUs)")
     p.add_argument("--out", default=None, help="JSON path (default perf/results/<device>-<date>.json)")
     args = p.parse_args(argv)
 
     gpu = args.device.startswith("cuda")
+    precision = args.precision or ("high" if gpu else None)
+    if precision:
+        torch.set_float32_matmul_precision(precision)
     if args.quick:
         points, args.no_compile, args.rounds = [1024, 16384], True, 5
     else:
@@ -63,6 +70,11 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {out} and its .csv")
+    if args.tuned_configs and gpu:
+        from tritonjac import tuning
+
+        path = tuning.write_tuned_table(args.tuned_configs, torch.cuda.get_device_name(torch.device(args.device)))
+        print(f"wrote {path}" if path else "no configuration was autotuned")
     return 0
 
 

@@ -10,6 +10,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU: one fixed configuration per kernel instead of autotuning every shape the tests use
+# (test_triton_gpu.py turns tuning back on where it tests it).
+os.environ.setdefault("TRITONJAC_AUTOTUNE", "0")
 
 import pytest  # noqa: E402
 

@@ -40,6 +40,38 @@ def self_check(device: str) -> bool:
         print(f"  {name:10s} y {errors[0]:.1e}  J {errors[1]:.1e}  grads {max(errors[2:]):.1e}")
     ok = worst < 1e-10
     print(f"self-check against torch.func (float64): worst relative error {worst:.1e} -> {'OK' if ok else 'FAILED'}")
+    if device.startswith("cuda"):
+        ok = triton_check(device) and ok
+    return ok
+
+
+def triton_check(device: str) -> bool:
+    """The Triton kernels in float32 ("highest": 3xTF32) against the analytic engine in float64."""
+    from .activations import ACTIVATION_NAMES
+    from .module import JacobianMLP
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    worst = 0.0
+    try:
+        for name in ACTIVATION_NAMES:
+            for hidden in ([64, 64, 64], [300, 64]):  # whole-network kernel, per-layer kernel
+                model = JacobianMLP(3, hidden, 3, name, dtype=torch.float64, device=device)
+                if name == "sine":
+                    with torch.no_grad():
+                        for layer in model.linear_layers:
+                            layer.weight.div_(30.0)
+                x = torch.randn(5000, 3, dtype=torch.float64, device=device)
+                with torch.no_grad():
+                    y_ref, J_ref = model(x)
+                    model.float().backend = "triton"
+                    y, J = model(x.float())
+                for a, b in ((y, y_ref), (J, J_ref)):
+                    worst = max(worst, ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-300)).item())
+    finally:
+        torch.set_float32_matmul_precision(before)
+    ok = worst < 2e-5
+    print(f"Triton kernels, float32 'highest' vs float64: worst relative error {worst:.1e} -> {'OK' if ok else 'FAILED'}")
     return ok
 
 
@@ -52,10 +84,14 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--depth", type=int, default=4, help="hidden layers")
     parser.add_argument("--activation", default="softplus(100)", help="e.g. softplus(100), tanh, relu, sine")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
+    parser.add_argument("--precision", choices=["highest", "high"], default=None,
+                        help="torch.set_float32_matmul_precision for the benchmark (default: high, i.e. TF32, on GPUs)")
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per method (interleaved)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (slow to compile)")
     parser.add_argument("--skip-check", action="store_true", help="skip the self-check")
+    parser.add_argument("--tuned-configs", metavar="DIR",
+                        help="write the configurations autotuning chose (GPU) to DIR/<GPU name>.json")
     parser.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -69,6 +105,9 @@ def main(argv=None) -> int:
     if not args.skip_check and not self_check(device):
         return 1
 
+    precision = args.precision or ("high" if device.startswith("cuda") else None)
+    if precision:
+        torch.set_float32_matmul_precision(precision)
     case = benchmark.Case(n_points=points, width=args.width, depth=args.depth, activation=args.activation,
                           dtype=args.dtype, device=device)  # fmt: skip
     start = time.perf_counter()
@@ -83,6 +122,11 @@ def main(argv=None) -> int:
     if args.plot:
         benchmark.plot_case(rows, args.plot)
         print(f"wrote {args.plot}")
+    if args.tuned_configs and device.startswith("cuda"):
+        from . import tuning
+
+        path = tuning.write_tuned_table(args.tuned_configs, torch.cuda.get_device_name(torch.device(device)))
+        print(f"wrote {path}" if path else "no configuration was autotuned")
     return 0
 
 

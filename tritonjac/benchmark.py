@@ -32,7 +32,7 @@ ROW_FIELDS = (
     "date", "device", "device_name", "torch", "triton", "threads", "mode", "method",
     "n_points", "in_features", "width", "depth", "out_features", "activation", "dtype",
     "median_ms", "p20_ms", "p80_ms", "points_per_s", "useful_gflops", "peak_mem_mb",
-    "speedup_vs_method", "status",
+    "speedup_vs_method", "status", "matmul_precision", "matmul_peak_tflops", "fraction_of_matmul_peak",
 )  # fmt: skip
 
 
@@ -148,9 +148,15 @@ def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
 
         return run
 
-    label = f"tritonjac ({'torch' if model.backend in ('auto', 'torch') else model.backend})"
-    table = {
-        label: (no_grad(lambda: model(x)), train(lambda: model(x))),
+    table = {}
+    if x.device.type == "cuda":  # both engines, the Triton kernels first (they are "ours" in the ratios)
+        torch_model = JacobianMLP.from_module(seq, backend="torch")
+        table["tritonjac (triton)"] = (no_grad(lambda: model(x)), train(lambda: model(x)))
+        if x.dtype in (torch.float32, torch.float64):
+            table["tritonjac (torch)"] = (no_grad(lambda: torch_model(x)), train(lambda: torch_model(x)))
+    else:
+        table["tritonjac (torch)"] = (no_grad(lambda: model(x)), train(lambda: model(x)))
+    table |= {
         "nn.Sequential forward (no J)": (no_grad(lambda: (seq(x), None)), None),
         "3x autograd.grad (seed)": (lambda: _three_grads(seq, x, False), train(lambda: _three_grads(seq, x, True))),
         "autograd.grad is_grads_batched": (
@@ -176,12 +182,36 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _elapsed_ms(fn, device) -> float:
-    _sync(device)
+def _elapsed_ms(fn, device, reps: int = 1) -> float:
+    """Time per call of fn over `reps` back-to-back calls (CUDA events on GPUs, wall clock on CPU)."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / reps
     start = time.perf_counter()
-    fn()
-    _sync(device)
-    return (time.perf_counter() - start) * 1e3
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) * 1e3 / reps
+
+
+# On GPUs one call can take well under a millisecond: repeat it until a measurement lasts this long,
+# so launch gaps and timer resolution do not dominate.
+GPU_MEASUREMENT_MS = 5.0
+
+
+def matmul_peak_tflops(device: str, dtype: torch.dtype, size: int = 8192) -> float:
+    """Measured dense matmul rate (TFLOP/s) of a size^3 matmul in this dtype and fp32 matmul setting."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    ms = min(_elapsed_ms(lambda: a @ b, device, reps=10) for _ in range(5))
+    return 2 * size**3 / ms / 1e9
 
 
 def _libc():
@@ -242,10 +272,15 @@ def time_interleaved(methods: dict, device: str, rounds: int, warmup: int = 2, m
         except Exception as e:  # a peer that cannot run this case (e.g. compile refuses it)
             results[name].status = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             del live[name]
+    reps = {name: 1 for name in live}
+    if device.startswith("cuda"):
+        for name, fn in live.items():
+            once = _elapsed_ms(fn, device)
+            reps[name] = max(1, min(1000, int(GPU_MEASUREMENT_MS / max(once, 1e-3))))
     start = time.perf_counter()
     for r in range(rounds):
         for name, fn in live.items():
-            results[name].times_ms.append(_elapsed_ms(fn, device))
+            results[name].times_ms.append(_elapsed_ms(fn, device, reps[name]))
         if r >= 2 and time.perf_counter() - start > max_seconds:
             break
     for name, fn in live.items():
@@ -285,6 +320,9 @@ def run_case(case: Case, *, modes=MODES, rounds: int = 7, include_compile: bool 
     if methods is not None:
         table = {k: v for k, v in table.items() if any(m in k for m in methods)}
     env = environment(case.device)
+    if case.device.startswith("cuda"):
+        env["matmul_precision"] = torch.get_float32_matmul_precision() if case.dtype == "float32" else case.dtype
+        env["matmul_peak_tflops"] = matmul_peak_tflops(case.device, getattr(torch, case.dtype))
     rows = []
     for mode in modes:
         column = 0 if mode == "forward_jacobian" else 1
@@ -299,6 +337,8 @@ def run_case(case: Case, *, modes=MODES, rounds: int = 7, include_compile: bool 
                 med = statistics.median(res.times_ms)
                 row.update(median_ms=med, p20_ms=q[1], p80_ms=q[7],
                            points_per_s=case.n_points / med * 1e3, useful_gflops=flops / med / 1e6)  # fmt: skip
+                if env.get("matmul_peak_tflops"):
+                    row["fraction_of_matmul_peak"] = row["useful_gflops"] / 1e3 / env["matmul_peak_tflops"]
             rows.append(row)
         _add_speedups(rows)
     return rows
@@ -327,17 +367,22 @@ def format_table(rows: list[dict]) -> str:
         out.append(f"\n{mode}: N={r0['n_points']}, {r0['in_features']} -> {r0['depth']}x{r0['width']} -> "
                    f"{r0['out_features']}, {r0['activation']}, {r0['dtype']}, {r0['device_name']} "
                    f"({r0['threads']} threads)")  # fmt: skip
+        peak = r0.get("matmul_peak_tflops")
+        if peak:
+            out.append(f"  measured dense matmul peak ({r0.get('matmul_precision')}): {peak:.0f} TFLOP/s")
         out.append(f"  {'method':34s} {'median ms':>10s} {'p20-p80':>15s} {'Mpoints/s':>10s} "
-                   f"{'peak MB':>8s} {'x tritonjac':>11s}")  # fmt: skip
+                   f"{'peak MB':>8s} {'x tritonjac':>11s} {'TFLOP/s':>8s} {'of peak':>7s}")  # fmt: skip
         for r in sorted(sub, key=lambda r: r.get("median_ms") or math.inf):
             if not r.get("median_ms"):
                 out.append(f"  {r['method']:34s} {r['status']}")
                 continue
             mem = f"{r['peak_mem_mb']:8.1f}" if r.get("peak_mem_mb") is not None else f"{'-':>8s}"
             ratio = f"{r['median_ms'] / ours['median_ms']:10.2f}x" if ours else ""
-            spread = f"{r['p20_ms']:.1f}-{r['p80_ms']:.1f}"
-            out.append(f"  {r['method']:34s} {r['median_ms']:10.2f} {spread:>15s} "
-                       f"{r['points_per_s'] / 1e6:10.2f} {mem} {ratio}")  # fmt: skip
+            spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
+            frac = r.get("fraction_of_matmul_peak")
+            rate = f" {r['useful_gflops'] / 1e3:8.2f} {frac:7.1%}" if frac is not None else ""
+            out.append(f"  {r['method']:34s} {r['median_ms']:10.3f} {spread:>15s} "
+                       f"{r['points_per_s'] / 1e6:10.2f} {mem} {ratio}{rate}")  # fmt: skip
     return "\n".join(out)
 
 
@@ -352,27 +397,49 @@ CPU_TARGETS = (
     ("train_step", "3x autograd.grad (seed) memory", "at most", 0.5, "our peak memory / three-grad peak memory"),
 )  # fmt: skip
 
+# The Triton forward's targets on an H100/H200 (N = 2^20, 3 -> 4x64 -> 3, Softplus(100), one run).
+GPU_TARGETS = (
+    ("forward_jacobian", "vmap(jacfwd)", "at least", 20.0, "vmap(jacfwd) eager time / forward+J time"),
+    ("forward_jacobian", "3x autograd.grad (seed)", "at least", 10.0, "three-grad time / forward+J time"),
+    ("forward_jacobian", "best compiled peer", "at least", 5.0, "best torch.compile peer time / forward+J time"),
+    ("forward_jacobian", "nn.Sequential forward (no J)", "at most", 1.0,
+     "forward+J time / plain nn.Sequential forward time"),
+    ("forward_jacobian", "matmul peak", "at least", None,
+     "useful TFLOP/s / measured dense matmul TFLOP/s (target 0.5 in TF32, 0.4 in bf16)"),
+)  # fmt: skip
+
 PEERS_EXCLUDED_FROM_FASTEST = ("tritonjac", "nn.Sequential forward")
 
 
+def _target_value(against: str, sense: str, ours: dict, sub: dict) -> float | None:
+    """The measured ratio for one target (None when a method it needs did not run)."""
+    if against in ("fastest peer", "best compiled peer"):
+        peers = [r["median_ms"] for m, r in sub.items() if not m.startswith(PEERS_EXCLUDED_FROM_FASTEST)
+                 and (against == "fastest peer" or m.startswith("torch.compile"))]  # fmt: skip
+        return min(peers) / ours["median_ms"] if peers else None
+    if against == "matmul peak":
+        return ours.get("fraction_of_matmul_peak")
+    if against.endswith(" memory"):
+        other = sub.get(against[: -len(" memory")])
+        if other and other.get("peak_mem_mb") and ours.get("peak_mem_mb") is not None:
+            return ours["peak_mem_mb"] / other["peak_mem_mb"]
+        return None
+    if against in sub:
+        ratio = ours["median_ms"] / sub[against]["median_ms"]
+        return ratio if sense == "at most" else 1.0 / ratio
+    return None
+
+
 def check_targets(rows: list[dict]) -> list[tuple[str, float | None, str, float, bool | None]]:
-    """(description, measured, 'at most'/'at least', target, met) for each CPU target."""
+    """(description, measured, 'at most'/'at least', target, met) for each target of the rows' device."""
+    gpu = bool(rows) and rows[0]["device"].startswith("cuda")
     out = []
-    for mode, against, sense, target, text in CPU_TARGETS:
+    for mode, against, sense, target, text in GPU_TARGETS if gpu else CPU_TARGETS:
         sub = {r["method"]: r for r in rows if r["mode"] == mode and r.get("median_ms")}
         ours = next((r for m, r in sub.items() if m.startswith("tritonjac")), None)
-        value = None
-        if ours is not None:
-            if against == "fastest peer":
-                peers = [r["median_ms"] for m, r in sub.items() if not m.startswith(PEERS_EXCLUDED_FROM_FASTEST)]
-                value = min(peers) / ours["median_ms"] if peers else None
-            elif against.endswith(" memory"):
-                other = sub.get(against[: -len(" memory")])
-                if other and other.get("peak_mem_mb") and ours.get("peak_mem_mb") is not None:
-                    value = ours["peak_mem_mb"] / other["peak_mem_mb"]
-            elif against in sub:
-                ratio = ours["median_ms"] / sub[against]["median_ms"]
-                value = ratio if sense == "at most" else 1.0 / ratio
+        if target is None:  # the matmul-peak fraction depends on the precision
+            target = 0.4 if rows[0]["dtype"] in ("bfloat16", "float16") else 0.5
+        value = None if ours is None else _target_value(against, sense, ours, sub)
         met = None if value is None else (value <= target if sense == "at most" else value >= target)
         out.append((text, value, sense, target, met))
     return out

@@ -137,14 +137,23 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
+_CANDIDATES = {
+    "mlp_forward": (tuning.network_configs, tuning.prune_network_configs),
+    "layer_forward": (tuning.layer_configs, tuning.prune_layer_configs),
+}
+
+
 def _launch(name: str, grid, args: dict, key: str, device: torch.device) -> None:
-    """Run kernel `name` with the interpreter's, the shipped or the autotuned configuration."""
+    """Run kernel `name` with the interpreter's, the shipped, a fixed or the autotuned configuration."""
     raw, tuned = _kernels()[name]
     if interpreting():
         config = INTERPRETER_CONFIGS[name]
         args = {**args, "UPCAST_BF16": args["x_ptr" if "x_ptr" in args else "w_ptr"].dtype == torch.bfloat16}
     else:
         config = tuning.shipped_config(name, key, _device_name(device.index or 0))
+        if config is None and not tuning.autotuning_enabled():
+            candidates, prune = _CANDIDATES[name]
+            config = prune(candidates(), args)[0]
     if config is not None:
         raw[grid(config.kwargs)](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
         return

@@ -1,7 +1,8 @@
 """Kernel configurations: the candidates, the shipped per-GPU tables, the interpreter's fixed choice.
 
 How a launch picks its configuration (block sizes, warps, stages):
-1. Under the Triton interpreter, one fixed configuration (the interpreter cannot time anything).
+1. Under the Triton interpreter, one fixed configuration (the interpreter cannot time anything); with
+   TRITONJAC_AUTOTUNE=0 (the test suite sets it), the first candidate that fits, without timing.
 2. The shipped table for this GPU (`tritonjac/configs/<GPU name>.json`, filled from real runs by
    `perf/gpu_check.sh`), looked up by the launch's key.
 3. Otherwise `triton.autotune` over the candidates below, with its on-disk result cache where the
@@ -55,6 +56,11 @@ LAYER_BUDGET = 16
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autotuning_enabled() -> bool:
+    """False with TRITONJAC_AUTOTUNE=0: launches take the first fitting candidate instead of tuning."""
+    return os.environ.get("TRITONJAC_AUTOTUNE", "1") != "0"
 
 
 def points_bucket(num_points: int) -> int:
@@ -177,3 +183,17 @@ def record_tuned(kernel: str, key: str, device_name: str, config: triton.Config)
 def tuned_table(device_name: str) -> dict:
     """What autotuning chose in this process on that GPU, in the shipped tables' JSON format."""
     return _TUNED.get(device_name, {})
+
+
+def write_tuned_table(directory, device_name: str) -> Path | None:
+    """Merge what tuning chose on this GPU into directory/<GPU name>.json (a shipped-table candidate)."""
+    table = tuned_table(device_name)
+    if not table:
+        return None
+    path = Path(directory) / _table_path(device_name).name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    for kernel, entries in table.items():
+        merged.setdefault(kernel, {}).update(entries)
+    path.write_text(json.dumps(merged, indent=1, sort_keys=True))
+    return path

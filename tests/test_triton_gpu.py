@@ -1,0 +1,88 @@
+"""Checks only a real GPU can make: autotuning, TF32 accuracy, 64-bit offsets, the dispatch on CUDA.
+
+The kernels' correctness over shapes and activations is in test_triton_forward.py, which runs the
+compiled kernels on a GPU machine and the interpreter elsewhere.
+"""
+
+import pytest
+import torch
+
+import tritonjac
+from tritonjac import triton_ops, tuning
+
+from conftest import INTERPRETING, rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETING, reason="needs a CUDA GPU (compiled kernels)"),
+]
+
+
+@pytest.fixture
+def tf32():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def reference(model, x):
+    with torch.no_grad():
+        backend = model.backend
+        model.backend = "torch"
+        y, J = model.double()(x.double())
+        model.float().backend = backend
+    return y, J
+
+
+def test_auto_backend_runs_the_kernels_on_cuda(monkeypatch):
+    calls = []
+    real = triton_ops.mlp_forward
+    monkeypatch.setattr(triton_ops, "mlp_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tritonjac.JacobianMLP(3, [64] * 4, 3, torch.nn.Softplus(beta=100), device="cuda")
+    model(torch.randn(100, 3, device="cuda"))
+    assert calls
+
+
+def test_autotuned_launch_is_recorded_and_correct(monkeypatch):
+    monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
+    model = tritonjac.JacobianMLP(3, [48] * 3, 3, "tanh", device="cuda")
+    x = torch.randn(5000, 3, device="cuda")
+    with torch.no_grad():
+        y, J = model(x)
+    name = torch.cuda.get_device_name()
+    assert any("WIDTH=48" in key for key in tuning.tuned_table(name).get("mlp_forward", {}))
+    y_ref, J_ref = reference(model, x)
+    assert rel_err(y.double(), y_ref) < 2e-5 and rel_err(J.double(), J_ref) < 2e-5
+
+
+@pytest.mark.parametrize("hidden", [[64] * 4, [128] * 2, [512] * 2], ids=["w64", "w128", "w512"])
+def test_tf32_accuracy(hidden, tf32):
+    """TF32 (10-bit mantissa): error against float64 of the order of its unit roundoff, 4.9e-4."""
+    model = tritonjac.JacobianMLP(3, hidden, 3, torch.nn.Softplus(beta=100), device="cuda")
+    x = torch.randn(2**16, 3, device="cuda")
+    with torch.no_grad():
+        y, J = model(x)
+    y_ref, J_ref = reference(model, x)
+    assert rel_err(y.double(), y_ref) < 1e-2 and rel_err(J.double(), J_ref) < 1e-2
+
+
+def test_offsets_beyond_int32():
+    """The per-layer path's (P, 4, 64) buffer has more than 2^31 elements at P = 8.5M points."""
+    P = 8_500_000
+    assert P * 4 * 64 > 2**31
+    model = tritonjac.JacobianMLP(3, [64, 60], 3, "tanh", device="cuda")  # mixed widths: per-layer kernel
+    x = torch.randn(P, 3, device="cuda")
+    with torch.no_grad():
+        y, J = model(x)
+    tail = slice(P - 1000, P)
+    y_ref, J_ref = reference(model, x[tail])
+    assert rel_err(y[tail].double(), y_ref) < 2e-5 and rel_err(J[tail].double(), J_ref) < 2e-5
+
+
+def test_weights_on_another_cuda_device_are_refused():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    model = tritonjac.JacobianMLP(3, [16], 3, device="cuda:1")
+    with pytest.raises(RuntimeError, match="layer 0 weight is on cuda:1 but x is on cuda:0"):
+        model(torch.randn(4, 3, device="cuda:0"))
