@@ -23,15 +23,38 @@ import triton.language as tl
 from .activations import IDENTITY, activation_and_slope, activation_value
 
 
+# INTERPRET_BF16 is for Triton's CPU interpreter only (the tests' bf16 runs), which gets bf16 wrong
+# twice (triton 3.6 and 3.9): its bf16 dot returns garbage and its fp32 -> bf16 conversion truncates
+# instead of rounding to nearest even. With the flag, bf16 values are rounded here as a GPU's
+# cvt.rn.bf16.f32 does and kept in fp32, and the dot runs on them in fp32: exactly the products
+# and fp32 accumulation of the GPU's bf16 dot.
 @triton.jit
-def _dot(a, w, acc, PRECISION: tl.constexpr, UPCAST_BF16: tl.constexpr):
-    """a @ w (+ acc) with fp32 accumulation.
+def _round_to_bf16(x):
+    """x rounded to the nearest bfloat16 (ties to even), as fp32."""
+    bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
 
-    UPCAST_BF16 is for the Triton interpreter only, whose bf16 dot is wrong (triton 3.9 returns
-    garbage): the bf16 operands are widened to fp32, which gives the same exact products.
-    """
-    if UPCAST_BF16:
-        return tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
+
+@triton.jit
+def _to_operand(a, operand_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    if INTERPRET_BF16:
+        return _round_to_bf16(a)
+    return a.to(operand_ty)
+
+
+@triton.jit
+def _to_storage(v, storage_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    if INTERPRET_BF16:
+        return _round_to_bf16(v).to(storage_ty)
+    return v.to(storage_ty)
+
+
+@triton.jit
+def _dot(a, w, acc, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+    """a @ w (+ acc) with fp32 accumulation (operands already in the operand dtype)."""
+    if INTERPRET_BF16:
+        return tl.dot(a, w.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
     return tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=tl.float32)
 
 
@@ -57,7 +80,7 @@ def _mlp_forward_kernel(
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     LAST_ACT: tl.constexpr, LAST_PARAM: tl.constexpr, LAST_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
-    SLOTS: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST_BF16: tl.constexpr = False,
+    SLOTS: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
 ):  # fmt: skip
     """y (and J) for BLOCK_M points through every layer.
 
@@ -98,8 +121,8 @@ def _mlp_forward_kernel(
     for l in range(num_hidden):
         # b_wt[k, n] = W_l[n, k]
         b_wt = tl.load(w_hidden_ptr + l * WIDTH * WIDTH + o_w[None, :] * WIDTH + o_w[:, None], mask=m_ww, other=0.0)
-        b_a = tl.reshape(A, (BLOCK_M * SLOTS, WIDTH_PAD)).to(operand_ty)
-        Z = _dot(b_a, b_wt.to(operand_ty), None, PRECISION, UPCAST_BF16)
+        b_a = _to_operand(tl.reshape(A, (BLOCK_M * SLOTS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
+        Z = _dot(b_a, b_wt.to(operand_ty), None, PRECISION, INTERPRET_BF16)
         Z = tl.reshape(Z, (BLOCK_M, SLOTS, WIDTH_PAD))
         if HAS_BIAS:
             b_b = tl.load(b_hidden_ptr + l * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
@@ -121,11 +144,11 @@ def _mlp_forward_kernel(
             else:
                 r = activation_value(r, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
         p_y = y_ptr + o_p[:, None] * stride_yp + o * stride_yf + o_s[None, :] * 0
-        tl.store(p_y, r.to(y_ptr.dtype.element_ty), mask=m_p[:, None] & is_value_2d)
+        tl.store(p_y, _to_storage(r, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_p[:, None] & is_value_2d)
         if JACOBIAN:
             p_j = j_ptr + o_p[:, None] * stride_jp + o * stride_jo + (o_s[None, :] - 1) * stride_jk
             m_j = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= K)
-            tl.store(p_j, r.to(j_ptr.dtype.element_ty), mask=m_j)
+            tl.store(p_j, _to_storage(r, j_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_j)
 
 
 @triton.jit(do_not_specialize=["num_points", "d_in", "d_out", "points_bucket"])
@@ -138,7 +161,7 @@ def _layer_forward_kernel(
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
     SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    UPCAST_BF16: tl.constexpr = False,
+    INTERPRET_BF16: tl.constexpr = False,
 ):  # fmt: skip
     """One layer for BLOCK_M points and BLOCK_N output features: [h; T] -> [s(z); s'(z) W T].
 
@@ -170,8 +193,8 @@ def _layer_forward_kernel(
             m_a = m_p[:, None, None] & m_s[None, :, None] & m_k[None, None, :]
             b_a = tl.load(p_a, mask=m_a, other=0.0)
         b_wt = tl.load(w_ptr + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        b_a = tl.reshape(b_a, (BLOCK_M * SLOTS, BLOCK_K)).to(operand_ty)
-        acc = _dot(b_a, b_wt.to(operand_ty), acc, PRECISION, UPCAST_BF16)
+        b_a = _to_operand(tl.reshape(b_a, (BLOCK_M * SLOTS, BLOCK_K)), operand_ty, INTERPRET_BF16)
+        acc = _dot(b_a, b_wt.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
 
     Z = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_N))
     if HAS_BIAS:
@@ -181,8 +204,8 @@ def _layer_forward_kernel(
 
     m_pn = m_p[:, None, None] & m_n[None, None, :]
     p_h = h_ptr + o_p[:, None, None] * stride_hp + o_n[None, None, :] * stride_hf + o_s[None, :, None] * 0
-    tl.store(p_h, A.to(h_ptr.dtype.element_ty), mask=m_pn & (o_s[None, :, None] == 0))
+    tl.store(p_h, _to_storage(A, h_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_pn & (o_s[None, :, None] == 0))
     if JACOBIAN:
         p_t = t_ptr + o_p[:, None, None] * stride_tp + (o_s[None, :, None] - 1) * stride_ts + o_n[None, None, :] * stride_tf
         m_t = m_pn & (o_s[None, :, None] >= 1) & m_s[None, :, None]
-        tl.store(p_t, A.to(t_ptr.dtype.element_ty), mask=m_t)
+        tl.store(p_t, _to_storage(A, t_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_t)

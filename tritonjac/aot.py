@@ -107,7 +107,7 @@ def compile_config(case: Case) -> CompileReport:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
     fn = _jit_function(case.kernel)
-    constexprs = dict(case.constexprs) | dict(case.config) | {"UPCAST_BF16": False}
+    constexprs = dict(case.constexprs) | dict(case.config) | {"INTERPRET_BF16": False}
     pointers = _POINTERS[case.kernel]
     signature = {}
     for name in fn.arg_names:

@@ -148,7 +148,7 @@ def _launch(name: str, grid, args: dict, key: str, device: torch.device) -> None
     raw, tuned = _kernels()[name]
     if interpreting():
         config = INTERPRETER_CONFIGS[name]
-        args = {**args, "UPCAST_BF16": args["x_ptr" if "x_ptr" in args else "w_ptr"].dtype == torch.bfloat16}
+        args = {**args, "INTERPRET_BF16": args["x_ptr" if "x_ptr" in args else "w_ptr"].dtype == torch.bfloat16}
     else:
         config = tuning.shipped_config(name, key, _device_name(device.index or 0))
         if config is None and not tuning.autotuning_enabled():
