@@ -213,6 +213,25 @@ def test_half_precision_within_twice_torch_error(dtype, plan):
         assert err <= 2 * torch_err, (err, torch_err)
 
 
+def test_autocast_runs_in_half_and_trains_the_float32_parameters():
+    device_type = "cuda" if TRITON_DEVICE == "cuda" else "cpu"
+    model = tritonjac.JacobianMLP(3, [32, 32], 3, "tanh", backend="triton", device=TRITON_DEVICE)
+    x = torch.randn(63, 3, device=TRITON_DEVICE)
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y, J = model(x)
+    assert y.dtype == J.dtype == torch.bfloat16
+    with torch.no_grad():
+        model.backend = "torch"
+        y_ref, J_ref = model(x)
+    # bf16 operands: the error of bf16 rounding (2^-9 = 2e-3 relative) through three layers
+    assert rel_err(y.float(), y_ref) < 2e-2 and rel_err(J.float(), J_ref) < 2e-2
+    model.backend = "triton"
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y, J = model(x)
+    (y.float().square().sum() + J.float().square().sum()).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
 # ---- autograd: the Triton forward's backward recomputes with the analytic engine -------------------
 @pytest.mark.parametrize("loss_on", ["y", "J", "both"])
 @pytest.mark.parametrize("plan", ["network", "layers"])

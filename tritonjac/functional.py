@@ -118,6 +118,11 @@ def apply_spec(x, weights, biases, spec: MLPSpec, backend: str, jacobian: bool =
     d_out = weights[-1].shape[0]
     x2d = x.reshape(-1, d_in)
     if resolve_backend(backend, x) == "triton":
+        half = _autocast_dtype(x)
+        if half is not None:  # what a built-in layer does under autocast: compute and return in half
+            x2d = x2d.to(half)
+            weights = [w.to(half) for w in weights]
+            biases = [None if b is None else b.to(half) for b in biases]
         y, J = _triton_mlp(x2d, weights, biases, spec, jacobian)
     else:
         y, J = mlp_jacobian_reference(x2d, weights, biases, spec)
@@ -125,6 +130,15 @@ def apply_spec(x, weights, biases, spec: MLPSpec, backend: str, jacobian: bool =
     if not jacobian:
         return y, None
     return y, J.view(*lead, d_out, spec.jacobian_inputs)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The half dtype autocast asks for on x's device, or None (autocast off, or x not float32)."""
+    kind = x.device.type
+    if x.dtype != torch.float32 or not torch.is_autocast_enabled(kind):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def _triton_mlp(x2d, weights, biases, spec: MLPSpec, jacobian: bool):
