@@ -71,6 +71,66 @@ def _activate_stacked(Z, o_slot, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: 
     return tl.where(is_value, s[:, None, :], ds[:, None, :] * Z)
 
 
+@triton.jit
+def _first_layer(x_ptr, w_ptr, b_ptr, o_p, m_p, stride_xp, stride_xf,
+                 IN: tl.constexpr, K: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
+                 SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr):  # fmt: skip
+    """Z_1 = [x W^T + b; U_1] for the points o_p, (BLOCK_M, SLOTS, WIDTH_PAD).
+
+    z is IN outer products (no matmul for 1..16 inputs); U_1 is W's first K columns, the same for
+    every point (slot s holds column s - 1).
+    """
+    o_w = tl.arange(0, WIDTH_PAD)
+    m_w = o_w < WIDTH
+    z = tl.zeros((BLOCK_M, WIDTH_PAD), tl.float32)
+    for i in tl.static_range(IN):
+        b_x = tl.load(x_ptr + o_p * stride_xp + i * stride_xf, mask=m_p, other=0.0).to(tl.float32)
+        b_col = tl.load(w_ptr + o_w * IN + i, mask=m_w, other=0.0).to(tl.float32)
+        z += b_x[:, None] * b_col[None, :]
+    if HAS_BIAS:
+        z += tl.load(b_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)[None, :]
+    if not JACOBIAN:
+        return z[:, None, :]
+    o_s = tl.arange(0, SLOTS)
+    m_u = (o_s[:, None] >= 1) & (o_s[:, None] <= K) & m_w[None, :]
+    b_u = tl.load(w_ptr + o_w[None, :] * IN + (o_s[:, None] - 1), mask=m_u, other=0.0).to(tl.float32)
+    return tl.where(o_s[None, :, None] == 0, z[:, None, :], b_u[None, :, :])
+
+
+@triton.jit
+def _hidden_layer(A, w_ptr, b_ptr, l, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr,
+                  BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                  INTERPRET_BF16: tl.constexpr):  # fmt: skip
+    """Z = [h W_l^T + b_l; T W_l^T] from A = [h; T]: one dot over the BLOCK_M * SLOTS stacked rows.
+
+    w_ptr / b_ptr hold the hidden layers contiguously, (num_hidden, WIDTH, WIDTH) / (num_hidden, WIDTH).
+    """
+    o_w = tl.arange(0, WIDTH_PAD)
+    m_w = o_w < WIDTH
+    operand_ty = w_ptr.dtype.element_ty
+    # b_wt[k, n] = W_l[n, k]
+    p_w = w_ptr + l * WIDTH * WIDTH + o_w[None, :] * WIDTH + o_w[:, None]
+    b_wt = tl.load(p_w, mask=m_w[:, None] & m_w[None, :], other=0.0)
+    b_a = _to_operand(tl.reshape(A, (BLOCK_M * SLOTS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
+    Z = tl.reshape(_dot(b_a, b_wt.to(operand_ty), None, PRECISION, INTERPRET_BF16), (BLOCK_M, SLOTS, WIDTH_PAD))
+    if HAS_BIAS:
+        b_b = tl.load(b_ptr + l * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
+        Z += tl.where(tl.arange(0, SLOTS)[None, :, None] == 0, b_b[None, None, :], 0.0)
+    return Z
+
+
+@triton.jit
+def _last_layer_output(A, w_ptr, b_ptr, o, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr,
+                       HAS_BIAS: tl.constexpr):  # fmt: skip
+    """[z; U] of output o, (BLOCK_M, SLOTS): one reduction of A over the width (no 16-wide matmul)."""
+    o_w = tl.arange(0, WIDTH_PAD)
+    b_row = tl.load(w_ptr + o * WIDTH + o_w, mask=o_w < WIDTH, other=0.0).to(tl.float32)
+    r = tl.sum(A * b_row[None, None, :], axis=2)
+    if HAS_BIAS:
+        r += tl.where(tl.arange(0, SLOTS)[None, :] == 0, tl.load(b_ptr + o).to(tl.float32), 0.0)
+    return r
+
+
 @triton.jit(do_not_specialize=["num_points", "num_hidden", "points_bucket"])
 def _mlp_forward_kernel(
     x_ptr, w_first_ptr, b_first_ptr, w_hidden_ptr, b_hidden_ptr, w_last_ptr, b_last_ptr, y_ptr, j_ptr,
@@ -93,58 +153,27 @@ def _mlp_forward_kernel(
     i_m = tl.program_id(0).to(tl.int64)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_p = o_p < num_points
-    o_w = tl.arange(0, WIDTH_PAD)
-    m_w = o_w < WIDTH
     o_s = tl.arange(0, SLOTS)
-    is_value = o_s[None, :, None] == 0
-    operand_ty = w_hidden_ptr.dtype.element_ty
-
-    # ---- layer 1: z = x W^T + b as IN outer products; U = W's first K columns ------------------
-    z = tl.zeros((BLOCK_M, WIDTH_PAD), tl.float32)
-    for i in tl.static_range(IN):
-        b_x = tl.load(x_ptr + o_p * stride_xp + i * stride_xf, mask=m_p, other=0.0).to(tl.float32)
-        b_col = tl.load(w_first_ptr + o_w * IN + i, mask=m_w, other=0.0).to(tl.float32)
-        z += b_x[:, None] * b_col[None, :]
-    if HAS_BIAS:
-        z += tl.load(b_first_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)[None, :]
-    if JACOBIAN:
-        # b_u[s, n] = W_1[n, s - 1] for the tangent slots 1..K, 0 elsewhere
-        m_u = (o_s[:, None] >= 1) & (o_s[:, None] <= K) & m_w[None, :]
-        b_u = tl.load(w_first_ptr + o_w[None, :] * IN + (o_s[:, None] - 1), mask=m_u, other=0.0)
-        s, ds = activation_and_slope(z, ACT, ACT_PARAM, ACT_THRESHOLD)
-        A = tl.where(is_value, s[:, None, :], ds[:, None, :] * b_u.to(tl.float32)[None, :, :])
-    else:
-        A = activation_value(z, ACT, ACT_PARAM, ACT_THRESHOLD)[:, None, :]
-
-    # ---- hidden layers: one dot over the stacked rows per layer --------------------------------
-    m_ww = m_w[:, None] & m_w[None, :]
+    Z = _first_layer(x_ptr, w_first_ptr, b_first_ptr, o_p, m_p, stride_xp, stride_xf,
+                     IN, K, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, JACOBIAN)  # fmt: skip
+    A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
     for l in range(num_hidden):
-        # b_wt[k, n] = W_l[n, k]
-        b_wt = tl.load(w_hidden_ptr + l * WIDTH * WIDTH + o_w[None, :] * WIDTH + o_w[:, None], mask=m_ww, other=0.0)
-        b_a = _to_operand(tl.reshape(A, (BLOCK_M * SLOTS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
-        Z = _dot(b_a, b_wt.to(operand_ty), None, PRECISION, INTERPRET_BF16)
-        Z = tl.reshape(Z, (BLOCK_M, SLOTS, WIDTH_PAD))
-        if HAS_BIAS:
-            b_b = tl.load(b_hidden_ptr + l * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
-            Z += tl.where(is_value, b_b[None, None, :], 0.0)
+        Z = _hidden_layer(A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS,
+                          PRECISION, INTERPRET_BF16)  # fmt: skip
         A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
 
-    # ---- last layer: one reduction over the width per output -----------------------------------
-    is_value_2d = o_s[None, :] == 0
+    is_value = o_s[None, :] == 0
     for o in tl.static_range(OUT):
-        b_row = tl.load(w_last_ptr + o * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
-        r = tl.sum(A * b_row[None, None, :], axis=2)  # (BLOCK_M, SLOTS): [z; U] of output o
-        if HAS_BIAS:
-            r += tl.where(is_value_2d, tl.load(b_last_ptr + o).to(tl.float32), 0.0)
+        r = _last_layer_output(A, w_last_ptr, b_last_ptr, o, WIDTH, WIDTH_PAD, SLOTS, HAS_BIAS)
         if LAST_ACT != IDENTITY:
             if JACOBIAN:
-                z_o = tl.sum(tl.where(is_value_2d, r, 0.0), axis=1)
+                z_o = tl.sum(tl.where(is_value, r, 0.0), axis=1)
                 s, ds = activation_and_slope(z_o, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
-                r = tl.where(is_value_2d, s[:, None], ds[:, None] * r)
+                r = tl.where(is_value, s[:, None], ds[:, None] * r)
             else:
                 r = activation_value(r, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
         p_y = y_ptr + o_p[:, None] * stride_yp + o * stride_yf + o_s[None, :] * 0
-        tl.store(p_y, _to_storage(r, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_p[:, None] & is_value_2d)
+        tl.store(p_y, _to_storage(r, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_p[:, None] & is_value)
         if JACOBIAN:
             p_j = j_ptr + o_p[:, None] * stride_jp + o * stride_jo + (o_s[None, :] - 1) * stride_jk
             m_j = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= K)
