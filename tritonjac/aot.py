@@ -30,7 +30,12 @@ __all__ = ["Case", "CompileReport", "compile_config", "shipped_cases", "main"]
 _POINTERS = {
     "mlp_forward": ("x_ptr", "w_first_ptr", "b_first_ptr", "w_hidden_ptr", "b_hidden_ptr", "w_last_ptr", "b_last_ptr", "y_ptr", "j_ptr"),
     "layer_forward": ("a_ptr", "w_ptr", "b_ptr", "h_ptr", "t_ptr"),
+    "mlp_backward": ("x_ptr", "w_first_ptr", "b_first_ptr", "w_hidden_ptr", "b_hidden_ptr", "w_last_ptr", "b_last_ptr",
+                     "gy_ptr", "gj_ptr", "gx_ptr", "gw_first_ptr", "gb_first_ptr", "gw_hidden_ptr", "gb_hidden_ptr",
+                     "gw_last_ptr", "gb_last_ptr", "ws_ptr"),
 }
+# Pointers that are fp32 whatever the data dtype (the backward's partial sums and workspace).
+_FP32_POINTERS = {"gw_first_ptr", "gb_first_ptr", "gw_hidden_ptr", "gb_hidden_ptr", "gw_last_ptr", "gb_last_ptr", "ws_ptr"}
 
 
 # Largest dynamic shared memory one block may use (CUDA occupancy tables: 163 KB on sm_80, 227 KB on sm_90).
@@ -52,12 +57,12 @@ class Case:
     @property
     def label(self) -> str:
         c = dict(self.constexprs)
-        shape = f"W{c.get('WIDTH', '-')}" if self.kernel == "mlp_forward" else f"first={int(c['FIRST'])}"
+        shape = f"first={int(c['FIRST'])}" if self.kernel == "layer_forward" else f"W{c.get('WIDTH', '-')}"
         cfg = dict(self.config)
         blocks = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
         return (
             f"sm_{self.arch} {self.kernel} {shape} K={c['K']} act={c['ACT']} {self.dtype}/{c['PRECISION']} "
-            f"jac={int(c['JACOBIAN'])} blocks={blocks} w{self.num_warps} s{self.num_stages}"
+            f"jac={int(c.get('JACOBIAN', c.get('HAS_GJ', 0)))} blocks={blocks} w{self.num_warps} s{self.num_stages}"
         )
 
 
@@ -87,9 +92,13 @@ class CompileReport:
 
 
 def _jit_function(kernel: str):
-    from .kernels import forward
+    from .kernels import backward, forward
 
-    return {"mlp_forward": forward._mlp_forward_kernel, "layer_forward": forward._layer_forward_kernel}[kernel]
+    return {
+        "mlp_forward": forward._mlp_forward_kernel,
+        "layer_forward": forward._layer_forward_kernel,
+        "mlp_backward": backward._mlp_backward_kernel,
+    }[kernel]
 
 
 def _cuobjdump() -> str:
@@ -114,7 +123,7 @@ def compile_config(case: Case) -> CompileReport:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
-            signature[name] = f"*{case.dtype}"
+            signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{case.dtype}"
         else:
             signature[name] = "i32"
     # pointers from torch's allocator are 16-byte aligned, as the JIT would find at launch
@@ -170,7 +179,8 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
     """Every configuration tritonjac ships, at the shapes its shipped tables and candidates serve.
 
     The whole-network kernel at widths 64 and 128 (3 -> W -> 3, softplus, K = 3), with and without
-    tangents, TF32 / 3xTF32 / bf16; the per-layer kernel (first and later layers, with and without
+    tangents, TF32 / 3xTF32 / bf16, and its fused backward (with and without a loss on J) wherever
+    that plan is taken; the per-layer kernel (first and later layers, with and without
     tangents) in the same precisions: each candidate configuration the pruning keeps for the arch.
     """
     import torch
@@ -192,6 +202,12 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                     named = dict(cx)
                     for config in tuning.prune_network_configs(tuning.network_configs(), named, arch=arch):
                         cases.append(_case("mlp_forward", cx, config, dtype, arch))
+                    if not triton_ops.network_fits(width, cx["SLOTS"], precision, arch):
+                        continue  # this plan runs per layer, forward and backward
+                    bx = {k: v for k, v in cx.items() if k != "JACOBIAN"}
+                    bx |= {"HAS_GY": True, "HAS_GJ": jacobian, "NEED_X": True}
+                    for config in tuning.backward_configs(named, arch):
+                        cases.append(_case("mlp_backward", bx, config, dtype, arch))
         for first, jacobian in ((True, True), (False, True), (False, False)):
             for dtype, precision in (("fp32", "tf32"), ("fp32", "tf32x3"), ("bf16", "ieee")):
                 cx = triton_ops.layer_constexprs(softplus, 3, first, True, jacobian, precision)

@@ -153,9 +153,10 @@ def _triton_mlp(x2d, weights, biases, spec: MLPSpec, jacobian: bool):
 
 
 class _TritonMLP(torch.autograd.Function):
-    """The fused Triton forward; its backward recomputes the forward with the analytic engine.
+    """The fused Triton forward and, for the whole-network plan, the fused Triton backward.
 
-    Saves only x and the parameters (the recompute strategy of DESIGN.md section 2).
+    Saves only x and the parameters: the backward recomputes the forward (DESIGN.md section 2). The
+    per-layer plan's backward is still the analytic engine's, recomputing each chunk's forward.
     """
 
     @staticmethod
@@ -167,6 +168,7 @@ class _TritonMLP(torch.autograd.Function):
         y, J = triton_ops.mlp_forward(x2d, weights, biases, spec, jacobian=jacobian)
         ctx.set_materialize_grads(False)
         ctx.spec = spec
+        ctx.fused_backward = triton_ops.fused_backward_available(x2d, weights, spec, jacobian)
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x2d, *weights, *(b for b in biases if b is not None))
         if J is None:
@@ -180,14 +182,21 @@ class _TritonMLP(torch.autograd.Function):
                 "tritonjac's backward is first-order: differentiating its gradients (create_graph=True, "
                 "double backward) is not supported. J is already an output: put the loss on J instead."
             )
+        from . import triton_ops
+
         spec = ctx.spec
         L = len(spec.activations)
         x2d, *rest = ctx.saved_tensors
         weights, present = rest[:L], iter(rest[L:])
         biases = [next(present) if has else None for has in ctx.has_bias]
         needs = ctx.needs_input_grad  # (spec, jacobian, x, W_1..W_L, b_1..b_L)
-        gx, grad_W, grad_b = backward_by_recompute(
-            x2d, weights, biases, spec, gy, gJ,
-            needs[2], needs[3 : 3 + L], [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])],
-        )  # fmt: skip
+        need_W, need_b = needs[3 : 3 + L], [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])]
+        if gy is None and gJ is None:
+            return (None,) * len(needs)
+        if ctx.fused_backward:
+            gx, grad_W, grad_b = triton_ops.mlp_backward(x2d, weights, biases, spec, gy, gJ, needs[2])
+            grad_W = [g if need else None for g, need in zip(grad_W, need_W)]
+            grad_b = [g if need else None for g, need in zip(grad_b, need_b)]
+        else:
+            gx, grad_W, grad_b = backward_by_recompute(x2d, weights, biases, spec, gy, gJ, needs[2], need_W, need_b)
         return (None, None, gx, *grad_W, *grad_b)

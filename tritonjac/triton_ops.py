@@ -25,7 +25,7 @@ from . import tuning
 from .reference import MLPSpec
 from .tuning import interpreting
 
-__all__ = ["mlp_forward", "plan_for", "ACTIVATION_IDS", "TRITON_DTYPES", "matmul_precision", "Plan"]
+__all__ = ["mlp_forward", "mlp_backward", "plan_for", "ACTIVATION_IDS", "TRITON_DTYPES", "matmul_precision", "Plan"]
 
 # Mirrors the ids in kernels/activations.py.
 ACTIVATION_IDS = {
@@ -205,32 +205,36 @@ def _rename_last(constexprs: dict) -> dict:
     return out
 
 
-def _run_network(x, weights, biases, spec, y, J, jacobian, precision):
-    P = x.shape[0]
+def _network_parameters(weights, biases) -> dict:
+    """The whole-network kernels' parameter arguments: contiguous, hidden layers stacked, zero biases."""
     width = weights[0].shape[0]
-    constexprs = _rename_last(network_constexprs(weights, biases, spec, jacobian, precision))
+    W0 = weights[0]
 
     def bias_or_zeros(b, n):
-        return b if b is not None else x.new_zeros(n, dtype=weights[0].dtype)
+        return b.contiguous() if b is not None else W0.new_zeros(n)
 
     hidden_w = weights[1:-1]
-    w_hidden = torch.stack(hidden_w) if hidden_w else weights[0].new_empty(1, width, width)
-    b_hidden = (
-        torch.stack([bias_or_zeros(b, width) for b in biases[1:-1]]) if hidden_w else weights[0].new_empty(1, width)
+    return dict(
+        w_first_ptr=W0.contiguous(),
+        b_first_ptr=bias_or_zeros(biases[0], width),
+        w_hidden_ptr=torch.stack(hidden_w).contiguous() if hidden_w else W0.new_empty(1, width, width),
+        b_hidden_ptr=torch.stack([bias_or_zeros(b, width) for b in biases[1:-1]]) if hidden_w else W0.new_empty(1, width),
+        w_last_ptr=weights[-1].contiguous(),
+        b_last_ptr=bias_or_zeros(biases[-1], weights[-1].shape[0]),
     )
+
+
+def _run_network(x, weights, biases, spec, y, J, jacobian, precision):
+    P = x.shape[0]
+    constexprs = _rename_last(network_constexprs(weights, biases, spec, jacobian, precision))
     J_arg = J if J is not None else y  # not written without tangents
     args = dict(
         x_ptr=x,
-        w_first_ptr=weights[0].contiguous(),
-        b_first_ptr=bias_or_zeros(biases[0], width),
-        w_hidden_ptr=w_hidden.contiguous(),
-        b_hidden_ptr=b_hidden.contiguous(),
-        w_last_ptr=weights[-1].contiguous(),
-        b_last_ptr=bias_or_zeros(biases[-1], weights[-1].shape[0]),
+        **_network_parameters(weights, biases),
         y_ptr=y,
         j_ptr=J_arg,
         num_points=P,
-        num_hidden=len(hidden_w),
+        num_hidden=len(weights) - 2,
         points_bucket=tuning.points_bucket(P),
         stride_xp=x.stride(0),
         stride_xf=x.stride(1),
@@ -317,6 +321,12 @@ def check_dtype(dtype: torch.dtype) -> None:
         )
 
 
+def planned_kind(x2d, weights, spec: MLPSpec, jacobian: bool) -> str:
+    """"network" or "layers": the plan `mlp_forward` takes for these inputs."""
+    arch = tuning.current_arch() if x2d.device.type == "cuda" else 90
+    return plan_for(weights, spec, jacobian, matmul_precision(x2d.dtype), arch).kind
+
+
 def mlp_forward(x2d, weights, biases, spec: MLPSpec, *, jacobian: bool = True):
     """y (P, d_L) and J (P, d_L, k) (None without `jacobian`) from the fused kernels; no autograd."""
     check_device(x2d)
@@ -329,8 +339,7 @@ def mlp_forward(x2d, weights, biases, spec: MLPSpec, *, jacobian: bool = True):
         return y, J
     precision = matmul_precision(x2d.dtype)
     with torch.cuda.device(x2d.device) if x2d.device.type == "cuda" else _null():
-        arch = tuning.current_arch() if x2d.device.type == "cuda" else 90
-        if plan_for(weights, spec, jacobian, precision, arch).kind == "network":
+        if planned_kind(x2d, weights, spec, jacobian) == "network":
             _run_network(x2d, weights, biases, spec, y, J, jacobian, precision)
         else:
             _run_layers(x2d, weights, biases, spec, y, J, jacobian, precision)
@@ -343,3 +352,87 @@ class _null:
 
     def __exit__(self, *exc):
         return False
+
+
+# ---- backward ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def mlp_backward(x2d, weights, biases, spec: MLPSpec, gy, gJ, need_x: bool):
+    """dLoss/dx (or None) and the gradients of every weight and bias (fp32 sums, cast to the
+    parameters' dtype) from the fused backward of the whole-network plan. gy or gJ may be None."""
+    from .kernels import backward
+
+    check_device(x2d)
+    P, d_in = x2d.shape
+    L, width, d_out = len(weights), weights[0].shape[0], weights[-1].shape[0]
+    num_hidden = L - 2
+    has_gj = gJ is not None
+    precision = matmul_precision(x2d.dtype)
+    constexprs = _rename_last(network_constexprs(weights, biases, spec, has_gj, precision))
+    arch = tuning.current_arch() if x2d.device.type == "cuda" else 90
+    config = backward_config(constexprs["SLOTS"], constexprs["WIDTH_PAD"], precision, arch)
+    if config is None:
+        raise ValueError("no fused-backward configuration fits these shapes (see fused_backward_available)")
+    block_m = config.kwargs["BLOCK_M"]
+    num_blocks = triton.cdiv(P, block_m)
+    if interpreting():
+        num_programs = min(num_blocks, 3)  # a few, so that programs loop over several blocks
+    else:
+        num_programs = min(num_blocks, 2 * _sm_count(x2d.device.index or 0))
+    num_programs = max(num_programs, 1)
+    f32 = dict(device=x2d.device, dtype=torch.float32)
+    slabs = dict(
+        gw_first_ptr=torch.zeros(num_programs, width, d_in, **f32),
+        gb_first_ptr=torch.zeros(num_programs, width, **f32),
+        gw_hidden_ptr=torch.zeros(num_programs, max(num_hidden, 1), width, width, **f32),
+        gb_hidden_ptr=torch.zeros(num_programs, max(num_hidden, 1), width, **f32),
+        gw_last_ptr=torch.zeros(num_programs, d_out, width, **f32),
+        gb_last_ptr=torch.zeros(num_programs, d_out, **f32),
+    )
+    rows = block_m * constexprs["SLOTS"]
+    workspace = torch.empty(num_programs, num_hidden + 1, rows, constexprs["WIDTH_PAD"], **f32)
+    gx = new_buffer(x2d, P, d_in) if need_x else None
+    gx_arg = gx if gx is not None else x2d
+    gy_arg = gy if gy is not None else x2d
+    gj_arg = gJ if gJ is not None else x2d.view(P, 1, d_in)
+    args = dict(
+        x_ptr=x2d, **_network_parameters(weights, biases), gy_ptr=gy_arg, gj_ptr=gj_arg, gx_ptr=gx_arg,
+        **slabs, ws_ptr=workspace, num_points=P, num_hidden=num_hidden, num_programs=num_programs,
+        stride_xp=x2d.stride(0), stride_xf=x2d.stride(1), stride_gyp=gy_arg.stride(0), stride_gyf=gy_arg.stride(1),
+        stride_gjp=gj_arg.stride(0), stride_gjo=gj_arg.stride(1), stride_gjk=gj_arg.stride(2),
+        stride_gxp=gx_arg.stride(0), stride_gxf=gx_arg.stride(1),
+        **{k: v for k, v in constexprs.items() if k != "JACOBIAN"},
+        HAS_GY=gy is not None, HAS_GJ=has_gj, NEED_X=need_x, BLOCK_M=block_m,
+    )  # fmt: skip
+    if interpreting():
+        args["INTERPRET_BF16"] = x2d.dtype == torch.bfloat16
+    if P > 0:
+        with torch.cuda.device(x2d.device) if x2d.device.type == "cuda" else _null():
+            backward._mlp_backward_kernel[(num_programs,)](**args, num_warps=config.num_warps, num_stages=config.num_stages)
+    sums = {name: t.sum(0) for name, t in slabs.items()}  # one fixed-order sum: deterministic
+    grad_W = [sums["gw_first_ptr"], *sums["gw_hidden_ptr"][:num_hidden], sums["gw_last_ptr"]]
+    grad_b = [sums["gb_first_ptr"], *sums["gb_hidden_ptr"][:num_hidden], sums["gb_last_ptr"]]
+    grad_W = [g.to(W.dtype) for g, W in zip(grad_W, weights)]
+    grad_b = [None if b is None else g.to(b.dtype) for g, b in zip(grad_b, biases)]
+    return gx, grad_W, grad_b
+
+
+def backward_config(slots: int, width_pad: int, precision: str, arch: int) -> triton.Config | None:
+    """The fused backward's configuration (the largest block that fits), or None if none fits."""
+    if interpreting():
+        return triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
+    named = {"SLOTS": slots, "WIDTH_PAD": width_pad, "PRECISION": precision}
+    configs = tuning.backward_configs(named, arch)
+    return configs[0] if configs else None
+
+
+def fused_backward_available(x2d, weights, spec: MLPSpec, jacobian: bool) -> bool:
+    """Whether a forward with these inputs can be differentiated by the fused backward kernel."""
+    if planned_kind(x2d, weights, spec, jacobian) != "network":
+        return False
+    arch = tuning.current_arch() if x2d.device.type == "cuda" else 90
+    slots = _slots(spec.jacobian_inputs, jacobian)
+    return backward_config(slots, _pad_width(weights[0].shape[0]), matmul_precision(x2d.dtype), arch) is not None

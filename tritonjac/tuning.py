@@ -42,8 +42,9 @@ SHIPPED_DIR = Path(__file__).parent / "configs"
 # Register budgets below which ahead-of-time compilation showed no spills (tests/test_aot.py checks
 # every candidate the pruning keeps), in fp32 elements per thread:
 # - whole-network kernel: its stacked (BLOCK_M * SLOTS, WIDTH_PAD) tile at most NETWORK_TILE_BUDGET
-#   (8 for 3xTF32 before sm_90, whose mma.sync keeps the split operands in registers), and the tile
-#   plus the layer's weight tile (twice for 3xTF32) at most NETWORK_BUDGET;
+#   (before sm_90, whose mma.sync keeps more in registers: half of it, and 8 for 3xTF32), and the
+#   tile plus the layer's weight tile (twice for 3xTF32) at most NETWORK_BUDGET;
+# - fused backward: see backward_fits_config;
 # - per-layer kernel: its (BLOCK_M * SLOTS, BLOCK_N) accumulator (the 3-D epilogue is costly).
 # On sm_90 the dot also needs at least 64 rows (BLOCK_M * SLOTS) to become a wgmma (a warpgroup's M);
 # with fewer, Triton falls back to the older mma.sync.
@@ -98,9 +99,41 @@ def network_fits_config(block_m: int, slots: int, width_pad: int, num_warps: int
     threads = 32 * num_warps
     tile = block_m * slots * width_pad / threads
     weight = width_pad * width_pad / threads * (2 if precision == "tf32x3" else 1)
-    tile_budget = 8 if precision == "tf32x3" and arch < 90 else NETWORK_TILE_BUDGET
+    if arch >= 90:
+        tile_budget = NETWORK_TILE_BUDGET
+    else:  # mma.sync keeps more in registers (3xTF32 its split operands); measured with triton 3.6
+        tile_budget = 8 if precision == "tf32x3" else NETWORK_TILE_BUDGET // 2
     min_rows = WGMMA_ROWS if arch >= 90 else 16
     return block_m * slots >= min_rows and tile <= tile_budget and tile + weight <= NETWORK_BUDGET
+
+
+def backward_fits_config(block_m: int, slots: int, width_pad: int, num_warps: int, precision: str, arch: int) -> bool:
+    """Whether the fused backward compiles without spills (measured by ahead-of-time compilation with
+    triton 3.6 and 3.9). Its live state is about twice the forward's (the gradient, Z, G_Z and the
+    previous layer's A tiles, the weight-gradient tile): per-thread budgets are tighter, tighter
+    still with tangents, and 3xTF32 with tangents fits nowhere."""
+    threads = 32 * num_warps
+    rows = block_m * slots
+    tile = rows * width_pad / threads
+    weight = width_pad * width_pad / threads * (2 if precision == "tf32x3" else 1)
+    if rows < 16:
+        return False
+    if slots > 1:
+        return precision != "tf32x3" and tile <= 8 and weight <= (64 if arch >= 90 else 16)
+    if arch >= 90:
+        return tile <= 16 and tile + weight <= 72
+    return tile <= 8 and weight <= 32
+
+
+def backward_configs(named_args: dict, arch: int) -> list[triton.Config]:
+    """Configurations for the fused backward that fit, largest block first (possibly none: then the
+    backward recomputes with the analytic engine)."""
+    slots, width, precision = named_args["SLOTS"], named_args["WIDTH_PAD"], named_args["PRECISION"]
+    candidates = [triton.Config({"BLOCK_M": bm}, num_warps=8, num_stages=1) for bm in (32, 16, 8)]
+    return [
+        c for c in candidates
+        if backward_fits_config(c.kwargs["BLOCK_M"], slots, width, c.num_warps, precision, arch)
+    ]
 
 
 def layer_cost(block_m: int, slots: int, block_n: int, num_warps: int) -> float:

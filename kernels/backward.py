@@ -1,0 +1,169 @@
+"""Fused first-order backward of the whole-network forward (DESIGN.md section 2).
+
+Given dLoss/dy and dLoss/dJ, `_mlp_backward_kernel` returns dLoss/dx and per-program partial sums of
+every weight and bias gradient. It saves nothing from the forward: each block of points recomputes
+its forward from x, keeping each layer's stacked Z = [z; U] in a per-program workspace (a slab of
+global memory that stays in L2), then walks the layers backwards with the stacked gradient
+G = dLoss/d[h; T]:
+
+    G_Z = [s'(z) g_h + s''(z) sum_j G_T,j U_j ;  s'(z) G_T]        (per point; one activation call)
+    dW += G_Z^T A_prev      (one dot over the BLOCK_M * SLOTS stacked rows)
+    db += sum over points of the value row of G_Z
+    G   = G_Z W             (one dot)
+
+Programs are persistent: program i handles blocks i, i + num_programs, ... and adds its blocks'
+weight and bias gradients to its own fp32 slab, which it alone reads and writes; the launcher sums
+the slabs in a fixed order. No atomics: the same inputs give bit-identical gradients.
+
+Without a loss on J (HAS_GJ=False) the tangents do not influence any gradient: SLOTS is 1 and the
+recomputed forward carries no tangents. Without a loss on y (HAS_GY=False), g_y is zero.
+"""
+
+import triton
+import triton.language as tl
+
+from .activations import IDENTITY, activation_and_slope, activation_slope_and_curvature
+from .forward import _activate_stacked, _dot, _first_layer, _hidden_layer, _last_layer_output, _to_operand
+
+
+@triton.jit
+def _activation_backward(G, Z, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: tl.constexpr):
+    """G_Z = dLoss/d[z; U] from G = dLoss/d[s(z); s'(z) U] and Z = [z; U], stacked on axis 1."""
+    if ACT == IDENTITY:
+        return G
+    if SLOTS == 1:
+        _, ds = activation_and_slope(Z, ACT, PARAM, THRESHOLD)
+        return ds * G
+    is_value = tl.arange(0, SLOTS)[None, :, None] == 0
+    z = tl.sum(tl.where(is_value, Z, 0.0), axis=1)
+    g_h = tl.sum(tl.where(is_value, G, 0.0), axis=1)
+    curvature = tl.sum(tl.where(is_value, 0.0, G * Z), axis=1)  # sum over tangents of G_T * U
+    ds, d2s = activation_slope_and_curvature(z, ACT, PARAM, THRESHOLD)
+    g_z = ds * g_h + d2s * curvature
+    return tl.where(is_value, g_z[:, None, :], ds[:, None, :] * G)
+
+
+@triton.jit
+def _add_to(p, value, mask):
+    """*p += value for a program-private fp32 slab."""
+    tl.store(p, tl.load(p, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit(do_not_specialize=["num_points", "num_hidden", "num_programs"])
+def _mlp_backward_kernel(
+    x_ptr, w_first_ptr, b_first_ptr, w_hidden_ptr, b_hidden_ptr, w_last_ptr, b_last_ptr,
+    gy_ptr, gj_ptr, gx_ptr,
+    gw_first_ptr, gb_first_ptr, gw_hidden_ptr, gb_hidden_ptr, gw_last_ptr, gb_last_ptr, ws_ptr,
+    num_points, num_hidden, num_programs,
+    stride_xp, stride_xf, stride_gyp, stride_gyf, stride_gjp, stride_gjo, stride_gjk, stride_gxp, stride_gxf,
+    IN: tl.constexpr, K: tl.constexpr, WIDTH: tl.constexpr, OUT: tl.constexpr,
+    ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
+    LAST_ACT: tl.constexpr, LAST_PARAM: tl.constexpr, LAST_THRESHOLD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GY: tl.constexpr, HAS_GJ: tl.constexpr, NEED_X: tl.constexpr,
+    PRECISION: tl.constexpr, SLOTS: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr = False,
+):  # fmt: skip
+    """Gradients for the points of blocks pid, pid + num_programs, ...
+
+    Partial-sum slabs (fp32, one per program, zeroed by the launcher): gw_first (WIDTH, IN), gb_first
+    (WIDTH), gw_hidden (num_hidden, WIDTH, WIDTH), gb_hidden (num_hidden, WIDTH), gw_last (OUT, WIDTH),
+    gb_last (OUT). ws: (num_hidden + 1, BLOCK_M * SLOTS, WIDTH_PAD) fp32 per program.
+    """
+    tl.static_assert(SLOTS >= 1 + K or not HAS_GJ, "SLOTS must hold the value and K tangents")
+    ROWS: tl.constexpr = BLOCK_M * SLOTS
+    pid = tl.program_id(0)
+    pid64 = pid.to(tl.int64)
+    o_s = tl.arange(0, SLOTS)
+    o_w = tl.arange(0, WIDTH_PAD)
+    m_w = o_w < WIDTH
+    m_ww = m_w[:, None] & m_w[None, :]
+    o_r = tl.arange(0, ROWS)
+    is_value = o_s[None, :, None] == 0
+    is_value_2d = o_s[None, :] == 0
+    operand_ty = w_hidden_ptr.dtype.element_ty
+
+    ws = ws_ptr + pid64 * (num_hidden + 1) * ROWS * WIDTH_PAD
+    p_ws_tile = o_r[:, None] * WIDTH_PAD + o_w[None, :]
+    gw_first = gw_first_ptr + pid64 * WIDTH * IN
+    gb_first = gb_first_ptr + pid64 * WIDTH
+    gw_hidden = gw_hidden_ptr + pid64 * num_hidden * WIDTH * WIDTH
+    gb_hidden = gb_hidden_ptr + pid64 * num_hidden * WIDTH
+    gw_last = gw_last_ptr + pid64 * OUT * WIDTH
+    gb_last = gb_last_ptr + pid64 * OUT
+
+    num_blocks = tl.cdiv(num_points, BLOCK_M)
+    first_point = pid64 * BLOCK_M  # int64: points x features may pass 2^31
+    for _ in range(pid, num_blocks, num_programs):
+        o_p = first_point + tl.arange(0, BLOCK_M)
+        m_p = o_p < num_points
+        first_point += num_programs.to(tl.int64) * BLOCK_M
+
+        # ---- forward again, keeping each layer's Z in the workspace -----------------------------
+        Z = _first_layer(x_ptr, w_first_ptr, b_first_ptr, o_p, m_p, stride_xp, stride_xf,
+                         IN, K, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, HAS_GJ)  # fmt: skip
+        tl.store(ws + p_ws_tile, tl.reshape(Z, (ROWS, WIDTH_PAD)))
+        A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+        for l in range(num_hidden):
+            Z = _hidden_layer(A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS,
+                              PRECISION, INTERPRET_BF16)  # fmt: skip
+            tl.store(ws + (l + 1) * ROWS * WIDTH_PAD + p_ws_tile, tl.reshape(Z, (ROWS, WIDTH_PAD)))
+            A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+        tl.debug_barrier()  # the workspace is read back below in other threads' layouts
+
+        # ---- last layer: dLoss/d[y; J] -> G = dLoss/dA_{L-1}, by outer products per output ---------
+        G = tl.zeros((BLOCK_M, SLOTS, WIDTH_PAD), tl.float32)
+        for o in tl.static_range(OUT):
+            g = tl.zeros((BLOCK_M, SLOTS), tl.float32)
+            if HAS_GY:
+                p_gy = gy_ptr + o_p[:, None] * stride_gyp + o * stride_gyf + o_s[None, :] * 0
+                g += tl.load(p_gy, mask=m_p[:, None] & is_value_2d, other=0.0).to(tl.float32)
+            if HAS_GJ:
+                p_gj = gj_ptr + o_p[:, None] * stride_gjp + o * stride_gjo + (o_s[None, :] - 1) * stride_gjk
+                m_gj = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= K)
+                g += tl.load(p_gj, mask=m_gj, other=0.0).to(tl.float32)
+            if LAST_ACT != IDENTITY:
+                r = _last_layer_output(A, w_last_ptr, b_last_ptr, o, WIDTH, WIDTH_PAD, SLOTS, HAS_BIAS)
+                g3 = _activation_backward(g[:, :, None], r[:, :, None], SLOTS, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
+                g = tl.reshape(g3, (BLOCK_M, SLOTS))
+            b_row = tl.load(w_last_ptr + o * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
+            G += g[:, :, None] * b_row[None, None, :]
+            _add_to(gw_last + o * WIDTH + o_w, tl.sum(tl.sum(g[:, :, None] * A, axis=1), axis=0), m_w)
+            if HAS_BIAS:
+                _add_to(gb_last + o + o_s * 0, tl.sum(g, axis=0), o_s == 0)
+
+        # ---- hidden layers, last to first -------------------------------------------------------------
+        for i in range(num_hidden):
+            l = num_hidden - 1 - i
+            Z = tl.reshape(tl.load(ws + (l + 1) * ROWS * WIDTH_PAD + p_ws_tile), (BLOCK_M, SLOTS, WIDTH_PAD))
+            G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+            Z_prev = tl.reshape(tl.load(ws + l * ROWS * WIDTH_PAD + p_ws_tile), (BLOCK_M, SLOTS, WIDTH_PAD))
+            A_prev = _activate_stacked(Z_prev, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+            b_gz = _to_operand(tl.reshape(G_Z, (ROWS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
+            b_a = _to_operand(tl.reshape(A_prev, (ROWS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
+            d_w = _dot(tl.trans(b_gz), b_a, None, PRECISION, INTERPRET_BF16)  # [n, k] like W
+            _add_to(gw_hidden + l * WIDTH * WIDTH + o_w[:, None] * WIDTH + o_w[None, :], d_w, m_ww)
+            if HAS_BIAS:
+                g_b = tl.sum(tl.sum(tl.where(is_value, G_Z, 0.0), axis=1), axis=0)
+                _add_to(gb_hidden + l * WIDTH + o_w, g_b, m_w)
+            p_w = w_hidden_ptr + l * WIDTH * WIDTH + o_w[:, None] * WIDTH + o_w[None, :]  # [n, k]
+            b_w = tl.load(p_w, mask=m_ww, other=0.0).to(operand_ty)
+            G = tl.reshape(_dot(b_gz, b_w, None, PRECISION, INTERPRET_BF16), (BLOCK_M, SLOTS, WIDTH_PAD))
+
+        # ---- first layer: Z_1 = [x W^T + b; W E] ------------------------------------------------------
+        Z = tl.reshape(tl.load(ws + p_ws_tile), (BLOCK_M, SLOTS, WIDTH_PAD))
+        G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+        g_z = tl.sum(tl.where(is_value, G_Z, 0.0), axis=1)  # (BLOCK_M, WIDTH_PAD)
+        for i in tl.static_range(IN):
+            b_x = tl.load(x_ptr + o_p * stride_xp + i * stride_xf, mask=m_p, other=0.0).to(tl.float32)
+            _add_to(gw_first + o_w * IN + i, tl.sum(g_z * b_x[:, None], axis=0), m_w)
+            if NEED_X:
+                b_col = tl.load(w_first_ptr + o_w * IN + i, mask=m_w, other=0.0).to(tl.float32)
+                g_x = tl.sum(g_z * b_col[None, :], axis=1)
+                tl.store(gx_ptr + o_p * stride_gxp + i * stride_gxf, g_x.to(gx_ptr.dtype.element_ty), mask=m_p)
+        if HAS_GJ:  # the tangent rows of Z_1 are W's first K columns: their gradient lands there
+            g_u = tl.sum(G_Z, axis=0)  # (SLOTS, WIDTH_PAD): slot s -> column s - 1
+            m_u = (o_s[:, None] >= 1) & (o_s[:, None] <= K) & m_w[None, :]
+            _add_to(gw_first + o_w[None, :] * IN + (o_s[:, None] - 1), g_u, m_u)
+        if HAS_BIAS:
+            _add_to(gb_first + o_w, tl.sum(g_z, axis=0), m_w)
+        tl.debug_barrier()  # the next block overwrites the workspace and the slabs

@@ -1,0 +1,225 @@
+"""The fused Triton backward against the analytic engine's backward and autograd through torch.func.
+
+Runs in Triton's interpreter without a GPU, compiled on a GPU machine (see test_triton_forward.py).
+"""
+
+import copy
+
+import pytest
+import torch
+
+import tritonjac
+from tritonjac import triton_ops
+from tritonjac.benchmark import func_jacobian
+
+from conftest import INTERPRETING, TRITON_DEVICE, rel_err
+
+pytestmark = [
+    pytest.mark.skipif(
+        TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported"
+    ),
+    pytest.mark.usefixtures("poisoned_outputs"),
+]
+
+# float32 "highest" (fp32-accurate matmuls) against float64: gradients sum over all points.
+TOLERANCE = 5e-5
+ALL_ACTIVATIONS = ["identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine"]
+
+
+@pytest.fixture(autouse=True)
+def highest_precision():
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
+def count_fused(monkeypatch):
+    """How many times the fused backward ran."""
+    calls = []
+    real = triton_ops.mlp_backward
+    monkeypatch.setattr(triton_ops, "mlp_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def make_pair(d_in, hidden, d_out, act, *, last=None, bias=True, k=None):
+    """The same MLP as a float64 reference (torch engine) and a float32 Triton-backend copy."""
+    reference = tritonjac.JacobianMLP(d_in, hidden, d_out, act, output_activation=last, bias=bias,
+                                      jacobian_inputs=k, backend="torch", dtype=torch.float64)  # fmt: skip
+    if act == "sine" or last == "sine":  # keep sin(30 z) well conditioned, as SIREN's init does
+        with torch.no_grad():
+            for layer in reference.linear_layers:
+                layer.weight.div_(30.0)
+    ours = copy.deepcopy(reference).to(device=TRITON_DEVICE, dtype=torch.float32)
+    ours.backend = "triton"
+    return ours, reference
+
+
+def loss_of(y, J, loss_on):
+    weights_y = torch.linspace(-1.0, 2.0, y.shape[-1], dtype=y.dtype, device=y.device)
+    loss = y.new_zeros(())
+    if loss_on in ("y", "both"):
+        loss = loss + (y * weights_y).sum() + 0.5 * (y**2).sum()
+    if loss_on in ("J", "both"):
+        loss = loss + (J**2).sum() + J[..., 0, :].sum()
+    return loss
+
+
+def grads_of(model, x, loss_on):
+    x = x.clone().requires_grad_()
+    for p in model.parameters():
+        p.grad = None
+    y, J = model(x)
+    loss_of(y, J, loss_on).backward()
+    return [x.grad] + [p.grad for p in model.parameters()]
+
+
+def check_gradients(ours, reference, N, loss_on, x=None):
+    x = torch.randn(N, reference.in_features, dtype=torch.float64) if x is None else x
+    got = grads_of(ours, x.to(device=TRITON_DEVICE, dtype=torch.float32), loss_on)
+    want = grads_of(reference, x, loss_on)
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g is not None and g.dtype == torch.float32
+        assert rel_err(g.cpu().double(), w) < TOLERANCE, f"gradient {i} (0 is x)"
+
+
+@pytest.mark.parametrize("loss_on", ["y", "J", "both"])
+@pytest.mark.parametrize("act", ALL_ACTIVATIONS)
+def test_every_activation(act, loss_on, count_fused):
+    ours, reference = make_pair(3, [32, 32], 2, act)
+    check_gradients(ours, reference, 63, loss_on)
+    assert count_fused
+
+
+@pytest.mark.parametrize("last", ["softplus", "tanh", "sigmoid", "sine"])
+@pytest.mark.parametrize("loss_on", ["y", "J", "both"])
+def test_activation_on_the_last_layer(last, loss_on, count_fused):
+    ours, reference = make_pair(3, [32, 32], 4, "silu", last=last)
+    check_gradients(ours, reference, 63, loss_on)
+    assert count_fused
+
+
+def test_softplus_beta_100_across_the_threshold(count_fused):
+    ours, reference = make_pair(3, [64] * 4, 3, torch.nn.Softplus(beta=100.0))
+    check_gradients(ours, reference, 200, "both")
+
+
+@pytest.mark.parametrize("width", [1, 3, 16, 48, 64, 100])
+def test_widths(width, count_fused):
+    ours, reference = make_pair(3, [width, width], 3, "tanh")
+    check_gradients(ours, reference, 63, "both")
+    assert bool(count_fused) == (width <= 64)  # 100 pads to 128: per layer in 3xTF32 (see plan_for)
+
+
+@pytest.mark.parametrize("depth", range(2, 9))
+def test_depths(depth, count_fused):
+    ours, reference = make_pair(3, [32] * (depth - 1), 3, "softplus")
+    check_gradients(ours, reference, 40, "both")
+    assert count_fused
+
+
+@pytest.mark.parametrize("d_in,d_out,k", [(1, 1, 1), (2, 5, 1), (3, 3, 2), (7, 3, 7), (16, 16, 3), (16, 2, 1)], ids=str)
+def test_in_out_features_and_tangents(d_in, d_out, k, count_fused):
+    ours, reference = make_pair(d_in, [32, 32], d_out, "gelu", k=k)
+    check_gradients(ours, reference, 63, "both")
+    assert count_fused
+
+
+@pytest.mark.parametrize("N", [1, 63, 1000])
+def test_point_counts(N, count_fused):
+    ours, reference = make_pair(3, [32, 32], 3, "softplus")
+    check_gradients(ours, reference, N, "both")
+
+
+def test_without_bias(count_fused):
+    ours, reference = make_pair(3, [32, 32], 3, "tanh", bias=False)
+    check_gradients(ours, reference, 63, "both")
+
+
+def test_mixed_bias(count_fused):
+    ours, reference = make_pair(3, [32, 32], 3, "tanh")
+    for model in (ours, reference):
+        model.linear_layers[1].bias = None
+    check_gradients(ours, reference, 63, "both")
+
+
+def test_non_contiguous_points_and_leading_shapes(count_fused):
+    ours, reference = make_pair(3, [32, 32], 3, "sigmoid")
+    x = torch.randn(2, 3, 40, dtype=torch.float64).transpose(-1, -2)  # (2, 40, 3), non-contiguous
+    check_gradients(ours, reference, None, "both", x=x)
+
+
+def test_per_layer_plan_still_trains():
+    ours, reference = make_pair(3, [40, 24], 3, "tanh")  # mixed widths: per-layer kernels
+    check_gradients(ours, reference, 63, "both")
+
+
+def test_against_autograd_through_torch_func(count_fused):
+    ours, _ = make_pair(3, [32, 32], 3, "softplus")
+    seq = copy.deepcopy(ours.to_sequential()).double().cpu()
+    x = torch.randn(50, 3, dtype=torch.float64)
+    got = grads_of(ours, x.to(device=TRITON_DEVICE, dtype=torch.float32), "both")
+    xr = x.clone().requires_grad_()
+    y, J = func_jacobian(seq, torch.func.jacfwd)(xr)
+    want = torch.autograd.grad(loss_of(y, J, "both"), [xr, *seq.parameters()])
+    for g, w in zip(got, want):
+        assert rel_err(g.cpu().double(), w) < TOLERANCE
+
+
+def test_deterministic():
+    ours, _ = make_pair(3, [64, 64, 64], 3, "softplus")
+    x = torch.randn(1000, 3, device=TRITON_DEVICE)
+    first = [g.clone() for g in grads_of(ours, x, "both")]
+    second = grads_of(ours, x, "both")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_frozen_parameters_and_inputs_without_grad(count_fused):
+    ours, reference = make_pair(3, [32, 32], 3, "tanh")
+    for model in (ours, reference):
+        model.linear_layers[0].weight.requires_grad_(False)
+        model.linear_layers[2].bias.requires_grad_(False)
+    x = torch.randn(63, 3, dtype=torch.float64)
+    for model in (ours, reference):
+        y, J = model(x.to(next(model.parameters())))
+        loss_of(y, J, "both").backward()
+    assert ours.linear_layers[0].weight.grad is None and ours.linear_layers[2].bias.grad is None
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        if b.grad is None:
+            assert a.grad is None
+        else:
+            assert rel_err(a.grad.cpu().double(), b.grad) < TOLERANCE
+    assert count_fused
+
+
+def test_retain_graph_and_accumulation(count_fused):
+    ours, _ = make_pair(3, [32, 32], 3, "silu")
+    x = torch.randn(63, 3, device=TRITON_DEVICE)
+    y, J = ours(x)
+    loss = loss_of(y, J, "both")
+    loss.backward(retain_graph=True)
+    once = [p.grad.clone() for p in ours.parameters()]
+    loss.backward()
+    for p, g in zip(ours.parameters(), once):
+        assert torch.allclose(p.grad, 2 * g, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gradients(dtype, count_fused):
+    """Half operands, fp32 accumulation: gradients within half precision of the float64 ones."""
+    reference = tritonjac.JacobianMLP(3, [32, 32], 3, "tanh", backend="torch", dtype=torch.float64)
+    ours = copy.deepcopy(reference).to(device=TRITON_DEVICE, dtype=dtype)
+    ours.backend = "triton"
+    with torch.no_grad():  # the reference starts from the very same (rounded) parameters
+        for a, b in zip(reference.parameters(), ours.parameters()):
+            a.copy_(b.double())
+    x = torch.randn(200, 3, dtype=torch.float64).to(dtype)
+    got = grads_of(ours, x.to(TRITON_DEVICE), "both")
+    want = grads_of(reference, x.double(), "both")
+    unit = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        assert rel_err(g.cpu().double(), w) < 16 * unit  # a few roundings per layer, three layers
