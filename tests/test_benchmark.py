@@ -73,3 +73,33 @@ def test_plot(rows, tmp_path):
     path = tmp_path / "case.png"
     benchmark.plot_case(rows, str(path))
     assert path.stat().st_size > 10_000
+
+
+def test_gpu_targets_from_rows():
+    """The GPU targets read the right ratios (checked on synthetic rows: no GPU here)."""
+
+    def row(mode, method, ms, mem=None, frac=None):
+        return {"device": "cuda", "dtype": "float32", "mode": mode, "method": method, "median_ms": ms,
+                "peak_mem_mb": mem, "fraction_of_matmul_peak": frac}  # fmt: skip
+
+    rows = [
+        row("forward_jacobian", "tritonjac (triton)", 0.5, frac=0.6),
+        row("forward_jacobian", "tritonjac (torch)", 3.0),
+        row("forward_jacobian", "nn.Sequential forward (no J)", 0.6),
+        row("forward_jacobian", "vmap(jacfwd)", 12.0),
+        row("forward_jacobian", "3x autograd.grad (seed)", 4.0),
+        row("forward_jacobian", "torch.compile(vmap(jacfwd))", 3.0),
+        row("train_step", "tritonjac (triton)", 1.5, mem=100.0),
+        row("train_step", "3x autograd.grad (seed)", 18.0, mem=1000.0),
+        row("train_step", "vmap(jacfwd)", 6.0),
+    ]
+    got = {text: (value, met) for text, value, _, _, met in benchmark.check_targets(rows)}
+    assert got["vmap(jacfwd) eager time / forward+J time"] == (24.0, True)
+    assert got["three-grad time / forward+J time"] == (8.0, False)
+    assert got["best torch.compile peer time / forward+J time"] == (6.0, True)
+    assert got["forward+J time / plain nn.Sequential forward time"][1] is True
+    assert got["useful TFLOP/s / measured dense matmul TFLOP/s (target 0.5 in TF32, 0.4 in bf16)"] == (0.6, True)
+    assert got["three-grad (create_graph) step time / our step time"] == (12.0, True)
+    assert got["vmap(jacfwd) + backward step time / our step time"] == (4.0, False)
+    assert got["our peak memory / three-grad peak memory"] == (0.1, True)
+    assert got["our step time / our forward+J time"] == (3.0, True)
