@@ -167,3 +167,99 @@ def _mlp_backward_kernel(
         if HAS_BIAS:
             _add_to(gb_first + o_w, tl.sum(g_z, axis=0), m_w)
         tl.debug_barrier()  # the next block overwrites the workspace and the slabs
+
+
+# ---- the per-layer plan ------------------------------------------------------------------------------
+# The launcher recomputes a chunk of points layer by layer (`_layer_forward_kernel` with STORE_Z keeps
+# each layer's A = [h; T] and Z = [z; U]), then per layer, last to first:
+#   _layer_backward_kernel:      G_Z of layer l -> G_Z of layer l-1 (or dLoss/dx after the first)
+#   _layer_weight_grad_kernel:   G_Z of layer l and A of layer l-1 -> partial dW_l, db_l per split
+
+
+@triton.jit(do_not_specialize=["num_points", "d_in", "d_out"])
+def _layer_backward_kernel(
+    gz_ptr, w_ptr, z_prev_ptr, out_ptr,
+    num_points, d_in, d_out,
+    stride_gp, stride_gs, stride_wn, stride_wk, stride_zp, stride_zs, stride_op, stride_os, stride_of,
+    ROWS: tl.constexpr, LAST_STEP: tl.constexpr,
+    ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
+    PRECISION: tl.constexpr, SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
+):  # fmt: skip
+    """G = G_Z W for BLOCK_M points and BLOCK_K input features (ROWS live slots of SLOTS), then
+    the previous layer's activation backward with its Z (ACT), written to out[p, slot, k]; with
+    LAST_STEP (this is the first layer) the value row of G is dLoss/dx, written to out[p, k]."""
+    i_m = tl.program_id(0).to(tl.int64)
+    i_k = tl.program_id(1)
+    o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_p = o_p < num_points
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_k = o_k < d_in
+    o_s = tl.arange(0, SLOTS)
+    m_s = o_s < ROWS
+    operand_ty = w_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M * SLOTS, BLOCK_K), tl.float32)
+    for n0 in range(0, d_out, BLOCK_N):
+        o_n = n0 + tl.arange(0, BLOCK_N)
+        m_n = o_n < d_out
+        p_g = gz_ptr + o_p[:, None, None] * stride_gp + o_s[None, :, None] * stride_gs + o_n[None, None, :]
+        b_g = tl.load(p_g, mask=m_p[:, None, None] & m_s[None, :, None] & m_n[None, None, :], other=0.0)
+        b_w = tl.load(w_ptr + o_n[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_n[:, None] & m_k[None, :], other=0.0)
+        b_g = _to_operand(tl.reshape(b_g, (BLOCK_M * SLOTS, BLOCK_N)), operand_ty, INTERPRET_BF16)
+        acc = _dot(b_g, b_w.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
+    G = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_K))
+    m_pk = m_p[:, None, None] & m_k[None, None, :]
+    if LAST_STEP:
+        p_out = out_ptr + o_p[:, None, None] * stride_op + o_k[None, None, :] * stride_of + o_s[None, :, None] * 0
+        tl.store(p_out, G.to(out_ptr.dtype.element_ty), mask=m_pk & (o_s[None, :, None] == 0))
+    else:
+        p_z = z_prev_ptr + o_p[:, None, None] * stride_zp + o_s[None, :, None] * stride_zs + o_k[None, None, :]
+        Z = tl.load(p_z, mask=m_pk & m_s[None, :, None], other=0.0)
+        G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+        p_out = out_ptr + o_p[:, None, None] * stride_op + o_s[None, :, None] * stride_os + o_k[None, None, :] * stride_of
+        tl.store(p_out, G_Z, mask=m_pk & m_s[None, :, None])
+
+
+@triton.jit(do_not_specialize=["num_points", "d_in", "d_out", "points_per_split"])
+def _layer_weight_grad_kernel(
+    gz_ptr, a_ptr, gw_ptr, gb_ptr,
+    num_points, d_in, d_out, points_per_split,
+    stride_gp, stride_gs, stride_ap, stride_as, stride_af,
+    ROWS_A: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
+):  # fmt: skip
+    """Partial dW[n, k] = sum over this split's points and the ROWS_A slots of G_Z[p, s, n] A[p, s, k]
+    (fp32, written to gw[split, n, k]; the launcher sums the splits), and db[n] from the value row."""
+    i_n = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_split = tl.program_id(2).to(tl.int64)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < d_out
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_k = o_k < d_in
+    o_s = tl.arange(0, SLOTS)
+    m_s = o_s < ROWS_A
+    operand_ty = a_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_b = tl.zeros((BLOCK_N,), tl.float32)
+    start = i_split * points_per_split
+    stop = tl.minimum(start + points_per_split, num_points)
+    for p0 in range(start, stop, BLOCK_P):
+        o_p = p0 + tl.arange(0, BLOCK_P)
+        m_p = o_p < stop
+        p_g = gz_ptr + o_p[:, None, None] * stride_gp + o_s[None, :, None] * stride_gs + o_n[None, None, :]
+        b_g = tl.load(p_g, mask=m_p[:, None, None] & m_s[None, :, None] & m_n[None, None, :], other=0.0)
+        p_a = a_ptr + o_p[:, None, None] * stride_ap + o_s[None, :, None] * stride_as + o_k[None, None, :] * stride_af
+        b_a = tl.load(p_a, mask=m_p[:, None, None] & m_s[None, :, None] & m_k[None, None, :], other=0.0)
+        if HAS_BIAS:
+            acc_b += tl.sum(tl.sum(tl.where(o_s[None, :, None] == 0, b_g, 0.0), axis=1), axis=0)
+        b_g = _to_operand(tl.reshape(b_g, (BLOCK_P * SLOTS, BLOCK_N)), operand_ty, INTERPRET_BF16)
+        b_a = _to_operand(tl.reshape(b_a, (BLOCK_P * SLOTS, BLOCK_K)), operand_ty, INTERPRET_BF16)
+        acc = _dot(tl.trans(b_g), b_a, acc, PRECISION, INTERPRET_BF16)
+    p_w = gw_ptr + i_split * d_out * d_in + o_n[:, None] * d_in + o_k[None, :]
+    tl.store(p_w, acc, mask=m_n[:, None] & m_k[None, :])
+    if HAS_BIAS:
+        if i_k == 0:
+            tl.store(gb_ptr + i_split * d_out + o_n, acc_b, mask=m_n)

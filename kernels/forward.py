@@ -182,21 +182,23 @@ def _mlp_forward_kernel(
 
 @triton.jit(do_not_specialize=["num_points", "d_in", "d_out", "points_bucket"])
 def _layer_forward_kernel(
-    a_ptr, w_ptr, b_ptr, h_ptr, t_ptr,
+    a_ptr, w_ptr, b_ptr, h_ptr, t_ptr, z_ptr,
     num_points, d_in, d_out, points_bucket,
     stride_ap, stride_as, stride_af, stride_wn, stride_wk,
-    stride_hp, stride_hf, stride_tp, stride_ts, stride_tf,
+    stride_hp, stride_hf, stride_tp, stride_ts, stride_tf, stride_zp, stride_zs,
     K: tl.constexpr, FIRST: tl.constexpr,
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
     SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr = False,
+    STORE_Z: tl.constexpr = False, INTERPRET_BF16: tl.constexpr = False,
 ):  # fmt: skip
     """One layer for BLOCK_M points and BLOCK_N output features: [h; T] -> [s(z); s'(z) W T].
 
     The input is read at a[p, slot, f] (slot stride stride_as); with FIRST it is x (P, d_in) and the
     tangent slots are the identity's first K columns, built on the fly. Values are written to
     h[p, n], tangent slot s to t[p, s - 1, n] (strides given), so the last layer writes y and J.
+    With STORE_Z (the backward's recompute) the stacked pre-activation Z is also written, in fp32,
+    to z[p, slot, n].
     """
     tl.static_assert(SLOTS >= 1 + K or not JACOBIAN, "SLOTS must hold the value and K tangents")
     i_m = tl.program_id(0).to(tl.int64)
@@ -229,9 +231,12 @@ def _layer_forward_kernel(
     if HAS_BIAS:
         b_b = tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
         Z += tl.where(o_s[None, :, None] == 0, b_b[None, None, :], 0.0)
+    m_pn = m_p[:, None, None] & m_n[None, None, :]
+    if STORE_Z:
+        p_z = z_ptr + o_p[:, None, None] * stride_zp + o_s[None, :, None] * stride_zs + o_n[None, None, :]
+        tl.store(p_z, Z, mask=m_pn & m_s[None, :, None])
     A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
 
-    m_pn = m_p[:, None, None] & m_n[None, None, :]
     p_h = h_ptr + o_p[:, None, None] * stride_hp + o_n[None, None, :] * stride_hf + o_s[None, :, None] * 0
     tl.store(p_h, _to_storage(A, h_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_pn & (o_s[None, :, None] == 0))
     if JACOBIAN:

@@ -27,8 +27,8 @@ EOF
 cat "$OUT/versions.txt"
 
 step "tests on the GPU"
-timeout 150 python -m pytest -q -x -p no:cacheprovider tests/test_triton_gpu.py tests/test_triton_forward.py \
-    > "$OUT/tests.log" 2>&1
+timeout 180 python -m pytest -q -x -p no:cacheprovider tests/test_triton_gpu.py tests/test_triton_forward.py \
+    tests/test_triton_backward.py > "$OUT/tests.log" 2>&1
 echo "tests exit code $?: $(tail -1 "$OUT/tests.log")"
 
 step "main case, TF32: self-check + every peer (N = 2^20, 3 -> 4x64 -> 3, softplus(100))"

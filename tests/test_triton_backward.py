@@ -34,13 +34,23 @@ def highest_precision():
     torch.set_float32_matmul_precision(before)
 
 
+def _counter(monkeypatch, name):
+    calls = []
+    real = getattr(triton_ops, name)
+    monkeypatch.setattr(triton_ops, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 @pytest.fixture
 def count_fused(monkeypatch):
-    """How many times the fused backward ran."""
-    calls = []
-    real = triton_ops.mlp_backward
-    monkeypatch.setattr(triton_ops, "mlp_backward", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
+    """How many times the fused whole-network backward ran."""
+    return _counter(monkeypatch, "mlp_backward")
+
+
+@pytest.fixture
+def count_layers(monkeypatch):
+    """How many times the per-layer backward ran."""
+    return _counter(monkeypatch, "layers_backward")
 
 
 def make_pair(d_in, hidden, d_out, act, *, last=None, bias=True, k=None):
@@ -93,6 +103,44 @@ def test_every_activation(act, loss_on, count_fused):
     assert count_fused
 
 
+# ---- the per-layer plan's backward ----------------------------------------------------------------
+@pytest.mark.parametrize("loss_on", ["y", "J", "both"])
+@pytest.mark.parametrize("act", ALL_ACTIVATIONS)
+def test_every_activation_per_layer(act, loss_on, count_layers):
+    ours, reference = make_pair(3, [40, 24], 2, act)  # mixed widths: the per-layer plan
+    check_gradients(ours, reference, 63, loss_on)
+    assert count_layers
+
+
+@pytest.mark.parametrize("last", ["softplus", "sigmoid"])
+def test_activation_on_the_last_layer_per_layer(last, count_layers):
+    ours, reference = make_pair(3, [40, 24], 4, "tanh", last=last)
+    check_gradients(ours, reference, 63, "both")
+    assert count_layers
+
+
+@pytest.mark.parametrize(
+    "d_in,hidden,d_out,k",
+    [(3, [3, 5], 3, None), (3, [], 2, None), (5, [100, 100], 7, 2), (20, [48], 17, 5), (3, [256], 1, None)],
+    ids=["narrow-mixed", "single-layer", "w100-k2", "in20-out17", "w256"],
+)
+def test_shapes_per_layer(d_in, hidden, d_out, k, count_layers):
+    ours, reference = make_pair(d_in, hidden, d_out, "silu", k=k)
+    check_gradients(ours, reference, 40, "both")
+    assert count_layers
+
+
+def test_per_layer_in_chunks_bias_mixed_and_deterministic(monkeypatch, count_layers):
+    monkeypatch.setattr(triton_ops, "LAYERS_BACKWARD_CHUNK_BYTES", 20_000)  # several chunks of points
+    ours, reference = make_pair(3, [40, 24], 3, "gelu")
+    for model in (ours, reference):
+        model.linear_layers[1].bias = None
+    check_gradients(ours, reference, 150, "both")
+    x = torch.randn(150, 3, device=TRITON_DEVICE)
+    first = [g.clone() for g in grads_of(ours, x, "both")]
+    assert all(torch.equal(a, b) for a, b in zip(first, grads_of(ours, x, "both")))
+
+
 @pytest.mark.parametrize("last", ["softplus", "tanh", "sigmoid", "sine"])
 @pytest.mark.parametrize("loss_on", ["y", "J", "both"])
 def test_activation_on_the_last_layer(last, loss_on, count_fused):
@@ -107,10 +155,11 @@ def test_softplus_beta_100_across_the_threshold(count_fused):
 
 
 @pytest.mark.parametrize("width", [1, 3, 16, 48, 64, 100])
-def test_widths(width, count_fused):
+def test_widths(width, count_fused, count_layers):
     ours, reference = make_pair(3, [width, width], 3, "tanh")
     check_gradients(ours, reference, 63, "both")
-    assert bool(count_fused) == (width <= 64)  # 100 pads to 128: per layer in 3xTF32 (see plan_for)
+    # 100 pads to 128, which runs per layer in 3xTF32 (see plan_for)
+    assert (bool(count_fused), bool(count_layers)) == ((True, False) if width <= 64 else (False, True))
 
 
 @pytest.mark.parametrize("depth", range(2, 9))
@@ -149,11 +198,6 @@ def test_non_contiguous_points_and_leading_shapes(count_fused):
     ours, reference = make_pair(3, [32, 32], 3, "sigmoid")
     x = torch.randn(2, 3, 40, dtype=torch.float64).transpose(-1, -2)  # (2, 40, 3), non-contiguous
     check_gradients(ours, reference, None, "both", x=x)
-
-
-def test_per_layer_plan_still_trains():
-    ours, reference = make_pair(3, [40, 24], 3, "tanh")  # mixed widths: per-layer kernels
-    check_gradients(ours, reference, 63, "both")
 
 
 def test_against_autograd_through_torch_func(count_fused):
@@ -208,9 +252,11 @@ def test_retain_graph_and_accumulation(count_fused):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_gradients(dtype, count_fused):
+@pytest.mark.parametrize("plan", ["network", "layers"])
+def test_half_precision_gradients(dtype, plan, count_fused, count_layers):
     """Half operands, fp32 accumulation: gradients within half precision of the float64 ones."""
-    reference = tritonjac.JacobianMLP(3, [32, 32], 3, "tanh", backend="torch", dtype=torch.float64)
+    hidden = [32, 32] if plan == "network" else [40, 24]
+    reference = tritonjac.JacobianMLP(3, hidden, 3, "tanh", backend="torch", dtype=torch.float64)
     ours = copy.deepcopy(reference).to(device=TRITON_DEVICE, dtype=dtype)
     ours.backend = "triton"
     with torch.no_grad():  # the reference starts from the very same (rounded) parameters
@@ -223,6 +269,7 @@ def test_half_precision_gradients(dtype, count_fused):
     for g, w in zip(got, want):
         assert g.dtype == dtype
         assert rel_err(g.cpu().double(), w) < 16 * unit  # a few roundings per layer, three layers
+    assert (count_fused if plan == "network" else count_layers)
 
 
 def test_training_a_deformation_field_with_an_elastic_regulariser():

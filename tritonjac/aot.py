@@ -29,13 +29,15 @@ __all__ = ["Case", "CompileReport", "compile_config", "shipped_cases", "main"]
 # Pointer arguments and their role, per kernel (the dtype of "data" pointers follows the case).
 _POINTERS = {
     "mlp_forward": ("x_ptr", "w_first_ptr", "b_first_ptr", "w_hidden_ptr", "b_hidden_ptr", "w_last_ptr", "b_last_ptr", "y_ptr", "j_ptr"),
-    "layer_forward": ("a_ptr", "w_ptr", "b_ptr", "h_ptr", "t_ptr"),
+    "layer_forward": ("a_ptr", "w_ptr", "b_ptr", "h_ptr", "t_ptr", "z_ptr"),
+    "layer_backward": ("gz_ptr", "w_ptr", "z_prev_ptr", "out_ptr"),
+    "layer_weight_grad": ("gz_ptr", "a_ptr", "gw_ptr", "gb_ptr"),
     "mlp_backward": ("x_ptr", "w_first_ptr", "b_first_ptr", "w_hidden_ptr", "b_hidden_ptr", "w_last_ptr", "b_last_ptr",
                      "gy_ptr", "gj_ptr", "gx_ptr", "gw_first_ptr", "gb_first_ptr", "gw_hidden_ptr", "gb_hidden_ptr",
                      "gw_last_ptr", "gb_last_ptr", "ws_ptr"),
 }
 # Pointers that are fp32 whatever the data dtype (the backward's partial sums and workspace).
-_FP32_POINTERS = {"gw_first_ptr", "gb_first_ptr", "gw_hidden_ptr", "gb_hidden_ptr", "gw_last_ptr", "gb_last_ptr", "ws_ptr"}
+_FP32_POINTERS = {"z_ptr", "gz_ptr", "z_prev_ptr", "gw_ptr", "gb_ptr", "gw_first_ptr", "gb_first_ptr", "gw_hidden_ptr", "gb_hidden_ptr", "gw_last_ptr", "gb_last_ptr", "ws_ptr"}
 
 
 # Largest dynamic shared memory one block may use (CUDA occupancy tables: 163 KB on sm_80, 227 KB on sm_90).
@@ -57,12 +59,18 @@ class Case:
     @property
     def label(self) -> str:
         c = dict(self.constexprs)
-        shape = f"first={int(c['FIRST'])}" if self.kernel == "layer_forward" else f"W{c.get('WIDTH', '-')}"
+        if self.kernel == "layer_forward":
+            shape = f"first={int(c['FIRST'])}" + (" +Z" if c.get("STORE_Z") else "")
+        elif self.kernel.startswith("layer_"):
+            shape = f"rows={c.get('ROWS', c.get('ROWS_A'))}" + (" last" if c.get("LAST_STEP") else "")
+        else:
+            shape = f"W{c.get('WIDTH', '-')}"
         cfg = dict(self.config)
-        blocks = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in cfg)
+        blocks = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_P", "BLOCK_N", "BLOCK_K") if k in cfg)
+        tangents = int(c.get("JACOBIAN", c.get("HAS_GJ", c.get("SLOTS", 1) > 1)))
         return (
-            f"sm_{self.arch} {self.kernel} {shape} K={c['K']} act={c['ACT']} {self.dtype}/{c['PRECISION']} "
-            f"jac={int(c.get('JACOBIAN', c.get('HAS_GJ', 0)))} blocks={blocks} w{self.num_warps} s{self.num_stages}"
+            f"sm_{self.arch} {self.kernel} {shape} K={c.get('K', '-')} act={c.get('ACT', '-')} "
+            f"{self.dtype}/{c['PRECISION']} jac={tangents} blocks={blocks} w{self.num_warps} s{self.num_stages}"
         )
 
 
@@ -98,6 +106,8 @@ def _jit_function(kernel: str):
         "mlp_forward": forward._mlp_forward_kernel,
         "layer_forward": forward._layer_forward_kernel,
         "mlp_backward": backward._mlp_backward_kernel,
+        "layer_backward": backward._layer_backward_kernel,
+        "layer_weight_grad": backward._layer_weight_grad_kernel,
     }[kernel]
 
 
@@ -116,7 +126,8 @@ def compile_config(case: Case) -> CompileReport:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
     fn = _jit_function(case.kernel)
-    constexprs = dict(case.constexprs) | dict(case.config) | {"INTERPRET_BF16": False}
+    constexprs = {"STORE_Z": False} | dict(case.constexprs) | dict(case.config) | {"INTERPRET_BF16": False}
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     pointers = _POINTERS[case.kernel]
     signature = {}
     for name in fn.arg_names:
@@ -213,6 +224,22 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                 cx = triton_ops.layer_constexprs(softplus, 3, first, True, jacobian, precision)
                 for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
                     cases.append(_case("layer_forward", cx, config, dtype, arch))
+                # the per-layer backward: its recompute (storing Z) and its two kernels
+                recompute = triton_ops._recompute_config(cx["SLOTS"], arch)
+                cases.append(_case("layer_forward", cx | {"STORE_Z": True}, recompute, dtype, arch))
+                if first:
+                    continue
+                slots, rows = cx["SLOTS"], 4 if jacobian else 1
+                backward_config, _ = triton_ops._layer_backward_configs(arch, precision, slots)
+                for last_step in (False, True):
+                    bx = {"ROWS": rows, "LAST_STEP": last_step, **triton_ops._activation_constexprs(softplus, "ACT"),
+                          "PRECISION": precision, "SLOTS": slots}  # fmt: skip
+                    cases.append(_case("layer_backward", bx, backward_config, dtype, arch))
+                for rows_a in ((rows, 1) if jacobian else (1,)):
+                    slots_a = slots if rows_a > 1 else 1
+                    wx = {"ROWS_A": rows_a, "HAS_BIAS": True, "PRECISION": precision, "SLOTS": slots_a}
+                    _, weight_grad_config = triton_ops._layer_backward_configs(arch, precision, slots, slots_a)
+                    cases.append(_case("layer_weight_grad", wx, weight_grad_config, dtype, arch))
     return cases
 
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .activations import as_activation
-from .reference import MLPSpec, backward_by_recompute, mlp_jacobian_reference
+from .reference import MLPSpec, mlp_jacobian_reference
 
 __all__ = ["mlp_jacobian", "BACKENDS", "SUPPORTED_DTYPES"]
 
@@ -153,10 +153,10 @@ def _triton_mlp(x2d, weights, biases, spec: MLPSpec, jacobian: bool):
 
 
 class _TritonMLP(torch.autograd.Function):
-    """The fused Triton forward and, for the whole-network plan, the fused Triton backward.
+    """The fused Triton forward and backward.
 
-    Saves only x and the parameters: the backward recomputes the forward (DESIGN.md section 2). The
-    per-layer plan's backward is still the analytic engine's, recomputing each chunk's forward.
+    Saves only x and the parameters: the backward recomputes the forward (DESIGN.md section 2), in
+    one fused kernel for the whole-network plan, layer by layer otherwise.
     """
 
     @staticmethod
@@ -168,6 +168,7 @@ class _TritonMLP(torch.autograd.Function):
         y, J = triton_ops.mlp_forward(x2d, weights, biases, spec, jacobian=jacobian)
         ctx.set_materialize_grads(False)
         ctx.spec = spec
+        # the whole-network plan's fused backward where it fits, else the per-layer kernels
         ctx.fused_backward = triton_ops.fused_backward_available(x2d, weights, spec, jacobian)
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x2d, *weights, *(b for b in biases if b is not None))
@@ -193,10 +194,8 @@ class _TritonMLP(torch.autograd.Function):
         need_W, need_b = needs[3 : 3 + L], [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])]
         if gy is None and gJ is None:
             return (None,) * len(needs)
-        if ctx.fused_backward:
-            gx, grad_W, grad_b = triton_ops.mlp_backward(x2d, weights, biases, spec, gy, gJ, needs[2])
-            grad_W = [g if need else None for g, need in zip(grad_W, need_W)]
-            grad_b = [g if need else None for g, need in zip(grad_b, need_b)]
-        else:
-            gx, grad_W, grad_b = backward_by_recompute(x2d, weights, biases, spec, gy, gJ, needs[2], need_W, need_b)
+        run = triton_ops.mlp_backward if ctx.fused_backward else triton_ops.layers_backward
+        gx, grad_W, grad_b = run(x2d, weights, biases, spec, gy, gJ, needs[2])
+        grad_W = [g if need else None for g, need in zip(grad_W, need_W)]
+        grad_b = [g if need else None for g, need in zip(grad_b, need_b)]
         return (None, None, gx, *grad_W, *grad_b)

@@ -273,6 +273,7 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):
             b_ptr=b if b is not None else W,
             h_ptr=h,
             t_ptr=t,
+            z_ptr=h,
             num_points=P,
             d_in=d_in,
             d_out=d_out,
@@ -287,6 +288,8 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):
             stride_tp=t_strides[0],
             stride_ts=t_strides[1],
             stride_tf=t_strides[2],
+            stride_zp=0,
+            stride_zs=0,
             **constexprs,
         )
         key = _key(x.dtype, constexprs, d_in=d_in, d_out=d_out, bucket=args["points_bucket"])
@@ -436,3 +439,156 @@ def fused_backward_available(x2d, weights, spec: MLPSpec, jacobian: bool) -> boo
     arch = tuning.current_arch() if x2d.device.type == "cuda" else 90
     slots = _slots(spec.jacobian_inputs, jacobian)
     return backward_config(slots, _pad_width(weights[0].shape[0]), matmul_precision(x2d.dtype), arch) is not None
+
+
+# The per-layer backward recomputes chunks of points whose saved [h; T] and [z; U] for every layer
+# stay under this many bytes (the gradients of one layer come on top).
+LAYERS_BACKWARD_CHUNK_BYTES = 256 << 20
+
+
+def _layer_backward_configs(arch: int = 90, precision: str = "tf32", slots: int = 4, weight_grad_slots: int = 4):
+    """(propagation, weight-gradient) configurations of the per-layer backward: fixed choices that
+    compile without spills (tests/test_aot.py); 3xTF32 on sm_80 needs smaller tiles. Dots need at
+    least 16 rows (64 for a wgmma on sm_90): BLOCK_M * slots and BLOCK_P * weight_grad_slots."""
+    propagation, weight_grad = _layer_backward_tiles(arch, precision)
+    min_rows = tuning.WGMMA_ROWS if arch >= 90 and not interpreting() else 16
+    kw_p = dict(propagation.kwargs)
+    kw_p["BLOCK_M"] = max(kw_p["BLOCK_M"], min_rows // slots)
+    kw_w = dict(weight_grad.kwargs)
+    kw_w["BLOCK_P"] = max(kw_w["BLOCK_P"], 16 // weight_grad_slots)
+    return (triton.Config(kw_p, num_warps=propagation.num_warps, num_stages=propagation.num_stages),
+            triton.Config(kw_w, num_warps=weight_grad.num_warps, num_stages=weight_grad.num_stages))  # fmt: skip
+
+
+def _recompute_config(slots: int, arch: int) -> triton.Config:
+    """The per-layer backward's forward recompute: the first forward candidate that fits."""
+    if interpreting():
+        return INTERPRETER_CONFIGS["layer_forward"]
+    return tuning.prune_layer_configs(tuning.layer_configs(), {"SLOTS": slots}, arch=arch)[0]
+
+
+def _layer_backward_tiles(arch: int, precision: str):
+    if interpreting():  # small, so the tests' shapes leave partial blocks in every dimension
+        return (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+                triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1))  # fmt: skip
+    if arch < 90 and precision == "tf32x3":
+        return (triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+                triton.Config({"BLOCK_P": 8, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2))  # fmt: skip
+    return (triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_P": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2))  # fmt: skip
+
+
+def layers_backward(x2d, weights, biases, spec: MLPSpec, gy, gJ, need_x: bool):
+    """The per-layer plan's backward (any widths, depths, activations): recompute a chunk's forward
+    layer by layer keeping [h; T] and [z; U], then two kernels per layer (see kernels/backward.py).
+    Returns dLoss/dx (or None) and every weight and bias gradient in the parameters' dtypes."""
+    from .kernels import backward, forward
+
+    check_device(x2d)
+    P = x2d.shape[0]
+    L, k = len(weights), spec.jacobian_inputs
+    jacobian = gJ is not None
+    rows, slots = (1 + k, _slots(k, True)) if jacobian else (1, 1)
+    precision = matmul_precision(x2d.dtype)
+    f32 = dict(device=x2d.device, dtype=torch.float32)
+    grad_W = [torch.zeros(W.shape, **f32) for W in weights]
+    grad_b = [None if b is None else torch.zeros(b.shape, **f32) for b in biases]
+    gx = new_buffer(x2d, *x2d.shape) if need_x else None
+    arch = tuning.current_arch() if x2d.device.type == "cuda" else 90
+    fwd_cfg = _recompute_config(slots, arch)
+    interp = {"INTERPRET_BF16": x2d.dtype == torch.bfloat16} if interpreting() else {}
+    per_point = rows * sum(W.shape[0] for W in weights) * (x2d.element_size() + 4) + 2 * rows * max(W.shape[1] for W in weights) * 4
+    chunk = max(1, min(P, LAYERS_BACKWARD_CHUNK_BYTES // per_point))
+
+    def launch(kernel, grid, config, **args):
+        kernel[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **interp)
+
+    with torch.cuda.device(x2d.device) if x2d.device.type == "cuda" else _null():
+        for start in range(0, P, chunk):
+            xc = x2d[start : start + chunk]
+            C = xc.shape[0]
+            # forward again, keeping A_l = [h; T] (compute dtype) and Z_l = [z; U] (fp32)
+            As, Zs = [], []
+            a, a_strides = xc, (xc.stride(0), 0, xc.stride(1))
+            for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
+                d_out, d_in = W.shape
+                A = x2d.new_empty(C, rows, d_out)
+                Z = torch.empty(C, rows, d_out, **f32)
+                launch(forward._layer_forward_kernel,
+                       (triton.cdiv(C, fwd_cfg.kwargs["BLOCK_M"]), triton.cdiv(d_out, fwd_cfg.kwargs["BLOCK_N"])), fwd_cfg,
+                       a_ptr=a, w_ptr=W, b_ptr=b if b is not None else W, h_ptr=A, t_ptr=A[:, 1:] if jacobian else A,
+                       z_ptr=Z, num_points=C, d_in=d_in, d_out=d_out, points_bucket=0,
+                       stride_ap=a_strides[0], stride_as=a_strides[1], stride_af=a_strides[2],
+                       stride_wn=W.stride(0), stride_wk=W.stride(1), stride_hp=A.stride(0), stride_hf=A.stride(2),
+                       stride_tp=A.stride(0), stride_ts=A.stride(1), stride_tf=A.stride(2),
+                       stride_zp=Z.stride(0), stride_zs=Z.stride(1), STORE_Z=True,
+                       **layer_constexprs(act, k, l == 0, b is not None, jacobian, precision))  # fmt: skip
+                As.append(A)
+                Zs.append(Z)
+                a, a_strides = A, (A.stride(0), A.stride(1), A.stride(2))
+
+            # dLoss/d[z; U] of the last layer, from dLoss/d[y; J]
+            G = torch.zeros(C, rows, weights[-1].shape[0], **f32)
+            if gy is not None:
+                G[:, 0] = gy[start : start + chunk]
+            if jacobian:
+                G[:, 1:] = gJ[start : start + chunk].transpose(1, 2)
+            G = _activation_backward_torch(spec.activations[-1], G, Zs[-1], jacobian)
+
+            for l in range(L - 1, -1, -1):
+                W = weights[l]
+                d_out, d_in = W.shape
+                # weight and bias gradients: G_Z^T A_{l-1}, split over the points, summed in order
+                if l > 0:
+                    A_prev, rows_a, a_st = As[l - 1], rows, (As[l - 1].stride(0), As[l - 1].stride(1), As[l - 1].stride(2))
+                else:  # A_0 = [x; E]: the x row here, the identity rows below
+                    A_prev, rows_a, a_st = xc, 1, (xc.stride(0), 0, xc.stride(1))
+                slots_a = slots if rows_a > 1 else 1
+                bwd_cfg, wgrad_cfg = _layer_backward_configs(arch, precision, slots, slots_a)
+                block_p = wgrad_cfg.kwargs["BLOCK_P"]
+                splits = max(1, min(64, triton.cdiv(C, 8 * block_p)))
+                per_split = triton.cdiv(triton.cdiv(C, splits), block_p) * block_p
+                splits = triton.cdiv(C, per_split)
+                gw_part = torch.empty(splits, d_out, d_in, **f32)
+                gb_part = torch.empty(splits, d_out, **f32)
+                grid = (triton.cdiv(d_out, wgrad_cfg.kwargs["BLOCK_N"]), triton.cdiv(d_in, wgrad_cfg.kwargs["BLOCK_K"]), splits)
+                launch(backward._layer_weight_grad_kernel, grid, wgrad_cfg,
+                       gz_ptr=G, a_ptr=A_prev, gw_ptr=gw_part, gb_ptr=gb_part, num_points=C, d_in=d_in, d_out=d_out,
+                       points_per_split=per_split, stride_gp=G.stride(0), stride_gs=G.stride(1),
+                       stride_ap=a_st[0], stride_as=a_st[1], stride_af=a_st[2], ROWS_A=rows_a,
+                       HAS_BIAS=biases[l] is not None, PRECISION=precision, SLOTS=slots_a)  # fmt: skip
+                grad_W[l] += gw_part.sum(0)
+                if biases[l] is not None:
+                    grad_b[l] += gb_part.sum(0)
+                if l == 0 and jacobian:
+                    grad_W[0][:, :k] += G[:, 1:].sum(0).t()
+                # propagate: G_Z of the previous layer, or dLoss/dx after the first
+                if l == 0 and not need_x:
+                    break
+                out = gx[start : start + chunk] if l == 0 else torch.empty(C, rows, d_in, **f32)
+                prev_act = spec.activations[l - 1] if l > 0 else spec.activations[0]
+                z_prev = Zs[l - 1] if l > 0 else G
+                grid = (triton.cdiv(C, bwd_cfg.kwargs["BLOCK_M"]), triton.cdiv(d_in, bwd_cfg.kwargs["BLOCK_K"]))
+                launch(backward._layer_backward_kernel, grid, bwd_cfg,
+                       gz_ptr=G, w_ptr=W, z_prev_ptr=z_prev, out_ptr=out, num_points=C, d_in=d_in, d_out=d_out,
+                       stride_gp=G.stride(0), stride_gs=G.stride(1), stride_wn=W.stride(0), stride_wk=W.stride(1),
+                       stride_zp=z_prev.stride(0), stride_zs=z_prev.stride(1), stride_op=out.stride(0),
+                       stride_os=out.stride(1) if l > 0 else 0, stride_of=out.stride(-1), ROWS=rows, LAST_STEP=l == 0,
+                       **_activation_constexprs(prev_act, "ACT"), PRECISION=precision, SLOTS=slots)  # fmt: skip
+                G = out
+    grad_W = [g.to(W.dtype) for g, W in zip(grad_W, weights)]
+    grad_b = [None if g is None else g.to(b.dtype) for g, b in zip(grad_b, biases)]
+    return gx, grad_W, grad_b
+
+
+def _activation_backward_torch(act, G, Z, jacobian: bool):
+    """dLoss/d[z; U] from dLoss/d[s(z); s'(z) U] for the last layer (usually the identity), in PyTorch."""
+    if act.is_identity:
+        return G
+    _, slope, second = act.evaluate(Z[:, 0], value=False, curvature=jacobian)
+    g_z = slope * G[:, 0]
+    if jacobian and second is not None:
+        g_z += second * (G[:, 1:] * Z[:, 1:]).sum(1)
+    G[:, 1:] *= slope[:, None]
+    G[:, 0] = g_z
+    return G

@@ -79,7 +79,7 @@ def network_configs() -> list[triton.Config]:
 def layer_configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
-        for bm, bn, w in ((16, 32, 4), (16, 64, 8), (32, 32, 8), (16, 16, 4), (64, 32, 4), (64, 64, 8))
+        for bm, bn, w in ((16, 32, 4), (32, 32, 8), (16, 16, 4), (64, 32, 4), (64, 64, 8))
         for s in (2, 3)
     ]
 
