@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .activations import as_activation
-from .reference import MLPSpec, mlp_jacobian_reference
+from .reference import MLPSpec, mlp_jacobian_reference, refuse_double_backward
 
 __all__ = ["mlp_jacobian", "BACKENDS", "SUPPORTED_DTYPES"]
 
@@ -178,11 +178,7 @@ class _TritonMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gJ=None):
-        if torch.is_grad_enabled():
-            raise RuntimeError(
-                "tritonjac's backward is first-order: differentiating its gradients (create_graph=True, "
-                "double backward) is not supported. J is already an output: put the loss on J instead."
-            )
+        refuse_double_backward()
         from . import triton_ops
 
         spec = ctx.spec

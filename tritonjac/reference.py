@@ -227,6 +227,16 @@ def _stack_output_grads(gy, gJ, start, stop, d_out, spec: MLPSpec, scratch: _Scr
     return G
 
 
+def refuse_double_backward():
+    """Called first in a backward: with grad mode on (create_graph=True) the gradient would itself be
+    differentiated. Refuse loudly rather than return a gradient that silently carries no graph."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "tritonjac's backward is first-order: differentiating its gradients (create_graph=True, "
+            "double backward) is not supported. J is already an output: put the loss on J instead."
+        )
+
+
 class _AnalyticJacobian(torch.autograd.Function):
     """(y, J) with an analytic first-order backward that saves x and, per layer, z_l and U_l."""
 
@@ -244,13 +254,7 @@ class _AnalyticJacobian(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy, gJ):
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradient would itself be differentiated. Refuse loudly rather
-            # than return a gradient that silently carries no graph.
-            raise RuntimeError(
-                "tritonjac's backward is first-order: differentiating its gradients (create_graph=True, "
-                "double backward) is not supported. J is already an output: put the loss on J instead."
-            )
+        refuse_double_backward()
         spec = ctx.spec
         L = len(spec.activations)
         x2d, *rest = ctx.saved_tensors
