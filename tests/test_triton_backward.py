@@ -301,3 +301,11 @@ def test_training_a_deformation_field_with_an_elastic_regulariser():
         assert losses[-1] < 0.3 * losses[0]
     for a, b in zip(curves["torch"], curves["triton"]):
         assert abs(a - b) <= 1e-3 * abs(b)
+
+
+def test_double_backward_is_refused():
+    ours, _ = make_pair(3, [32, 32], 3, "tanh")
+    x = torch.randn(10, 3, device=TRITON_DEVICE, requires_grad=True)
+    y, J = ours(x)
+    with pytest.raises(RuntimeError, match="backward is first-order"):
+        torch.autograd.grad(J.sum(), x, create_graph=True)

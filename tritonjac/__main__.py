@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -50,8 +51,9 @@ def triton_check(device: str) -> bool:
     from .activations import ACTIVATION_NAMES
     from .module import JacobianMLP
 
-    before = torch.get_float32_matmul_precision()
+    before = torch.get_float32_matmul_precision(), os.environ.get("TRITONJAC_AUTOTUNE")
     torch.set_float32_matmul_precision("highest")
+    os.environ["TRITONJAC_AUTOTUNE"] = "0"  # 20 shapes: do not autotune each
     worst = 0.0
     try:
         for name in ACTIVATION_NAMES:
@@ -69,7 +71,11 @@ def triton_check(device: str) -> bool:
                 for a, b in ((y, y_ref), (J, J_ref)):
                     worst = max(worst, ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-300)).item())
     finally:
-        torch.set_float32_matmul_precision(before)
+        torch.set_float32_matmul_precision(before[0])
+        if before[1] is None:
+            del os.environ["TRITONJAC_AUTOTUNE"]
+        else:
+            os.environ["TRITONJAC_AUTOTUNE"] = before[1]
     ok = worst < 2e-5
     print(f"Triton kernels, float32 'highest' vs float64: worst relative error {worst:.1e} -> {'OK' if ok else 'FAILED'}")
     return ok

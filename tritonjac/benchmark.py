@@ -333,8 +333,8 @@ def run_case(case: Case, *, modes=MODES, rounds: int = 7, include_compile: bool 
             row = {**env, **{k: v for k, v in asdict(case).items() if k != "device"}, "mode": mode,
                    "method": res.method, "status": res.status, "peak_mem_mb": res.peak_mem_mb}  # fmt: skip
             if res.times_ms:
-                q = statistics.quantiles(res.times_ms, n=10, method="inclusive")
                 med = statistics.median(res.times_ms)
+                q = statistics.quantiles(res.times_ms, n=10, method="inclusive") if len(res.times_ms) > 1 else [med] * 9
                 row.update(median_ms=med, p20_ms=q[1], p80_ms=q[7],
                            points_per_s=case.n_points / med * 1e3, useful_gflops=flops / med / 1e6)  # fmt: skip
                 if env.get("matmul_peak_tflops"):
