@@ -161,6 +161,7 @@ def _mlp_backward_kernel(
                 g_x = tl.sum(g_z * b_col[None, :], axis=1)
                 tl.store(gx_ptr + o_p * stride_gxp + i * stride_gxf, g_x.to(gx_ptr.dtype.element_ty), mask=m_p)
         if HAS_GJ:  # the tangent rows of Z_1 are W's first K columns: their gradient lands there
+            tl.debug_barrier()  # those columns were just updated above, in another layout
             g_u = tl.sum(G_Z, axis=0)  # (SLOTS, WIDTH_PAD): slot s -> column s - 1
             m_u = (o_s[:, None] >= 1) & (o_s[:, None] <= K) & m_w[None, :]
             _add_to(gw_first + o_w[None, :] * IN + (o_s[:, None] - 1), g_u, m_u)
