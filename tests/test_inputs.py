@@ -30,13 +30,6 @@ def test_unsupported_dtypes(model, dtype):
         model(x)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_needs_the_triton_backend(dtype):
-    model = make_mlp(3, [16], 2, dtype=dtype, backend="torch")
-    with pytest.raises(TypeError, match=f"x has dtype {dtype}: the PyTorch engine computes in float32 or float64"):
-        model(torch.ones(5, 3, dtype=dtype))
-
-
 def test_dtype_mismatch_with_parameters(model):
     with pytest.raises(TypeError, match="layer 0 weight has dtype torch.float64 but x has dtype torch.float32"):
         model(torch.randn(5, 3))

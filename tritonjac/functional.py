@@ -12,7 +12,7 @@ from .reference import MLPSpec, mlp_jacobian_reference, refuse_double_backward
 __all__ = ["mlp_jacobian", "BACKENDS", "SUPPORTED_DTYPES"]
 
 BACKENDS = ("auto", "torch", "triton")
-TORCH_DTYPES = (torch.float32, torch.float64)
+TORCH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -33,11 +33,6 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
 
         triton_ops.check_device(x)
         triton_ops.check_dtype(x.dtype)
-    elif x.dtype not in TORCH_DTYPES:
-        raise TypeError(
-            f"x has dtype {x.dtype}: the PyTorch engine computes in float32 or float64; "
-            "half precision runs on the Triton backend (CUDA tensors)"
-        )
     return backend
 
 
@@ -117,12 +112,13 @@ def apply_spec(x, weights, biases, spec: MLPSpec, backend: str, jacobian: bool =
     lead, d_in = x.shape[:-1], x.shape[-1]
     d_out = weights[-1].shape[0]
     x2d = x.reshape(-1, d_in)
-    if resolve_backend(backend, x) == "triton":
-        half = _autocast_dtype(x)
-        if half is not None:  # what a built-in layer does under autocast: compute and return in half
-            x2d = x2d.to(half)
-            weights = [w.to(half) for w in weights]
-            biases = [None if b is None else b.to(half) for b in biases]
+    engine = resolve_backend(backend, x)
+    half = _autocast_dtype(x)
+    if half is not None:  # what a built-in layer does under autocast: compute and return in half
+        x2d = x2d.to(half)
+        weights = [w.to(half) for w in weights]
+        biases = [None if b is None else b.to(half) for b in biases]
+    if engine == "triton":
         y, J = _triton_mlp(x2d, weights, biases, spec, jacobian)
     else:
         y, J = mlp_jacobian_reference(x2d, weights, biases, spec)

@@ -48,7 +48,7 @@ class JacobianMLP(nn.Module):
                 raise ValueError(f"feature counts must be positive ints, got in={in_features!r}, "
                                  f"hidden={list(hidden_features)!r}, out={out_features!r}")
         if dtype is not None and dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"dtype {dtype} is not supported; use float32 or float64 (or bfloat16/float16 on the Triton backend)")
+            raise TypeError(f"dtype {dtype} is not supported; use float32, float64, bfloat16 or float16")
         hidden_act, out_act = as_activation(activation), as_activation(output_activation)
         layers = []
         for l in range(len(widths) - 1):
@@ -64,17 +64,19 @@ class JacobianMLP(nn.Module):
         linear_names, activations, kind = [], [], None
         for index, (name, m) in enumerate(named_layers):
             where = f"layer {index} ({name!r}: {type(m).__name__})"
-            if m._forward_pre_hooks or m._forward_hooks:
+            if m._forward_hooks or any(not _is_weight_norm_hook(h) for h in m._forward_pre_hooks.values()):
                 raise ValueError(
-                    f"{where} has forward hooks (e.g. the old torch.nn.utils.weight_norm), which the "
-                    "Jacobian engine would bypass; use torch.nn.utils.parametrizations instead"
+                    f"{where} has forward hooks, which the Jacobian engine would bypass (only the old "
+                    "torch.nn.utils.weight_norm's is understood); remove them or use "
+                    "torch.nn.utils.parametrizations"
                 )
-            if type(m) in (nn.Linear, nn.Conv1d):
-                if type(m) is nn.Conv1d:
+            layer_type = _layer_type(m)
+            if layer_type in (nn.Linear, nn.Conv1d):
+                if layer_type is nn.Conv1d:
                     _check_pointwise_conv(m, where)
-                if kind is not None and type(m) is not kind:
+                if kind is not None and layer_type is not kind:
                     raise ValueError(f"{where}: a stack mixes Linear and Conv1d layers; use one kind")
-                kind = type(m)
+                kind = layer_type
                 linear_names.append(name)
                 activations.append(Activation("identity"))
             elif type(m) is nn.Identity:
@@ -167,10 +169,10 @@ class JacobianMLP(nn.Module):
         return f"jacobian_inputs={self.jacobian_inputs}, backend={self.backend!r}"
 
     def _weights(self) -> list[torch.Tensor]:
-        # read on every call: parametrized weights (e.g. weight_norm) are recomputed on access
-        if self.channels_first:
-            return [m.weight.squeeze(-1) for m in self.linear_layers]
-        return [m.weight for m in self.linear_layers]
+        # read on every call: parametrized weights (weight_norm) are recomputed on access, and the
+        # old hook-based weight_norm's from weight_g and weight_v, as its hook would
+        weights = [_current_weight(m) for m in self.linear_layers]
+        return [W.squeeze(-1) for W in weights] if self.channels_first else weights
 
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, jacobian: bool = True):
@@ -204,6 +206,29 @@ class JacobianMLP(nn.Module):
             return resolve_backend(self.backend, x) == "triton"
         except TypeError:
             return False
+
+
+def _layer_type(m: nn.Module) -> type:
+    """m's class, or for a module with torch.nn.utils.parametrize parametrizations (weight_norm,
+    spectral_norm, ...; its class is then a generated subclass) the class it was made from."""
+    if nn.utils.parametrize.is_parametrized(m):
+        return type(m).__bases__[0]
+    return type(m)
+
+
+def _is_weight_norm_hook(hook) -> bool:
+    """The forward pre-hook of the old torch.nn.utils.weight_norm, on the weight."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    return isinstance(hook, WeightNorm) and hook.name == "weight"
+
+
+def _current_weight(m: nn.Module) -> torch.Tensor:
+    """m's weight as its forward would use it (computed from weight_g, weight_v under the old weight_norm)."""
+    for hook in m._forward_pre_hooks.values():
+        if _is_weight_norm_hook(hook):
+            return hook.compute_weight(m)
+    return m.weight
 
 
 def _check_pointwise_conv(m: nn.Conv1d, where: str):
