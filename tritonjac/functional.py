@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 from .activations import as_activation
+from .library import bias_arguments, mlp_jacobian_op, spec_arguments
 from .reference import MLPSpec, mlp_jacobian_reference, refuse_double_backward
 
 __all__ = ["mlp_jacobian", "BACKENDS", "SUPPORTED_DTYPES"]
@@ -118,7 +119,9 @@ def apply_spec(x, weights, biases, spec: MLPSpec, backend: str, jacobian: bool =
         x2d = x2d.to(half)
         weights = [w.to(half) for w in weights]
         biases = [None if b is None else b.to(half) for b in biases]
-    if engine == "triton":
+    if torch.compiler.is_compiling():  # under torch.compile: the torch.library op (library.py)
+        y, J = mlp_jacobian_op(x2d, weights, bias_arguments(biases, x2d), *spec_arguments(spec), engine)
+    elif engine == "triton":
         y, J = _triton_mlp(x2d, weights, biases, spec, jacobian)
     else:
         y, J = mlp_jacobian_reference(x2d, weights, biases, spec)

@@ -290,6 +290,20 @@ def _backward(x2d, weights, spec: MLPSpec, gy, gJ, need_x, need_W, need_b, layer
     return gx, grad_W, grad_b
 
 
+def backward_by_recompute(x2d, weights, biases, spec: MLPSpec, gy, gJ, need_x, need_W, need_b):
+    """The analytic backward for a forward that kept nothing but its inputs (the torch.compile op):
+    each chunk's forward is recomputed before its backward."""
+    scratch = _Scratch(x2d)
+
+    def recompute(c, start, stop):
+        saved = []
+        _forward_chunk(x2d[start:stop], weights, biases, spec, saved, scratch)
+        return saved
+
+    with torch.no_grad():
+        return _backward(x2d, weights, spec, gy, gJ, need_x, need_W, need_b, recompute)
+
+
 def mlp_jacobian_reference(x2d, weights, biases, spec: MLPSpec):
     """y (P, d_L) and J (P, d_L, k) of the MLP at the points x2d (P, d_0), differentiable.
 
