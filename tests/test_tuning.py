@@ -112,3 +112,30 @@ def test_tuned_table_round_trips_through_the_shipped_format(table_dir):
     (table_dir / "Test_GPU.json").write_text(json.dumps(tuning.tuned_table("Test GPU")))
     back = tuning.shipped_config("mlp_forward", "key", "Test GPU")
     assert back.kwargs == config.kwargs and back.num_warps == 4
+
+
+def test_failing_autotune_cache_falls_back_with_a_warning(monkeypatch):
+    """An unreadable or unwritable on-disk autotune cache (Triton's cache_results) must not crash."""
+    calls = []
+
+    class Tuned:
+        def __getitem__(self, grid):
+            def run(**kwargs):
+                raise OSError("cache file is corrupt or read-only")
+
+            return run
+
+    class Raw:
+        def __getitem__(self, grid):
+            return lambda **kwargs: calls.append((grid, kwargs))
+
+    monkeypatch.setattr(triton_ops, "_kernels", lambda: {"mlp_forward": (Raw(), Tuned())})
+    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_ops, "_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(tuning, "current_arch", lambda: 90)
+    monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
+    args = {"SLOTS": 4, "WIDTH_PAD": 64, "PRECISION": "tf32"}
+    with pytest.warns(RuntimeWarning, match="autotuning mlp_forward failed .*OSError"):
+        triton_ops._launch("mlp_forward", lambda meta: (1,), args, "key", torch.device("cpu"))
+    (grid, kwargs), = calls
+    assert kwargs["BLOCK_M"] * 4 >= 64 and kwargs["num_warps"] in (4, 8)

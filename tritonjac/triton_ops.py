@@ -16,6 +16,7 @@ half operands with fp32 accumulation; activations, tangent scaling and reduction
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -154,11 +155,17 @@ def _launch(name: str, grid, args: dict, key: str, device: torch.device) -> None
         if config is None and not tuning.autotuning_enabled():
             candidates, prune = _CANDIDATES[name]
             config = prune(candidates(), args)[0]
-    if config is not None:
-        raw[grid(config.kwargs)](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-        return
-    tuned[grid](**args)
-    tuning.record_tuned(name, key, _device_name(device.index or 0), tuned.best_config)
+    if config is None:
+        try:
+            tuned[grid](**args)
+            tuning.record_tuned(name, key, _device_name(device.index or 0), tuned.best_config)
+            return
+        except (OSError, ValueError) as err:  # e.g. Triton's on-disk autotune cache unreadable or unwritable
+            warnings.warn(f"tritonjac: autotuning {name} failed ({type(err).__name__}: {err}); "
+                          "using a fixed configuration", RuntimeWarning, stacklevel=3)  # fmt: skip
+            candidates, prune = _CANDIDATES[name]
+            config = prune(candidates(), args)[0]
+    raw[grid(config.kwargs)](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _key(dtype: torch.dtype, constexprs: dict, **runtime) -> str:
