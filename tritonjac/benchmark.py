@@ -177,11 +177,6 @@ def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
 
 
 # ---- measuring -----------------------------------------------------------------------------------------
-def _sync(device):
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def _elapsed_ms(fn, device, reps: int = 1) -> float:
     """Time per call of fn over `reps` back-to-back calls (CUDA events on GPUs, wall clock on CPU)."""
     if device.startswith("cuda"):

@@ -26,14 +26,20 @@ import triton
 
 __all__ = [
     "interpreting",
+    "autotuning_enabled",
+    "current_arch",
     "points_bucket",
     "network_configs",
     "layer_configs",
+    "network_fits_config",
+    "backward_fits_config",
+    "backward_configs",
     "prune_network_configs",
     "prune_layer_configs",
     "shipped_config",
     "record_tuned",
     "tuned_table",
+    "write_tuned_table",
     "SHIPPED_DIR",
 ]
 
