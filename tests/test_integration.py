@@ -148,15 +148,21 @@ def test_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_path):
 
 
 # ---- hostile use ---------------------------------------------------------------------------------------------
-def test_concurrent_calls_from_two_threads():
-    model = tritonjac.JacobianMLP(3, [32, 32], 3, "softplus", dtype=torch.float64, backend="torch")
-    inputs = [torch.randn(5000, 3, dtype=torch.float64) for _ in range(2)]
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    TRITON_DEVICE == "cpu", reason="compiled kernels only: Triton's interpreter keeps global state"))])  # fmt: skip
+def test_concurrent_calls_from_two_threads(backend):
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    device = device_for(backend)
+    model = tritonjac.JacobianMLP(3, [32, 32], 3, "softplus", dtype=dtype, backend=backend, device=device)
+    inputs = [torch.randn(5000, 3, dtype=dtype, device=device) for _ in range(2)]
     expected = [model(x) for x in inputs]
     results = [None, None]
 
     def run(i):
         for _ in range(3):
             results[i] = model(inputs[i])
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:

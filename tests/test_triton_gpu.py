@@ -87,26 +87,3 @@ def test_weights_on_another_cuda_device_are_refused():
     with pytest.raises(RuntimeError, match="layer 0 weight is on cuda:1 but x is on cuda:0"):
         model(torch.randn(4, 3, device="cuda:0"))
 
-
-def test_concurrent_calls_from_two_threads():
-    import threading
-
-    model = tritonjac.JacobianMLP(3, [64] * 4, 3, "softplus", device="cuda")
-    inputs = [torch.randn(50_000, 3, device="cuda") for _ in range(2)]
-    with torch.no_grad():
-        expected = [model(x) for x in inputs]
-    results = [None, None]
-
-    def run(i):
-        with torch.no_grad():
-            for _ in range(5):
-                results[i] = model(inputs[i])
-        torch.cuda.synchronize()
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for (y, J), (y0, J0) in zip(results, expected):
-        assert torch.equal(y, y0) and torch.equal(J, J0)
