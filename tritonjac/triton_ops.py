@@ -274,36 +274,27 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):
             h_strides = (buf.stride(0), buf.stride(2))
             t_strides = (buf.stride(0), buf.stride(1), buf.stride(2))
         constexprs = layer_constexprs(act, k, l == 0, b is not None, jacobian, precision)
-        args = dict(
-            a_ptr=a,
-            w_ptr=W,
-            b_ptr=b if b is not None else W,
-            h_ptr=h,
-            t_ptr=t,
-            z_ptr=h,
-            num_points=P,
-            d_in=d_in,
-            d_out=d_out,
-            points_bucket=tuning.points_bucket(P),
-            stride_ap=a_strides[0],
-            stride_as=a_strides[1],
-            stride_af=a_strides[2],
-            stride_wn=W.stride(0),
-            stride_wk=W.stride(1),
-            stride_hp=h_strides[0],
-            stride_hf=h_strides[1],
-            stride_tp=t_strides[0],
-            stride_ts=t_strides[1],
-            stride_tf=t_strides[2],
-            stride_zp=0,
-            stride_zs=0,
-            **constexprs,
-        )
+        args = _layer_args(a, a_strides, W, b, P, (h, *h_strides), (t, *t_strides)) | constexprs
         key = _key(x.dtype, constexprs, d_in=d_in, d_out=d_out, bucket=args["points_bucket"])
         grid = lambda meta, d_out=d_out: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(d_out, meta["BLOCK_N"]))  # noqa: E731
         _launch("layer_forward", grid, args, key, x.device)
         if l < L - 1:
             a, a_strides = buf, (buf.stride(0), buf.stride(1), buf.stride(2))
+
+
+def _layer_args(a, a_strides, W, b, num_points: int, h_out, t_out, z_out=None) -> dict:
+    """`_layer_forward_kernel`'s runtime arguments. h_out = (tensor, point stride, feature stride),
+    t_out = (tensor, point, tangent and feature strides), z_out = (tensor, point and slot strides)."""
+    d_out, d_in = W.shape
+    h, t = h_out[0], t_out[0]
+    z = z_out if z_out is not None else (h, 0, 0)
+    return dict(
+        a_ptr=a, w_ptr=W, b_ptr=b if b is not None else W, h_ptr=h, t_ptr=t, z_ptr=z[0],
+        num_points=num_points, d_in=d_in, d_out=d_out, points_bucket=tuning.points_bucket(num_points),
+        stride_ap=a_strides[0], stride_as=a_strides[1], stride_af=a_strides[2],
+        stride_wn=W.stride(0), stride_wk=W.stride(1), stride_hp=h_out[1], stride_hf=h_out[2],
+        stride_tp=t_out[1], stride_ts=t_out[2], stride_tf=t_out[3], stride_zp=z[1], stride_zs=z[2],
+    )  # fmt: skip
 
 
 def new_buffer(like: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -521,15 +512,12 @@ def layers_backward(x2d, weights, biases, spec: MLPSpec, gy, gJ, need_x: bool):
                 d_out, d_in = W.shape
                 A = x2d.new_empty(C, rows, d_out)
                 Z = torch.empty(C, rows, d_out, **f32)
-                launch(forward._layer_forward_kernel,
-                       (triton.cdiv(C, fwd_cfg.kwargs["BLOCK_M"]), triton.cdiv(d_out, fwd_cfg.kwargs["BLOCK_N"])), fwd_cfg,
-                       a_ptr=a, w_ptr=W, b_ptr=b if b is not None else W, h_ptr=A, t_ptr=A[:, 1:] if jacobian else A,
-                       z_ptr=Z, num_points=C, d_in=d_in, d_out=d_out, points_bucket=0,
-                       stride_ap=a_strides[0], stride_as=a_strides[1], stride_af=a_strides[2],
-                       stride_wn=W.stride(0), stride_wk=W.stride(1), stride_hp=A.stride(0), stride_hf=A.stride(2),
-                       stride_tp=A.stride(0), stride_ts=A.stride(1), stride_tf=A.stride(2),
-                       stride_zp=Z.stride(0), stride_zs=Z.stride(1), STORE_Z=True,
-                       **layer_constexprs(act, k, l == 0, b is not None, jacobian, precision))  # fmt: skip
+                args = _layer_args(a, a_strides, W, b, C, (A, A.stride(0), A.stride(2)),
+                                   (A[:, 1:] if jacobian else A, A.stride(0), A.stride(1), A.stride(2)),
+                                   (Z, Z.stride(0), Z.stride(1)))  # fmt: skip
+                args |= layer_constexprs(act, k, l == 0, b is not None, jacobian, precision)
+                grid = (triton.cdiv(C, fwd_cfg.kwargs["BLOCK_M"]), triton.cdiv(d_out, fwd_cfg.kwargs["BLOCK_N"]))
+                launch(forward._layer_forward_kernel, grid, fwd_cfg, **args, STORE_Z=True)
                 As.append(A)
                 Zs.append(Z)
                 a, a_strides = A, (A.stride(0), A.stride(1), A.stride(2))
