@@ -99,9 +99,7 @@ def test_softplus_with_beta_and_threshold(precision):
 
 @pytest.mark.parametrize("width", [1, 3, 16, 48, 64, 100, 128, 256, 512])
 def test_widths(width, precision):
-    plan = "network" if width <= 64 else None  # 128 runs whole-network in TF32, per layer in 3xTF32
-    if width > 128:
-        plan = "layers"
+    plan = "network" if width <= 128 else "layers"
     check([3, width, width, 3], ["softplus", "softplus", None], precision, expect_plan=plan)
 
 

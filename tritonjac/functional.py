@@ -167,8 +167,6 @@ class _TritonMLP(torch.autograd.Function):
         y, J = triton_ops.mlp_forward(x2d, weights, biases, spec, jacobian=jacobian)
         ctx.set_materialize_grads(False)
         ctx.spec = spec
-        # the whole-network plan's fused backward where it fits, else the per-layer kernels
-        ctx.fused_backward = triton_ops.fused_backward_available(x2d, weights, spec, jacobian)
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x2d, *weights, *(b for b in biases if b is not None))
         if J is None:
@@ -189,7 +187,10 @@ class _TritonMLP(torch.autograd.Function):
         need_W, need_b = needs[3 : 3 + L], [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])]
         if gy is None and gJ is None:
             return (None,) * len(needs)
-        run = triton_ops.mlp_backward if ctx.fused_backward else triton_ops.layers_backward
+        # the whole-network fused backward where it fits (without a loss on J it needs no tangents,
+        # which fits more often), else the per-layer kernels
+        fused = triton_ops.fused_backward_available(x2d, weights, spec, gJ is not None)
+        run = triton_ops.mlp_backward if fused else triton_ops.layers_backward
         gx, grad_W, grad_b = run(x2d, weights, biases, spec, gy, gJ, needs[2])
         grad_W = [g if need else None for g, need in zip(grad_W, need_W)]
         grad_b = [g if need else None for g, need in zip(grad_b, need_b)]

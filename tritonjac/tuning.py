@@ -56,7 +56,7 @@ SHIPPED_DIR = Path(__file__).parent / "configs"
 # with fewer, Triton falls back to the older mma.sync.
 WGMMA_ROWS = 64
 NETWORK_TILE_BUDGET = 32
-NETWORK_BUDGET = 144
+NETWORK_BUDGET = 160
 LAYER_BUDGET = 16
 
 
@@ -76,10 +76,11 @@ def points_bucket(num_points: int) -> int:
 
 
 # ---- candidates ------------------------------------------------------------------------------------
-# num_stages=1 left out: one sm_90 case spilled 8 bytes with it (W64, bf16, no tangents) and no
-# two-stage case did.
 def network_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=2) for bm in (16, 32, 64, 128) for w in (4, 8)]
+    """Candidates; `network_fits_config` keeps one num_stages per case (see there)."""
+    return [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm in (16, 32, 64, 128) for w in (4, 8) for s in (1, 2)
+    ]
 
 
 def layer_configs() -> list[triton.Config]:
@@ -100,8 +101,17 @@ def current_arch() -> int:
     return 10 * major + minor
 
 
-def network_fits_config(block_m: int, slots: int, width_pad: int, num_warps: int, precision: str, arch: int) -> bool:
-    """Whether this whole-network configuration stays within the register budgets."""
+def network_fits_config(block_m: int, slots: int, width_pad: int, num_warps: int, precision: str, arch: int,
+                        num_stages: int = 2) -> bool:  # fmt: skip
+    """Whether this whole-network configuration stays within the register and shared-memory budgets.
+
+    Two stages (the next layer's weights prefetched) everywhere but 3xTF32 at width 128, whose
+    split weight tiles need 256 KB of shared memory with two stages (192 KB with one; sm_90 has
+    227 KB). One stage was left out elsewhere: it spilled 8 bytes in one sm_90 case (W64, bf16, no
+    tangents) where two stages did not.
+    """
+    if num_stages != (1 if precision == "tf32x3" and width_pad >= 128 else 2):
+        return False
     threads = 32 * num_warps
     tile = block_m * slots * width_pad / threads
     weight = width_pad * width_pad / threads * (2 if precision == "tf32x3" else 1)
@@ -151,7 +161,8 @@ def prune_network_configs(configs, named_args, arch: int | None = None, **kwargs
     arch = current_arch() if arch is None else arch
     slots, width, precision = named_args["SLOTS"], named_args["WIDTH_PAD"], named_args["PRECISION"]
     return [
-        c for c in configs if network_fits_config(c.kwargs["BLOCK_M"], slots, width, c.num_warps, precision, arch)
+        c for c in configs
+        if network_fits_config(c.kwargs["BLOCK_M"], slots, width, c.num_warps, precision, arch, c.num_stages)
     ]
 
 
