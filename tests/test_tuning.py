@@ -139,3 +139,18 @@ def test_failing_autotune_cache_falls_back_with_a_warning(monkeypatch):
         triton_ops._launch("mlp_forward", lambda meta: (1,), args, "key", torch.device("cpu"))
     (grid, kwargs), = calls
     assert kwargs["BLOCK_M"] * 4 >= 64 and kwargs["num_warps"] in (4, 8)
+
+
+@pytest.mark.parametrize("kernel", ["mlp_forward", "layer_forward"])
+def test_pruning_through_triton_autotune(kernel, monkeypatch):
+    """triton.autotune hands the launch's keyword arguments to the pruning function as **kwargs
+    (named_args holds only positional ones): the real Autotuner must find SLOTS and friends."""
+    if triton_ops.interpreting():
+        # the interpreter replaces @triton.jit functions; build the autotuner on a plain jit kernel
+        monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "current_arch", lambda: 90)
+    _, tuned = triton_ops._kernels.__wrapped__()[kernel]
+    tuned.nargs = {}  # what Autotuner.run sets when every argument is passed by keyword
+    kwargs = {"SLOTS": 4, "WIDTH_PAD": 64, "PRECISION": "tf32"}
+    kept = tuned.prune_configs(kwargs)
+    assert kept and all(c.kwargs["BLOCK_M"] * 4 >= 64 for c in kept)

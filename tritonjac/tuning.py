@@ -157,8 +157,12 @@ def layer_cost(block_m: int, slots: int, block_n: int, num_warps: int) -> float:
 
 
 def prune_network_configs(configs, named_args, arch: int | None = None, **kwargs):
-    """Keep the configurations within the register budgets (possibly none: use the layer kernel)."""
+    """Keep the configurations within the register budgets (possibly none: use the layer kernel).
+
+    `triton.autotune` passes the positional arguments as named_args and the keyword ones (all of
+    ours) as **kwargs: read from both."""
     arch = current_arch() if arch is None else arch
+    named_args = {**named_args, **kwargs}
     slots, width, precision = named_args["SLOTS"], named_args["WIDTH_PAD"], named_args["PRECISION"]
     return [
         c for c in configs
@@ -167,9 +171,10 @@ def prune_network_configs(configs, named_args, arch: int | None = None, **kwargs
 
 
 def prune_layer_configs(configs, named_args, arch: int | None = None, **kwargs):
-    """Keep the configurations within the register budget, with wgmma-sized dots on sm_90."""
+    """Keep the configurations within the register budget, with wgmma-sized dots on sm_90 (the
+    arguments arrive as in `prune_network_configs`)."""
     arch = current_arch() if arch is None else arch
-    slots = named_args["SLOTS"]
+    slots = {**named_args, **kwargs}["SLOTS"]
 
     def cost(c):
         return layer_cost(c.kwargs["BLOCK_M"], slots, c.kwargs["BLOCK_N"], c.num_warps)
