@@ -154,3 +154,32 @@ def test_pruning_through_triton_autotune(kernel, monkeypatch):
     kwargs = {"SLOTS": 4, "WIDTH_PAD": 64, "PRECISION": "tf32"}
     kept = tuned.prune_configs(kwargs)
     assert kept and all(c.kwargs["BLOCK_M"] * 4 >= 64 for c in kept)
+
+
+@pytest.mark.skipif(not triton_ops.interpreting(), reason="drives the interpreter through the autotuned path")
+def test_autotuned_launch_path_runs(monkeypatch):
+    """The launch path a GPU takes without a shipped table, through the real triton.autotune
+    wrapper: with one candidate left after pruning the autotuner runs it without timing, which the
+    interpreter can do. Checks the keys, the grid, the recorded choice and the result."""
+    import tritonjac
+
+    one = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2)
+    monkeypatch.setattr(tuning, "network_configs", lambda: [one])
+    monkeypatch.setattr(tuning, "current_arch", lambda: 80)  # 16-row blocks are allowed there
+    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_ops, "check_device", lambda x: None)
+    monkeypatch.setattr(triton_ops, "_device_name", lambda index: "Interpreter GPU")
+    monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
+    triton_ops._kernels.cache_clear()
+    try:
+        model = tritonjac.JacobianMLP(3, [32, 32], 3, "tanh", backend="triton")
+        x = torch.randn(40, 3)
+        with torch.no_grad():
+            y, J = model(x)
+            model.backend = "torch"
+            y_ref, J_ref = model(x)
+    finally:
+        triton_ops._kernels.cache_clear()
+    assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(J, J_ref, atol=1e-5)
+    (entry,) = tuning.tuned_table("Interpreter GPU")["mlp_forward"].values()
+    assert entry == {"kwargs": {"BLOCK_M": 16}, "num_warps": 4, "num_stages": 2}
