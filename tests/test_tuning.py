@@ -183,3 +183,10 @@ def test_autotuned_launch_path_runs(monkeypatch):
     assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(J, J_ref, atol=1e-5)
     (entry,) = tuning.tuned_table("Interpreter GPU")["mlp_forward"].values()
     assert entry == {"kwargs": {"BLOCK_M": 16}, "num_warps": 4, "num_stages": 2}
+
+
+def test_kernel_activation_ids_follow_the_names():
+    from tritonjac.kernels import activations as kernel_activations
+
+    for name, i in triton_ops.ACTIVATION_IDS.items():
+        assert getattr(kernel_activations, name.upper()).value == i

@@ -13,9 +13,8 @@ from .reference import MLPSpec, mlp_jacobian_reference, refuse_double_backward
 __all__ = ["mlp_jacobian", "BACKENDS", "SUPPORTED_DTYPES"]
 
 BACKENDS = ("auto", "torch", "triton")
-TORCH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # the PyTorch engine's
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def check_backend(backend: str) -> str:

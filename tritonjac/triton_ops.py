@@ -23,25 +23,15 @@ import torch
 import triton
 
 from . import tuning
+from .activations import ACTIVATION_NAMES
+from .functional import TRITON_DTYPES
 from .reference import MLPSpec
 from .tuning import interpreting
 
 __all__ = ["mlp_forward", "mlp_backward", "plan_for", "ACTIVATION_IDS", "TRITON_DTYPES", "matmul_precision", "Plan"]
 
-# Mirrors the ids in kernels/activations.py.
-ACTIVATION_IDS = {
-    "identity": 0,
-    "relu": 1,
-    "leaky_relu": 2,
-    "softplus": 3,
-    "tanh": 4,
-    "sigmoid": 5,
-    "silu": 6,
-    "gelu": 7,
-    "gelu_tanh": 8,
-    "sine": 9,
-}
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The kernels' activation ids (kernels/activations.py) follow ACTIVATION_NAMES (tested).
+ACTIVATION_IDS = {name: i for i, name in enumerate(ACTIVATION_NAMES)}
 MAX_NETWORK_FEATURES = 16  # in_features and out_features of the whole-network kernel
 MAX_NETWORK_WIDTH = 128
 
