@@ -1,5 +1,11 @@
 """torch.compile(fullgraph=True) of models containing a JacobianMLP, and the torch.library ops."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -104,3 +110,46 @@ def test_what_the_peers_cannot_do():
 
     torch.compile(ours, fullgraph=True)(x).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ---- the triton_ops: what the compiler sees on a GPU, traced and run here -----------------------------
+WORKER = Path(__file__).parent / "traced_kernels_worker.py"
+
+
+@pytest.mark.parametrize("case", ["network", "network-tf32", "layers", "dynamic", "no-grad"])
+def test_compiler_sees_the_kernels(case):
+    """torch.compile(fullgraph=True) traces into tritonjac::triton_mlp_jacobian and its backward:
+    every launch is a kernel node of the graph, torch's analysis of the kernels' IR found which
+    tensors they write (no parameter or input is copied into), and the graphs, run with the same
+    kernels under the interpreter, give the float64 engine's results and gradients. See the worker."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton 3.9's notice
+    proc = subprocess.run([sys.executable, str(WORKER), case], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        pytest.fail(f"the worker failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.splitlines()[-1])
+    graphs = result["graphs"]
+    training = case != "no-grad"
+    assert len(graphs) == (2 if training else 1)  # forward (+ backward); "dynamic": one compile, two sizes
+    for code in graphs:
+        assert "triton_kernel_wrapper_functional" in code and "tritonjac" not in code  # no opaque op
+        assert "aten.copy_." not in code  # nothing written in place: the IR analysis worked
+    if case == "dynamic":
+        assert "'num_points': 100" not in graphs[0] and "'num_points': 37" not in graphs[0]
+    bad = {name: err for name, err in result["errors"].items() if not err < 5e-5}
+    assert not bad, bad
+
+
+def test_which_op_the_compiler_gets(monkeypatch):
+    """The triton_ops for CUDA tensors on the Triton engine; the opaque op for the PyTorch engine,
+    for the interpreter (CPU tensors), and on request."""
+    from types import SimpleNamespace
+
+    from tritonjac.functional import compiler_sees_kernels
+
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    monkeypatch.delenv("TRITONJAC_OPAQUE_COMPILE", raising=False)
+    assert compiler_sees_kernels("triton", cuda)
+    assert not compiler_sees_kernels("torch", cuda) and not compiler_sees_kernels("triton", cpu)
+    monkeypatch.setenv("TRITONJAC_OPAQUE_COMPILE", "1")
+    assert not compiler_sees_kernels("triton", cuda)

@@ -87,3 +87,56 @@ def test_weights_on_another_cuda_device_are_refused():
     with pytest.raises(RuntimeError, match="layer 0 weight is on cuda:1 but x is on cuda:0"):
         model(torch.randn(4, 3, device="cuda:0"))
 
+
+
+# ---- torch.compile with inductor: the kernels inside the compiled graph -----------------------------------
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("opaque", [False, True], ids=["traced", "opaque"])
+def test_inductor_compiles_a_training_step_with_the_kernels(opaque, monkeypatch, fresh_dynamo, tf32):
+    """fullgraph=True over forward, loss on y and J, and backward. Traced (the default on CUDA),
+    inductor's generated code launches tritonjac's kernels itself; with TRITONJAC_OPAQUE_COMPILE=1
+    it calls the opaque op. Both equal eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TRITONJAC_OPAQUE_COMPILE", "1" if opaque else "0")
+    model = tritonjac.JacobianMLP(3, [64] * 3, 3, torch.nn.Softplus(beta=100), device="cuda")
+    x = torch.randn(5000, 3, device="cuda")
+
+    def step(x):
+        y, J = model(x)
+        loss = y.square().mean() + (J + torch.eye(3, device="cuda")).square().mean()
+        loss.backward()
+        return loss
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss, code = run_and_get_code(compiled, x)
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss_ref = step(x)
+    code = "\n".join(code)
+    assert ("_mlp_forward_kernel" in code) != opaque and ("tritonjac.mlp_jacobian" in code) == opaque
+    assert rel_err(loss, loss_ref) < 1e-5
+    for g, p in zip(grads, model.parameters()):
+        assert rel_err(g, p.grad) < 1e-4
+
+
+def test_triton_ops_pass_opcheck():
+    from tritonjac.library import bias_arguments, spec_arguments, triton_mlp_jacobian_backward_op, triton_mlp_jacobian_op
+
+    model = tritonjac.JacobianMLP(3, [32, 32], 3, "tanh", device="cuda")
+    weights = [m.weight for m in model.linear_layers]
+    x = torch.randn(300, 3, device="cuda", requires_grad=True)
+    biases = bias_arguments([m.bias for m in model.linear_layers[:-1]] + [None], x)
+    args = (x, weights, biases, *spec_arguments(model._spec))
+    torch.library.opcheck(triton_mlp_jacobian_op, args)
+    with torch.no_grad():
+        y, J = triton_mlp_jacobian_op(*args)
+    detached = [t.detach() for t in weights], [t.detach() for t in biases]
+    back = (x.detach(), *detached, torch.ones_like(y), torch.ones_like(J), *spec_arguments(model._spec))
+    torch.library.opcheck(triton_mlp_jacobian_backward_op, back)

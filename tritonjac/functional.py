@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
 
 from .activations import as_activation
-from .library import bias_arguments, mlp_jacobian_op, spec_arguments
+from .library import bias_arguments, mlp_jacobian_op, spec_arguments, triton_mlp_jacobian_op
 from .reference import MLPSpec, mlp_jacobian_reference, refuse_double_backward
 
 __all__ = ["mlp_jacobian", "BACKENDS", "SUPPORTED_DTYPES"]
@@ -118,8 +119,9 @@ def apply_spec(x, weights, biases, spec: MLPSpec, backend: str, jacobian: bool =
         x2d = x2d.to(half)
         weights = [w.to(half) for w in weights]
         biases = [None if b is None else b.to(half) for b in biases]
-    if torch.compiler.is_compiling():  # under torch.compile: the torch.library op (library.py)
-        y, J = mlp_jacobian_op(x2d, weights, bias_arguments(biases, x2d), *spec_arguments(spec), engine)
+    if torch.compiler.is_compiling():  # under torch.compile: the torch.library ops (library.py)
+        args = (x2d, weights, bias_arguments(biases, x2d), *spec_arguments(spec))
+        y, J = triton_mlp_jacobian_op(*args) if compiler_sees_kernels(engine, x2d) else mlp_jacobian_op(*args, engine)
     elif engine == "triton":
         y, J = _triton_mlp(x2d, weights, biases, spec, jacobian)
     else:
@@ -128,6 +130,13 @@ def apply_spec(x, weights, biases, spec: MLPSpec, backend: str, jacobian: bool =
     if not jacobian:
         return y, None
     return y, J.view(*lead, d_out, spec.jacobian_inputs)
+
+
+def compiler_sees_kernels(engine: str, x: torch.Tensor) -> bool:
+    """Whether torch.compile traces into the Triton kernels (the `triton_op`s) rather than calling
+    them as an opaque op: on CUDA, unless TRITONJAC_OPAQUE_COMPILE=1 (inductor lowers Triton
+    kernels for GPUs only; the interpreter's kernels cannot be traced)."""
+    return engine == "triton" and x.device.type == "cuda" and os.environ.get("TRITONJAC_OPAQUE_COMPILE", "0") == "0"
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

@@ -1,20 +1,24 @@
-"""The op as `torch.library` custom ops, so that `torch.compile(fullgraph=True)` can trace models
+"""The op as `torch.library` operators, so that `torch.compile(fullgraph=True)` can trace models
 containing a JacobianMLP, forward and training step alike.
 
-    tritonjac::mlp_jacobian            (x, weights, biases, activations...) -> (y, J)
-    tritonjac::mlp_jacobian_backward   (x, weights, biases, dy, dJ, ...) -> (dx, dweights, dbiases)
+    tritonjac::mlp_jacobian            (x, weights, biases, activations..., backend) -> (y, J)
+    tritonjac::mlp_jacobian_backward   (x, weights, biases, dy, dJ, ..., backend) -> (dx, dweights, dbiases)
+    tritonjac::triton_mlp_jacobian     (x, weights, biases, activations...) -> (y, J)
+    tritonjac::triton_mlp_jacobian_backward
+
+The first two are `custom_op`s, opaque to the compiler: the PyTorch engine (CPU and CUDA), and
+the Triton kernels where the compiler cannot trace them (under the interpreter, or by choice with
+TRITONJAC_OPAQUE_COMPILE=1). The `triton_` pair are `triton_op`s for CUDA tensors: the compiler
+traces into them and sees each kernel launch (`wrap_triton`), so inductor schedules the kernels
+in its own graph. Inductor lowers such kernels for GPUs only (DESIGN.md section 6), hence two
+families.
 
 Biases travel as a list of tensors (an empty tensor for a layer without bias; a list holding None
-is not differentiable through aot_autograd). Each op has a fake (meta) implementation for tracing; the forward's autograd formula calls the
-backward op, which recomputes the forward (nothing but the inputs is saved). Both dispatch to the
-analytic PyTorch engine or the Triton kernels by the `backend` argument, resolved before the op is
-entered (the compiler never sees a device-dependent choice). Eager calls do not go through these
-ops: they use the autograd.Functions of `functional.py`, which keep intermediate state where that
-is faster.
-
-The Triton kernels are opaque to the compiler here (`custom_op`, not `triton_op`): their
-launchers choose plans and configurations at run time. tritonjac's ops are the place to look if
-a future version lets inductor see them.
+is not differentiable through aot_autograd). Each forward's autograd formula calls its backward
+op, which recomputes the forward (nothing but the inputs is saved). The engine is resolved before
+an op is entered (the compiler never sees a device-dependent choice). Eager calls do not go
+through these ops: they use the autograd.Functions of `functional.py`, which keep intermediate
+state where that is faster.
 """
 
 from __future__ import annotations
@@ -24,7 +28,14 @@ import torch
 from .activations import ACTIVATION_NAMES, Activation
 from .reference import MLPSpec, _forward, backward_by_recompute
 
-__all__ = ["mlp_jacobian_op", "mlp_jacobian_backward_op", "spec_arguments", "bias_arguments"]
+__all__ = [
+    "mlp_jacobian_op",
+    "mlp_jacobian_backward_op",
+    "triton_mlp_jacobian_op",
+    "triton_mlp_jacobian_backward_op",
+    "spec_arguments",
+    "bias_arguments",
+]
 
 
 def bias_arguments(biases, like: torch.Tensor) -> list[torch.Tensor]:
@@ -94,13 +105,8 @@ def mlp_jacobian_backward_op(
     biases = _biases(biases)
     has_bias = [b is not None for b in biases]
     if backend == "triton":
-        from . import triton_ops
-
-        fused = triton_ops.fused_backward_available(x, weights, spec, True)
-        run = triton_ops.mlp_backward if fused else triton_ops.layers_backward
-        dx, dW, db = run(x, weights, biases, spec, dy, dJ, True)
-    else:
-        dx, dW, db = backward_by_recompute(x, weights, biases, spec, dy, dJ, True, [True] * L, has_bias)
+        return _triton_backward(x, weights, biases, dy, dJ, spec)
+    dx, dW, db = backward_by_recompute(x, weights, biases, spec, dy, dJ, True, [True] * L, has_bias)
     return dx, list(dW), bias_arguments(db, x)  # an empty gradient for an empty bias
 
 
@@ -109,18 +115,70 @@ def _(x, weights, biases, dy, dJ, activation_ids, params, thresholds, k, backend
     return torch.empty_like(x), [torch.empty_like(W) for W in weights], [torch.empty_like(b) for b in biases]
 
 
+def _triton_backward(x, weights, biases, dy, dJ, spec: MLPSpec):
+    from . import triton_ops
+
+    fused = triton_ops.fused_backward_available(x, weights, spec, True)
+    run = triton_ops.mlp_backward if fused else triton_ops.layers_backward
+    dx, dW, db = run(x, weights, biases, spec, dy, dJ, True)
+    return dx, list(dW), bias_arguments(db, x)  # an empty gradient for an empty bias
+
+
+# ---- the Triton kernels, visible to the compiler ------------------------------------------------------
+@torch.library.triton_op("tritonjac::triton_mlp_jacobian", mutates_args=())
+def triton_mlp_jacobian_op(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    activation_ids: list[int],
+    params: list[float],
+    thresholds: list[float],
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from . import triton_ops
+
+    # the body is traced (fake tensors) and becomes the kernel launches in the compiled graph
+    return triton_ops.mlp_forward(x, weights, _biases(biases), _spec(activation_ids, params, thresholds, k))
+
+
+@torch.library.triton_op("tritonjac::triton_mlp_jacobian_backward", mutates_args=())
+def triton_mlp_jacobian_backward_op(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    dy: torch.Tensor,
+    dJ: torch.Tensor,
+    activation_ids: list[int],
+    params: list[float],
+    thresholds: list[float],
+    k: int,
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    spec = _spec(activation_ids, params, thresholds, k)
+    return _triton_backward(x, weights, _biases(biases), dy, dJ, spec)
+
+
+# ---- autograd: each forward op differentiates through its backward op ----------------------------------
 def _setup_context(ctx, inputs, output):
-    x, weights, biases, activation_ids, params, thresholds, k, backend = inputs
+    x, weights, biases, *spec_args = inputs
     ctx.save_for_backward(x, *weights, *biases)
-    ctx.spec_args = (activation_ids, params, thresholds, k, backend)
+    ctx.spec_args = spec_args
+
+
+def _saved(ctx):
+    x, *rest = ctx.saved_tensors
+    L = len(rest) // 2
+    return x, list(rest[:L]), list(rest[L:])
 
 
 def _backward(ctx, dy, dJ):
-    x, *rest = ctx.saved_tensors
-    L = len(rest) // 2
-    weights, biases = list(rest[:L]), list(rest[L:])
-    dx, dW, db = mlp_jacobian_backward_op(x, weights, biases, dy, dJ, *ctx.spec_args)
+    dx, dW, db = mlp_jacobian_backward_op(*_saved(ctx), dy, dJ, *ctx.spec_args)
     return dx, dW, db, None, None, None, None, None
 
 
+def _triton_op_backward(ctx, dy, dJ):
+    dx, dW, db = triton_mlp_jacobian_backward_op(*_saved(ctx), dy, dJ, *ctx.spec_args)
+    return dx, dW, db, None, None, None, None
+
+
 mlp_jacobian_op.register_autograd(_backward, setup_context=_setup_context)
+triton_mlp_jacobian_op.register_autograd(_triton_op_backward, setup_context=_setup_context)

@@ -125,7 +125,8 @@ def plan_for(weights, spec: MLPSpec, jacobian: bool = True, precision: str = "tf
 # ---- launching -------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
+    """The GPU's name, which keys the config tables ("cpu" for the interpreter and CPU tracing)."""
+    return torch.cuda.get_device_name(index) if torch.cuda.is_available() else "cpu"
 
 
 _CANDIDATES = {
@@ -134,28 +135,55 @@ _CANDIDATES = {
 }
 
 
-def _launch(name: str, grid, args: dict, key: str, device: torch.device) -> None:
-    """Run kernel `name` with the interpreter's, the shipped, a fixed or the autotuned configuration."""
+def traced(x: torch.Tensor) -> bool:
+    """Whether x is being traced by torch.compile (a fake or functional tensor) rather than computed.
+    Launches then go through `torch.library.wrap_triton`, so that the compiler sees the kernels, with
+    a configuration chosen without running anything."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return isinstance(x, (FakeTensor, FunctionalTensor))
+
+
+def _interpret_bf16(dtype: torch.dtype) -> bool:
+    """The kernels' interpreter-only bf16 workaround (kernels/forward.py `_dot`). Every launch passes
+    it, and every other defaulted argument: torch.compile's analysis of which tensors a kernel
+    writes needs them all, and without it takes every tensor argument as written."""
+    return interpreting() and dtype == torch.bfloat16
+
+
+def _launchable(kernel, is_traced: bool):
+    """The kernel as launched: through `wrap_triton` while traced (eagerly its HOP dispatch costs ~1 ms)."""
+    return torch.library.wrap_triton(kernel) if is_traced else kernel
+
+
+def _launch(name: str, grid, args: dict, key: str, device: torch.device, is_traced: bool = False) -> None:
+    """Run kernel `name` with the interpreter's, the shipped, the tuned, a fixed or the autotuned
+    configuration. Traced (torch.compile) launches never autotune: they take the shipped table's
+    entry, else what autotuning chose for this key in this process, else the first fitting candidate."""
     raw, tuned = _kernels()[name]
+    gpu = _device_name(device.index or 0)
     if interpreting():
         config = INTERPRETER_CONFIGS[name]
-        args = {**args, "INTERPRET_BF16": args["x_ptr" if "x_ptr" in args else "w_ptr"].dtype == torch.bfloat16}
     else:
-        config = tuning.shipped_config(name, key, _device_name(device.index or 0))
-        if config is None and not tuning.autotuning_enabled():
+        config = tuning.shipped_config(name, key, gpu)
+        if config is None and is_traced:
+            config = tuning.tuned_config(name, key, gpu)
+        if config is None and (is_traced or not tuning.autotuning_enabled()):
             candidates, prune = _CANDIDATES[name]
             config = prune(candidates(), args)[0]
     if config is None:
         try:
             tuned[grid](**args)
-            tuning.record_tuned(name, key, _device_name(device.index or 0), tuned.best_config)
+            tuning.record_tuned(name, key, gpu, tuned.best_config)
             return
         except (OSError, ValueError) as err:  # e.g. Triton's on-disk autotune cache unreadable or unwritable
             warnings.warn(f"tritonjac: autotuning {name} failed ({type(err).__name__}: {err}); "
                           "using a fixed configuration", RuntimeWarning, stacklevel=3)  # fmt: skip
             candidates, prune = _CANDIDATES[name]
             config = prune(candidates(), args)[0]
-    raw[grid(config.kwargs)](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel = _launchable(raw, is_traced)
+    kernel[grid(config.kwargs)](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _key(dtype: torch.dtype, constexprs: dict, **runtime) -> str:
@@ -241,9 +269,10 @@ def _run_network(x, weights, biases, spec, y, J, jacobian, precision):
         stride_jo=J_arg.stride(1),
         stride_jk=J_arg.stride(2) if J is not None else 0,
         **constexprs,
+        INTERPRET_BF16=_interpret_bf16(x.dtype),
     )
     key = _key(x.dtype, constexprs, bucket=args["points_bucket"])
-    _launch("mlp_forward", lambda meta: (triton.cdiv(P, meta["BLOCK_M"]),), args, key, x.device)
+    _launch("mlp_forward", lambda meta: (triton.cdiv(P, meta["BLOCK_M"]),), args, key, x.device, traced(x))
 
 
 def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):
@@ -265,9 +294,10 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):
             t_strides = (buf.stride(0), buf.stride(1), buf.stride(2))
         constexprs = layer_constexprs(act, k, l == 0, b is not None, jacobian, precision)
         args = _layer_args(a, a_strides, W, b, P, (h, *h_strides), (t, *t_strides)) | constexprs
+        args |= {"STORE_Z": False, "INTERPRET_BF16": _interpret_bf16(x.dtype)}
         key = _key(x.dtype, constexprs, d_in=d_in, d_out=d_out, bucket=args["points_bucket"])
         grid = lambda meta, d_out=d_out: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(d_out, meta["BLOCK_N"]))  # noqa: E731
-        _launch("layer_forward", grid, args, key, x.device)
+        _launch("layer_forward", grid, args, key, x.device, traced(x))
         if l < L - 1:
             a, a_strides = buf, (buf.stride(0), buf.stride(1), buf.stride(2))
 
@@ -348,7 +378,8 @@ class _null:
 # ---- backward ----------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    """Streaming multiprocessors (1 without CUDA: tracing on CPU, tests/traced_kernels_worker.py)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count if torch.cuda.is_available() else 1
 
 
 def mlp_backward(x2d, weights, biases, spec: MLPSpec, gy, gJ, need_x: bool):
@@ -398,11 +429,11 @@ def mlp_backward(x2d, weights, biases, spec: MLPSpec, gy, gJ, need_x: bool):
         **{k: v for k, v in constexprs.items() if k != "JACOBIAN"},
         HAS_GY=gy is not None, HAS_GJ=has_gj, NEED_X=need_x, BLOCK_M=block_m,
     )  # fmt: skip
-    if interpreting():
-        args["INTERPRET_BF16"] = x2d.dtype == torch.bfloat16
+    args["INTERPRET_BF16"] = _interpret_bf16(x2d.dtype)
     if P > 0:
         with torch.cuda.device(x2d.device) if x2d.device.type == "cuda" else _null():
-            backward._mlp_backward_kernel[(num_programs,)](**args, num_warps=config.num_warps, num_stages=config.num_stages)
+            kernel = _launchable(backward._mlp_backward_kernel, traced(x2d))
+            kernel[(num_programs,)](**args, num_warps=config.num_warps, num_stages=config.num_stages)
     sums = {name: t.sum(0) for name, t in slabs.items()}  # one fixed-order sum: deterministic
     grad_W = [sums["gw_first_ptr"], *sums["gw_hidden_ptr"][:num_hidden], sums["gw_last_ptr"]]
     grad_b = [sums["gb_first_ptr"], *sums["gb_hidden_ptr"][:num_hidden], sums["gb_last_ptr"]]
@@ -485,11 +516,14 @@ def layers_backward(x2d, weights, biases, spec: MLPSpec, gy, gJ, need_x: bool):
     gx = new_buffer(x2d, *x2d.shape) if need_x else None
     arch = tuning.current_arch() if x2d.device.type == "cuda" else 90
     fwd_cfg = _recompute_config(slots, arch)
-    interp = {"INTERPRET_BF16": x2d.dtype == torch.bfloat16} if interpreting() else {}
+    interp = {"INTERPRET_BF16": _interpret_bf16(x2d.dtype)}
     per_point = rows * sum(W.shape[0] for W in weights) * (x2d.element_size() + 4) + 2 * rows * max(W.shape[1] for W in weights) * 4
     chunk = max(1, min(P, LAYERS_BACKWARD_CHUNK_BYTES // per_point))
 
+    is_traced = traced(x2d)
+
     def launch(kernel, grid, config, **args):
+        kernel = _launchable(kernel, is_traced)
         kernel[grid](**args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **interp)
 
     with torch.cuda.device(x2d.device) if x2d.device.type == "cuda" else _null():

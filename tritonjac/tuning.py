@@ -71,7 +71,10 @@ def autotuning_enabled() -> bool:
 
 
 def points_bucket(num_points: int) -> int:
-    """log2 bucket of the number of 4096-point blocks: 0 up to 4096 points, then one per doubling."""
+    """log2 bucket of the number of 4096-point blocks: 0 up to 4096 points, then one per doubling.
+    A symbolic count (torch.compile with dynamic shapes) gets the bucket of 2^20 points."""
+    if not isinstance(num_points, int):
+        num_points = 1 << 20
     return max(0, (num_points - 1) // 4096).bit_length()
 
 
@@ -233,6 +236,12 @@ _TUNED: dict = {}
 
 def record_tuned(kernel: str, key: str, device_name: str, config: triton.Config) -> None:
     _TUNED.setdefault(device_name, {}).setdefault(kernel, {})[key] = _config_to_json(config)
+
+
+def tuned_config(kernel: str, key: str, device_name: str) -> triton.Config | None:
+    """What autotuning chose for this kernel and key on this GPU in this process, or None."""
+    entry = _TUNED.get(device_name, {}).get(kernel, {}).get(key)
+    return None if entry is None else _config_from_json(entry)
 
 
 def tuned_table(device_name: str) -> dict:
