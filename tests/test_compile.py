@@ -140,6 +140,24 @@ def test_compiler_sees_the_kernels(case):
     assert not bad, bad
 
 
+@pytest.mark.parametrize("precision", ["high", "highest"])
+def test_inductor_generates_kernels_that_compile_for_sm90(precision):
+    """Inductor copies tritonjac's kernels (with their helpers and constants) into its own code;
+    every copy of a training step's kernels compiles for sm_90 with wgmma. "high": whole-network
+    forward and fused backward; "highest": whole-network forward, per-layer backward."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, str(WORKER), "inductor", precision], env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode:
+        pytest.fail(f"the worker failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.splitlines()[-1])
+    kernels = {c["kernel"] for c in result["compiled"]}
+    backward = {"_mlp_backward_kernel"} if precision == "high" else {"_layer_forward_kernel", "_layer_backward_kernel", "_layer_weight_grad_kernel"}
+    assert kernels == {"_mlp_forward_kernel"} | backward, result
+    assert all(c["wgmma"] for c in result["compiled"])
+    assert result["stopped"] == "NoGPUToLaunchOn: _mlp_forward_kernel"  # the first launch, after compiling
+
+
 def test_which_op_the_compiler_gets(monkeypatch):
     """The triton_ops for CUDA tensors on the Triton engine; the opaque op for the PyTorch engine,
     for the interpreter (CPU tensors), and on request."""

@@ -108,20 +108,19 @@ def test_inductor_compiles_a_training_step_with_the_kernels(opaque, monkeypatch,
     model = tritonjac.JacobianMLP(3, [64] * 3, 3, torch.nn.Softplus(beta=100), device="cuda")
     x = torch.randn(5000, 3, device="cuda")
 
-    def step(x):
+    def loss_fn(x):
         y, J = model(x)
-        loss = y.square().mean() + (J + torch.eye(3, device="cuda")).square().mean()
-        loss.backward()
-        return loss
+        return y.square().mean() + (J + torch.eye(3, device="cuda")).square().mean()
 
-    compiled = torch.compile(step, fullgraph=True)
-    loss, code = run_and_get_code(compiled, x)
+    loss, code = run_and_get_code(torch.compile(loss_fn, fullgraph=True), x)  # the forward graph's code
+    loss.backward()  # compiles and runs the backward graph
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    loss_ref = step(x)
+    loss_ref = loss_fn(x)
+    loss_ref.backward()
     code = "\n".join(code)
     assert ("_mlp_forward_kernel" in code) != opaque and ("tritonjac.mlp_jacobian" in code) == opaque
-    assert rel_err(loss, loss_ref) < 1e-5
+    assert rel_err(loss, loss_ref) < 1e-4  # the same kernels and configurations: far below TF32's error
     for g, p in zip(grads, model.parameters()):
         assert rel_err(g, p.grad) < 1e-4
 

@@ -11,6 +11,13 @@ interpreter. So the graphs the compiler builds (buffers, views, grids, arguments
 are checked for real, short of inductor's GPU code generation.
 
 Prints one JSON line: the graphs' code, and the errors against the PyTorch engine in float64.
+
+    python tests/traced_kernels_worker.py inductor PRECISION
+
+goes one step further on the GPU's road: inductor compiles the training step, and the Triton
+kernels it generates from tritonjac's (its own copy of their source, with the helpers and
+constants they use) are compiled for sm_90 where inductor would compile them for the GPU. Running
+stops there (no GPU to load them on). Prints the kernels compiled.
 """
 
 from __future__ import annotations
@@ -127,5 +134,50 @@ def main(case: str) -> None:
     print(json.dumps({"graphs": graphs, "errors": errors}))
 
 
+def inductor(precision: str) -> None:
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    from triton.compiler import ASTSource
+
+    compiled = []
+
+    def precompile(self, *args, **kwargs):  # CachingAutotuner.precompile, for sm_90, without loading
+        for cfg in self.configs:
+            meta = self._create_compile_meta(cfg)
+            source = ASTSource(self.fn, meta["signature"], meta["constants"], meta["configs"][0])
+            options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            binary = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+            compiled.append({"kernel": self.fn.__name__, "wgmma": "wgmma" in binary.asm["ptx"]})
+
+    class NoGPUToLaunchOn(Exception):
+        pass
+
+    def run(self, *args, **kwargs):
+        raise NoGPUToLaunchOn(self.fn.__name__)
+
+    CachingAutotuner.precompile = precompile
+    CachingAutotuner.run = run
+    torch._inductor.config.compile_threads = 1  # compile here, where precompile is replaced
+    torch._functorch.config.force_non_lazy_backward_lowering = True  # the backward graph too, now
+    triton.runtime.driver.set_active(CompileOnlyDriver())
+    triton_ops.check_device = lambda x: None
+    functional.compiler_sees_kernels = lambda engine, x: engine == "triton"
+    torch.set_float32_matmul_precision(precision)
+    model = tritonjac.JacobianMLP(3, [32, 32], 3, "softplus", backend="triton")
+
+    def loss(x):
+        y, J = model(x)
+        return y.square().mean() + J.square().mean()
+
+    try:
+        torch.compile(loss, fullgraph=True)(torch.randn(100, 3)).backward()
+        stopped = "ran"
+    except Exception as err:  # expected: NoGPUToLaunchOn at the first launch, everything compiled
+        stopped = f"{type(err).__name__}: {err}"[:2000]
+    print(json.dumps({"compiled": compiled, "stopped": stopped}))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    if sys.argv[1] == "inductor":
+        inductor(sys.argv[2])
+    else:
+        main(sys.argv[1])
