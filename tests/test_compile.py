@@ -171,3 +171,11 @@ def test_which_op_the_compiler_gets(monkeypatch):
     assert not compiler_sees_kernels("torch", cuda) and not compiler_sees_kernels("triton", cpu)
     monkeypatch.setenv("TRITONJAC_OPAQUE_COMPILE", "1")
     assert not compiler_sees_kernels("triton", cuda)
+
+
+def test_import_stays_light():
+    """`import tritonjac` imports neither triton nor inductor (defining the triton_ops would, about a
+    second): they come with the first use of the Triton engine."""
+    code = "import sys, tritonjac; print(sorted(m for m in ('triton', 'torch._inductor') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]"

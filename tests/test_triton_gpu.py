@@ -126,7 +126,9 @@ def test_inductor_compiles_a_training_step_with_the_kernels(opaque, monkeypatch,
 
 
 def test_triton_ops_pass_opcheck():
-    from tritonjac.library import bias_arguments, spec_arguments, triton_mlp_jacobian_backward_op, triton_mlp_jacobian_op
+    from tritonjac.library import bias_arguments, spec_arguments, triton_library_ops
+
+    triton_mlp_jacobian_op, triton_mlp_jacobian_backward_op = triton_library_ops()
 
     model = tritonjac.JacobianMLP(3, [32, 32], 3, "tanh", device="cuda")
     weights = [m.weight for m in model.linear_layers]

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .activations import as_activation
-from .library import bias_arguments, mlp_jacobian_op, spec_arguments, triton_mlp_jacobian_op
+from .library import bias_arguments, mlp_jacobian_op, spec_arguments, triton_library_ops
 from .reference import MLPSpec, mlp_jacobian_reference, refuse_double_backward
 
 __all__ = ["mlp_jacobian", "BACKENDS", "SUPPORTED_DTYPES"]
@@ -121,7 +121,10 @@ def apply_spec(x, weights, biases, spec: MLPSpec, backend: str, jacobian: bool =
         biases = [None if b is None else b.to(half) for b in biases]
     if torch.compiler.is_compiling():  # under torch.compile: the torch.library ops (library.py)
         args = (x2d, weights, bias_arguments(biases, x2d), *spec_arguments(spec))
-        y, J = triton_mlp_jacobian_op(*args) if compiler_sees_kernels(engine, x2d) else mlp_jacobian_op(*args, engine)
+        if compiler_sees_kernels(engine, x2d):  # defined when resolve_backend imported triton_ops
+            y, J = triton_library_ops().forward(*args)
+        else:
+            y, J = mlp_jacobian_op(*args, engine)
     elif engine == "triton":
         y, J = _triton_mlp(x2d, weights, biases, spec, jacobian)
     else:

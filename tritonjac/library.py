@@ -23,6 +23,8 @@ state where that is faster.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .activations import ACTIVATION_NAMES, Activation
@@ -31,8 +33,7 @@ from .reference import MLPSpec, _forward, backward_by_recompute
 __all__ = [
     "mlp_jacobian_op",
     "mlp_jacobian_backward_op",
-    "triton_mlp_jacobian_op",
-    "triton_mlp_jacobian_backward_op",
+    "triton_library_ops",
     "spec_arguments",
     "bias_arguments",
 ]
@@ -125,36 +126,61 @@ def _triton_backward(x, weights, biases, dy, dJ, spec: MLPSpec):
 
 
 # ---- the Triton kernels, visible to the compiler ------------------------------------------------------
-@torch.library.triton_op("tritonjac::triton_mlp_jacobian", mutates_args=())
-def triton_mlp_jacobian_op(
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    activation_ids: list[int],
-    params: list[float],
-    thresholds: list[float],
-    k: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from . import triton_ops
-
-    # the body is traced (fake tensors) and becomes the kernel launches in the compiled graph
-    return triton_ops.mlp_forward(x, weights, _biases(biases), _spec(activation_ids, params, thresholds, k))
+class TritonOps(NamedTuple):
+    forward: torch.library.CustomOpDef
+    backward: torch.library.CustomOpDef
 
 
-@torch.library.triton_op("tritonjac::triton_mlp_jacobian_backward", mutates_args=())
-def triton_mlp_jacobian_backward_op(
-    x: torch.Tensor,
-    weights: list[torch.Tensor],
-    biases: list[torch.Tensor],
-    dy: torch.Tensor,
-    dJ: torch.Tensor,
-    activation_ids: list[int],
-    params: list[float],
-    thresholds: list[float],
-    k: int,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    spec = _spec(activation_ids, params, thresholds, k)
-    return _triton_backward(x, weights, _biases(biases), dy, dJ, spec)
+_triton_ops: TritonOps | None = None
+
+
+def triton_library_ops() -> TritonOps:
+    """The `triton_op` pair, defined on first use: defining a `triton_op` imports triton and
+    inductor (about a second), which `import tritonjac` should not pay. `triton_ops.py` calls this
+    when it is imported, before anything can be traced, so every Triton path finds them defined."""
+    global _triton_ops
+    if _triton_ops is None:
+        _triton_ops = _define_triton_ops()
+    return _triton_ops
+
+
+def _define_triton_ops() -> TritonOps:
+    @torch.library.triton_op("tritonjac::triton_mlp_jacobian", mutates_args=())
+    def forward(
+        x: torch.Tensor,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor],
+        activation_ids: list[int],
+        params: list[float],
+        thresholds: list[float],
+        k: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        from . import triton_ops
+
+        # the body is traced (fake tensors) and becomes the kernel launches in the compiled graph
+        return triton_ops.mlp_forward(x, weights, _biases(biases), _spec(activation_ids, params, thresholds, k))
+
+    @torch.library.triton_op("tritonjac::triton_mlp_jacobian_backward", mutates_args=())
+    def backward(
+        x: torch.Tensor,
+        weights: list[torch.Tensor],
+        biases: list[torch.Tensor],
+        dy: torch.Tensor,
+        dJ: torch.Tensor,
+        activation_ids: list[int],
+        params: list[float],
+        thresholds: list[float],
+        k: int,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        spec = _spec(activation_ids, params, thresholds, k)
+        return _triton_backward(x, weights, _biases(biases), dy, dJ, spec)
+
+    def autograd_formula(ctx, dy, dJ):
+        dx, dW, db = backward(*_saved(ctx), dy, dJ, *ctx.spec_args)
+        return dx, dW, db, None, None, None, None
+
+    forward.register_autograd(autograd_formula, setup_context=_setup_context)
+    return TritonOps(forward, backward)
 
 
 # ---- autograd: each forward op differentiates through its backward op ----------------------------------
@@ -175,10 +201,4 @@ def _backward(ctx, dy, dJ):
     return dx, dW, db, None, None, None, None, None
 
 
-def _triton_op_backward(ctx, dy, dJ):
-    dx, dW, db = triton_mlp_jacobian_backward_op(*_saved(ctx), dy, dJ, *ctx.spec_args)
-    return dx, dW, db, None, None, None, None
-
-
 mlp_jacobian_op.register_autograd(_backward, setup_context=_setup_context)
-triton_mlp_jacobian_op.register_autograd(_triton_op_backward, setup_context=_setup_context)

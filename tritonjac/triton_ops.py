@@ -612,3 +612,10 @@ def _activation_backward_torch(act, G, Z, jacobian: bool):
     G[:, 1:] *= slope[:, None]
     G[:, 0] = g_z
     return G
+
+
+# The torch.compile operators over these launchers (library.py): defined here, on the import every
+# Triton path makes, so that they exist before the compiler traces a call.
+from .library import triton_library_ops  # noqa: E402
+
+triton_library_ops()
