@@ -190,3 +190,28 @@ def test_kernel_activation_ids_follow_the_names():
 
     for name, i in triton_ops.ACTIVATION_IDS.items():
         assert getattr(kernel_activations, name.upper()).value == i
+
+
+def test_traced_launches_reuse_what_autotuning_chose(monkeypatch):
+    """Under torch.compile nothing can be timed: a traced launch takes what an eager launch's
+    autotuning recorded for the same key, before falling back to the first fitting candidate."""
+    calls = []
+
+    class Raw:
+        def __getitem__(self, grid):
+            return lambda **kwargs: calls.append(kwargs)
+
+    chosen = triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2)
+    monkeypatch.setattr(triton_ops, "_kernels", lambda: {"mlp_forward": (Raw(), None)})
+    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_ops, "_device_name", lambda index: "Traced GPU")
+    monkeypatch.setattr(triton_ops, "_launchable", lambda kernel, is_traced: kernel)
+    monkeypatch.setattr(tuning, "current_arch", lambda: 90)
+    monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
+    args = {"SLOTS": 4, "WIDTH_PAD": 64, "PRECISION": "tf32"}
+    tuning.record_tuned("mlp_forward", "tuned key", "Traced GPU", chosen)
+    triton_ops._launch("mlp_forward", lambda meta: (1,), args, "tuned key", torch.device("cpu"), True)
+    triton_ops._launch("mlp_forward", lambda meta: (1,), args, "other key", torch.device("cpu"), True)
+    first_fitting = tuning.prune_network_configs(tuning.network_configs(), args)[0]
+    assert (calls[0]["BLOCK_M"], calls[0]["num_warps"]) == (128, 8)
+    assert (calls[1]["BLOCK_M"], calls[1]["num_warps"]) == (first_fitting.kwargs["BLOCK_M"], first_fitting.num_warps)
