@@ -67,14 +67,31 @@ def test_training_step_compiles_fullgraph_and_matches_eager(backend):
         torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", ENGINES)
+def test_training_on_y_alone_compiles(backend):
+    """forward(x, jacobian=False) under compile: the Triton engine's forward-only kernels and a
+    backward without tangents (the PyTorch engine runs the plain nn.Sequential)."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    model = Field(backend, device).mlp
+    x = torch.randn(100, 3, device=device)
+    compiled = torch.compile(lambda x: model(x, jacobian=False).square().mean(), fullgraph=True)
+    compiled(x).backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x, jacobian=False).square().mean().backward()
+    for got, p in zip(compiled_grads, model.parameters()):
+        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("jacobian", [True, False])
+def test_opcheck(jacobian):
     model = tritonjac.JacobianMLP(3, [8, 8], 2, "tanh", dtype=torch.float64)
     weights = [m.weight for m in model.linear_layers]
     biases = [m.bias for m in model.linear_layers]
     biases[1] = None  # a layer without bias
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     biases = bias_arguments(biases, x)
-    args = (x, weights, biases, *spec_arguments(model._spec), "torch")
+    args = (x, weights, biases, *spec_arguments(model._spec), jacobian, "torch")
     torch.library.opcheck(mlp_jacobian_op, args)
     with torch.no_grad():
         y, J = mlp_jacobian_op(*args)
@@ -116,7 +133,7 @@ def test_what_the_peers_cannot_do():
 WORKER = Path(__file__).parent / "traced_kernels_worker.py"
 
 
-@pytest.mark.parametrize("case", ["network", "network-tf32", "layers", "dynamic", "no-grad"])
+@pytest.mark.parametrize("case", ["network", "network-tf32", "layers", "dynamic", "no-grad", "y-only"])
 def test_compiler_sees_the_kernels(case):
     """torch.compile(fullgraph=True) traces into tritonjac::triton_mlp_jacobian and its backward:
     every launch is a kernel node of the graph, torch's analysis of the kernels' IR found which
@@ -136,6 +153,9 @@ def test_compiler_sees_the_kernels(case):
         assert "aten.copy_." not in code  # nothing written in place: the IR analysis worked
     if case == "dynamic":
         assert "'num_points': 100" not in graphs[0] and "'num_points': 37" not in graphs[0]
+    if case == "y-only":  # the forward without tangents, and a backward without a loss on J
+        assert "'JACOBIAN': False" in graphs[0] and "'JACOBIAN': True" not in graphs[0]
+        assert "'HAS_GJ': False" in graphs[1] and "'HAS_GJ': True" not in graphs[1]
     bad = {name: err for name, err in result["errors"].items() if not err < 5e-5}
     assert not bad, bad
 

@@ -134,7 +134,7 @@ def test_triton_ops_pass_opcheck():
     weights = [m.weight for m in model.linear_layers]
     x = torch.randn(300, 3, device="cuda", requires_grad=True)
     biases = bias_arguments([m.bias for m in model.linear_layers[:-1]] + [None], x)
-    args = (x, weights, biases, *spec_arguments(model._spec))
+    args = (x, weights, biases, *spec_arguments(model._spec), True)
     torch.library.opcheck(triton_mlp_jacobian_op, args)
     with torch.no_grad():
         y, J = triton_mlp_jacobian_op(*args)

@@ -90,17 +90,18 @@ def rel_err(a, b) -> float:
 
 
 CASES = {
-    # name: (hidden widths, activation, matmul precision, dynamic shapes, training step)
-    "network": ([32, 32], "softplus", "highest", False, True),  # whole-network forward, per-layer backward
-    "network-tf32": ([32, 32], "softplus", "high", False, True),  # whole-network forward and backward
-    "layers": ([32, 48], "tanh", "highest", False, True),  # per-layer forward and backward
-    "dynamic": ([32, 32], "silu", "high", True, True),  # symbolic point count, one graph for two sizes
-    "no-grad": ([32, 32], "gelu", "high", False, False),  # inference: the forward alone
+    # name: (hidden widths, activation, matmul precision, dynamic shapes, training step, with J)
+    "network": ([32, 32], "softplus", "highest", False, True, True),  # whole-network forward, per-layer backward
+    "network-tf32": ([32, 32], "softplus", "high", False, True, True),  # whole-network forward and backward
+    "layers": ([32, 48], "tanh", "highest", False, True, True),  # per-layer forward and backward
+    "dynamic": ([32, 32], "silu", "high", True, True, True),  # symbolic point count, one graph for two sizes
+    "no-grad": ([32, 32], "gelu", "high", False, False, True),  # inference: the forward alone
+    "y-only": ([32, 32], "softplus", "highest", False, True, False),  # forward(x, jacobian=False): no tangents
 }
 
 
 def main(case: str) -> None:
-    widths, act, precision, dynamic, train = CASES[case]
+    widths, act, precision, dynamic, train, with_jacobian = CASES[case]
     triton.runtime.driver.set_active(CompileOnlyDriver())
     triton_ops.check_device = lambda x: None  # CPU tensors, though not interpreted while traced
     functional.compiler_sees_kernels = lambda engine, x: engine == "triton"  # the CUDA choice, on CPU
@@ -112,6 +113,9 @@ def main(case: str) -> None:
     reference.backend = "torch"
 
     def loss(m, x):
+        if not with_jacobian:
+            y = m(x, jacobian=False)
+            return y.square().mean(), y
         y, J = m(x)
         return y.square().mean() + (J + torch.eye(3, dtype=x.dtype)).square().mean(), y, J
 

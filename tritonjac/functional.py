@@ -120,7 +120,7 @@ def apply_spec(x, weights, biases, spec: MLPSpec, backend: str, jacobian: bool =
         weights = [w.to(half) for w in weights]
         biases = [None if b is None else b.to(half) for b in biases]
     if torch.compiler.is_compiling():  # under torch.compile: the torch.library ops (library.py)
-        args = (x2d, weights, bias_arguments(biases, x2d), *spec_arguments(spec))
+        args = (x2d, weights, bias_arguments(biases, x2d), *spec_arguments(spec), jacobian)
         if compiler_sees_kernels(engine, x2d):  # defined when resolve_backend imported triton_ops
             y, J = triton_library_ops().forward(*args)
         else:

@@ -1,9 +1,9 @@
 """The op as `torch.library` operators, so that `torch.compile(fullgraph=True)` can trace models
 containing a JacobianMLP, forward and training step alike.
 
-    tritonjac::mlp_jacobian            (x, weights, biases, activations..., backend) -> (y, J)
+    tritonjac::mlp_jacobian            (x, weights, biases, activations..., jacobian, backend) -> (y, J)
     tritonjac::mlp_jacobian_backward   (x, weights, biases, dy, dJ, ..., backend) -> (dx, dweights, dbiases)
-    tritonjac::triton_mlp_jacobian     (x, weights, biases, activations...) -> (y, J)
+    tritonjac::triton_mlp_jacobian     (x, weights, biases, activations..., jacobian) -> (y, J)
     tritonjac::triton_mlp_jacobian_backward
 
 The first two are `custom_op`s, opaque to the compiler: the PyTorch engine (CPU and CUDA), and
@@ -70,6 +70,7 @@ def mlp_jacobian_op(
     params: list[float],
     thresholds: list[float],
     k: int,
+    jacobian: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     spec = _spec(activation_ids, params, thresholds, k)
@@ -78,14 +79,26 @@ def mlp_jacobian_op(
         if backend == "triton":
             from . import triton_ops
 
-            return triton_ops.mlp_forward(x, weights, biases, spec)
-        return _forward(x, weights, biases, spec, None)
+            y, J = triton_ops.mlp_forward(x, weights, biases, spec, jacobian=jacobian)
+        else:  # the module never asks the PyTorch engine for y alone (it runs its nn.Sequential)
+            y, J = _forward(x, weights, biases, spec, None)
+    return y, J if jacobian else _no_jacobian(x)
 
 
 @mlp_jacobian_op.register_fake
-def _(x, weights, biases, activation_ids, params, thresholds, k, backend):
+def _(x, weights, biases, activation_ids, params, thresholds, k, jacobian, backend):
     d_out = weights[-1].shape[0]
-    return x.new_empty(x.shape[0], d_out), x.new_empty(x.shape[0], d_out, k)
+    return x.new_empty(x.shape[0], d_out), x.new_empty(x.shape[0], d_out, k) if jacobian else _no_jacobian(x)
+
+
+def _no_jacobian(x: torch.Tensor) -> torch.Tensor:
+    """J's place in the forward ops' outputs when it is not asked for: a 1-D empty tensor (a real J
+    is 3-D), whose gradient tells the backward op that there is no loss on J."""
+    return x.new_empty(0)
+
+
+def _loss_on_jacobian(dJ: torch.Tensor) -> torch.Tensor | None:
+    return dJ if dJ.dim() == 3 else None
 
 
 @torch.library.custom_op("tritonjac::mlp_jacobian_backward", mutates_args=())
@@ -107,7 +120,7 @@ def mlp_jacobian_backward_op(
     has_bias = [b is not None for b in biases]
     if backend == "triton":
         return _triton_backward(x, weights, biases, dy, dJ, spec)
-    dx, dW, db = backward_by_recompute(x, weights, biases, spec, dy, dJ, True, [True] * L, has_bias)
+    dx, dW, db = backward_by_recompute(x, weights, biases, spec, dy, _loss_on_jacobian(dJ), True, [True] * L, has_bias)
     return dx, list(dW), bias_arguments(db, x)  # an empty gradient for an empty bias
 
 
@@ -119,9 +132,10 @@ def _(x, weights, biases, dy, dJ, activation_ids, params, thresholds, k, backend
 def _triton_backward(x, weights, biases, dy, dJ, spec: MLPSpec):
     from . import triton_ops
 
-    fused = triton_ops.fused_backward_available(x, weights, spec, True)
+    gJ = _loss_on_jacobian(dJ)  # without one, the backward needs no tangents: fused more often
+    fused = triton_ops.fused_backward_available(x, weights, spec, gJ is not None)
     run = triton_ops.mlp_backward if fused else triton_ops.layers_backward
-    dx, dW, db = run(x, weights, biases, spec, dy, dJ, True)
+    dx, dW, db = run(x, weights, biases, spec, dy, gJ, True)
     return dx, list(dW), bias_arguments(db, x)  # an empty gradient for an empty bias
 
 
@@ -154,11 +168,14 @@ def _define_triton_ops() -> TritonOps:
         params: list[float],
         thresholds: list[float],
         k: int,
+        jacobian: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         from . import triton_ops
 
         # the body is traced (fake tensors) and becomes the kernel launches in the compiled graph
-        return triton_ops.mlp_forward(x, weights, _biases(biases), _spec(activation_ids, params, thresholds, k))
+        spec = _spec(activation_ids, params, thresholds, k)
+        y, J = triton_ops.mlp_forward(x, weights, _biases(biases), spec, jacobian=jacobian)
+        return y, J if jacobian else _no_jacobian(x)
 
     @torch.library.triton_op("tritonjac::triton_mlp_jacobian_backward", mutates_args=())
     def backward(
@@ -177,7 +194,7 @@ def _define_triton_ops() -> TritonOps:
 
     def autograd_formula(ctx, dy, dJ):
         dx, dW, db = backward(*_saved(ctx), dy, dJ, *ctx.spec_args)
-        return dx, dW, db, None, None, None, None
+        return dx, dW, db, None, None, None, None, None
 
     forward.register_autograd(autograd_formula, setup_context=_setup_context)
     return TritonOps(forward, backward)
@@ -185,9 +202,9 @@ def _define_triton_ops() -> TritonOps:
 
 # ---- autograd: each forward op differentiates through its backward op ----------------------------------
 def _setup_context(ctx, inputs, output):
-    x, weights, biases, *spec_args = inputs
+    x, weights, biases, activation_ids, params, thresholds, k, _jacobian, *backend = inputs
     ctx.save_for_backward(x, *weights, *biases)
-    ctx.spec_args = spec_args
+    ctx.spec_args = (activation_ids, params, thresholds, k, *backend)
 
 
 def _saved(ctx):
@@ -198,7 +215,7 @@ def _saved(ctx):
 
 def _backward(ctx, dy, dJ):
     dx, dW, db = mlp_jacobian_backward_op(*_saved(ctx), dy, dJ, *ctx.spec_args)
-    return dx, dW, db, None, None, None, None, None
+    return dx, dW, db, None, None, None, None, None, None
 
 
 mlp_jacobian_op.register_autograd(_backward, setup_context=_setup_context)
