@@ -63,6 +63,23 @@ def make_mlp(d_in, hidden, d_out, activation="softplus", **kw):
 
 
 @pytest.fixture
+def tf32():
+    """Matmul precision "high" (TF32 on GPUs, exact fp32 in the interpreter) for one test."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """torch.compile's caches emptied before and after a test, so each test compiles its own graphs."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def poisoned_outputs(monkeypatch):
     """Every tensor the Triton launchers allocate starts as NaN, so an unwritten element fails."""
     from tritonjac import triton_ops

@@ -15,15 +15,10 @@ from tritonjac.library import bias_arguments, mlp_jacobian_backward_op, mlp_jaco
 
 from conftest import INTERPRETING, TRITON_DEVICE
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 ENGINES = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or the Triton interpreter"))]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 class Field(nn.Module):

@@ -18,7 +18,7 @@ pytestmark = [
     pytest.mark.skipif(
         TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported"
     ),
-    pytest.mark.usefixtures("poisoned_outputs"),
+    pytest.mark.usefixtures("poisoned_outputs", "tf32"),
 ]
 
 # Matmul precision "high": TF32 on GPUs (unit roundoff 4.9e-4), exact fp32 in the interpreter. The
@@ -27,14 +27,6 @@ pytestmark = [
 TOLERANCE = 5e-5 if INTERPRETING else 1e-2
 HIGHEST_TOLERANCE = 5e-5
 ALL_ACTIVATIONS = ["identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine"]
-
-
-@pytest.fixture(autouse=True)
-def high_precision():
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(before)
 
 
 def _counter(monkeypatch, name):

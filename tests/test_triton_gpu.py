@@ -18,14 +18,6 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def tf32():
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(before)
-
-
 def reference(model, x):
     with torch.no_grad():
         backend = model.backend
@@ -90,13 +82,6 @@ def test_weights_on_another_cuda_device_are_refused():
 
 
 # ---- torch.compile with inductor: the kernels inside the compiled graph -----------------------------------
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("opaque", [False, True], ids=["traced", "opaque"])
 def test_inductor_compiles_a_training_step_with_the_kernels(opaque, monkeypatch, fresh_dynamo, tf32):
     """fullgraph=True over forward, loss on y and J, and backward. Traced (the default on CUDA),
