@@ -145,6 +145,30 @@ def test_per_layer_in_chunks_bias_mixed_and_deterministic(monkeypatch, count_lay
     assert all(torch.equal(a, b) for a, b in zip(first, grads_of(ours, x, "both")))
 
 
+@pytest.mark.parametrize("hidden", [[32, 32], [40, 24]], ids=["network", "layers"])
+def test_strided_biases(hidden):
+    """A bias that is a view with a stride (a column of a matrix) trains like a contiguous one,
+    through the per-layer backward's recompute as well as the fused backward."""
+    ours, reference = make_pair(3, hidden, 3, "tanh")
+    for layer in ours.linear_layers:
+        b = layer.bias.detach()
+        layer.bias = torch.nn.Parameter(torch.stack([b, torch.full_like(b, 7.0)], dim=1))
+    views = [layer.bias[:, 0] for layer in ours.linear_layers]
+    assert all(v.stride() == (2,) for v in views)
+    x = torch.randn(60, 3, dtype=torch.float64)
+    weights = [layer.weight for layer in ours.linear_layers]
+    xt = x.to(device=TRITON_DEVICE, dtype=torch.float32).requires_grad_()
+    y, J = tritonjac.mlp_jacobian(xt, weights, views, ["tanh", "tanh", None], backend="triton")
+    loss_of(y, J, "both").backward()
+    want = grads_of(reference, x, "both")  # x, then weight and bias of each layer
+    assert rel_err(y.detach().cpu().double(), reference(x)[0].detach()) < TOLERANCE
+    assert rel_err(xt.grad.cpu().double(), want[0]) < TOLERANCE
+    for l, layer in enumerate(ours.linear_layers):
+        assert rel_err(layer.weight.grad.cpu().double(), want[1 + 2 * l]) < TOLERANCE, f"weight {l}"
+        assert rel_err(layer.bias.grad[:, 0].cpu().double(), want[2 + 2 * l]) < TOLERANCE, f"bias {l}"
+        assert torch.all(layer.bias.grad[:, 1] == 0)
+
+
 @pytest.mark.parametrize("last", ["softplus", "tanh", "sigmoid", "sine"])
 @pytest.mark.parametrize("loss_on", ["y", "J", "both"])
 def test_activation_on_the_last_layer(last, loss_on, count_fused):

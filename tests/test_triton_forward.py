@@ -141,6 +141,45 @@ def test_mixed_hidden_activations_run_per_layer(precision):
     check([3, 32, 32, 3], ["tanh", "relu", None], precision, expect_plan="layers")
 
 
+@pytest.mark.parametrize("plan", ["network", "layers"])
+def test_strided_weights_and_biases(plan, precision):
+    """Parameters that are views (a column of a matrix for a bias, a transposed weight) give the
+    same y and J as contiguous ones."""
+    hidden = [32, 32] if plan == "network" else [40, 24]
+    weights, biases = random_mlp([3, *hidden, 3])
+    strided_w = [w.t().contiguous().t() for w in weights]
+    strided_b = [torch.stack([b, torch.full_like(b, 7.0)], dim=1)[:, 0] for b in biases]
+    assert all(b.stride() == (2,) for b in strided_b) and not strided_w[1].is_contiguous()
+    x = torch.randn(63, 3)
+    acts = ["tanh", "tanh", None]
+    y, J, y_ref, J_ref = run_both(x, strided_w, strided_b, acts)
+    assert rel_err(y.double(), y_ref) < TOLERANCE[precision], "y"
+    assert rel_err(J.double(), J_ref) < TOLERANCE[precision], "J"
+
+
+@pytest.fixture
+def restore_matmul_settings():
+    """torch's newer per-backend float32 matmul API, put back as it was after the test."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy float32 matmul API")
+    before = matmul.fp32_precision, torch.backends.fp32_precision
+    yield matmul
+    matmul.fp32_precision, torch.backends.fp32_precision = before
+
+
+@pytest.mark.parametrize("setting,expected", [("tf32", "tf32"), ("ieee", "tf32x3")])
+def test_float32_precision_set_through_the_newer_api(setting, expected, restore_matmul_settings):
+    """`torch.backends.cuda.matmul.fp32_precision = "tf32"` makes torch's legacy getter raise; the
+    kernels read the newer setting instead and run."""
+    restore_matmul_settings.fp32_precision = setting
+    assert triton_ops.matmul_precision(torch.float32) == expected
+    tolerance = TOLERANCE["high" if expected == "tf32" else "highest"]
+    weights, biases = random_mlp([3, 32, 32, 3])
+    y, J, y_ref, J_ref = run_both(torch.randn(40, 3), weights, biases, ["tanh", "tanh", None])
+    assert rel_err(y.double(), y_ref) < tolerance and rel_err(J.double(), J_ref) < tolerance
+
+
 @pytest.mark.parametrize(
     "make_x",
     [

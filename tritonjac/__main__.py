@@ -51,7 +51,9 @@ def triton_check(device: str) -> bool:
     from .activations import ACTIVATION_NAMES
     from .module import JacobianMLP
 
-    before = torch.get_float32_matmul_precision(), os.environ.get("TRITONJAC_AUTOTUNE")
+    from .precision import float32_matmul_precision
+
+    before = float32_matmul_precision(), os.environ.get("TRITONJAC_AUTOTUNE")
     torch.set_float32_matmul_precision("highest")
     os.environ["TRITONJAC_AUTOTUNE"] = "0"  # 20 shapes: do not autotune each
     worst = 0.0

@@ -26,6 +26,7 @@ from torch import nn
 
 from .activations import as_activation
 from .module import JacobianMLP
+from .precision import float32_matmul_precision
 
 MODES = ("forward_jacobian", "train_step")
 ROW_FIELDS = (
@@ -316,7 +317,7 @@ def run_case(case: Case, *, modes=MODES, rounds: int = 7, include_compile: bool 
         table = {k: v for k, v in table.items() if any(m in k for m in methods)}
     env = environment(case.device)
     if case.device.startswith("cuda"):
-        env["matmul_precision"] = torch.get_float32_matmul_precision() if case.dtype == "float32" else case.dtype
+        env["matmul_precision"] = float32_matmul_precision() if case.dtype == "float32" else case.dtype
         env["matmul_peak_tflops"] = matmul_peak_tflops(case.device, getattr(torch, case.dtype))
     rows = []
     for mode in modes:

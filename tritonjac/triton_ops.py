@@ -8,7 +8,7 @@
   512, mixed widths or activations, single-layer nets), with [h; T] between layers in global memory
   in the compute dtype.
 
-Precision of float32 inputs follows `torch.get_float32_matmul_precision()`: "highest" runs the
+Precision of float32 inputs follows torch's float32 matmul setting (`precision.py`): "highest" runs the
 matmuls as 3xTF32 (fp32-accurate), "high" and "medium" as TF32. bfloat16 and float16 inputs use
 half operands with fp32 accumulation; activations, tangent scaling and reductions are fp32.
 """
@@ -25,6 +25,7 @@ import triton
 from . import tuning
 from .activations import ACTIVATION_NAMES
 from .functional import TRITON_DTYPES
+from .precision import float32_matmul_precision
 from .reference import MLPSpec
 from .tuning import interpreting
 
@@ -69,7 +70,7 @@ def matmul_precision(dtype: torch.dtype) -> str:
     """The `tl.dot` input precision for this input dtype under the current float32 matmul setting."""
     if dtype != torch.float32:
         return "ieee"  # half operands: the setting only concerns fp32 operands
-    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32x3" if float32_matmul_precision() == "highest" else "tf32"
 
 
 def _slots(k: int, jacobian: bool) -> int:
@@ -309,7 +310,8 @@ def _layer_args(a, a_strides, W, b, num_points: int, h_out, t_out, z_out=None) -
     h, t = h_out[0], t_out[0]
     z = z_out if z_out is not None else (h, 0, 0)
     return dict(
-        a_ptr=a, w_ptr=W, b_ptr=b if b is not None else W, h_ptr=h, t_ptr=t, z_ptr=z[0],
+        # the kernel reads the bias with unit stride (a column of a matrix is not): copy it then
+        a_ptr=a, w_ptr=W, b_ptr=b.contiguous() if b is not None else W, h_ptr=h, t_ptr=t, z_ptr=z[0],
         num_points=num_points, d_in=d_in, d_out=d_out, points_bucket=tuning.points_bucket(num_points),
         stride_ap=a_strides[0], stride_as=a_strides[1], stride_af=a_strides[2],
         stride_wn=W.stride(0), stride_wk=W.stride(1), stride_hp=h_out[1], stride_hf=h_out[2],
