@@ -145,6 +145,19 @@ def test_per_layer_in_chunks_bias_mixed_and_deterministic(monkeypatch, count_lay
     assert all(torch.equal(a, b) for a, b in zip(first, grads_of(ours, x, "both")))
 
 
+def test_per_layer_backward_takes_few_large_chunks():
+    """2^20 points of 3 -> 4x64 -> 3 with 3 tangents in fp32 (10,336 saved bytes per point) take a
+    handful of chunks on a GPU with room, and chunks within an eighth of free memory on a full one."""
+    per_point, P = 10_336, 2**20
+    chunk = triton_ops.layers_backward_chunk(P, per_point, free_bytes=75 << 30)
+    assert -(-P // chunk) <= 6 and chunk * per_point <= triton_ops.LAYERS_BACKWARD_CHUNK_BYTES
+    chunk = triton_ops.layers_backward_chunk(P, per_point, free_bytes=2 << 30)
+    assert chunk * per_point <= (2 << 30) // 8 and -(-P // chunk) <= 2 * (P * per_point) // ((2 << 30) // 8)
+    assert triton_ops.layers_backward_chunk(1000, per_point, free_bytes=75 << 30) == 1000
+    assert triton_ops.layers_backward_chunk(1000, per_point, free_bytes=0) == 1000  # a floor of 64 MB
+    assert triton_ops.layers_backward_chunk(P, per_point) * per_point <= triton_ops.LAYERS_BACKWARD_CHUNK_BYTES
+
+
 @pytest.mark.parametrize("hidden", [[32, 32], [40, 24]], ids=["network", "layers"])
 def test_strided_biases(hidden):
     """A bias that is a view with a stride (a column of a matrix) trains like a contiguous one,

@@ -185,6 +185,31 @@ def test_autotuned_launch_path_runs(monkeypatch):
     assert entry == {"kwargs": {"BLOCK_M": 16}, "num_warps": 4, "num_stages": 2}
 
 
+@pytest.mark.skipif(not triton_ops.interpreting(), reason="drives the interpreter through the autotuned path")
+def test_depth_keys_the_tuned_choice(monkeypatch):
+    """Networks of 2 and 8 hidden layers get a tuning each (the best block depends on the depth),
+    in the autotuner's key and in the shipped table's."""
+    import tritonjac
+
+    one = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2)
+    monkeypatch.setattr(tuning, "network_configs", lambda: [one])
+    monkeypatch.setattr(tuning, "current_arch", lambda: 80)
+    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_ops, "check_device", lambda x: None)
+    monkeypatch.setattr(triton_ops, "_device_name", lambda index: "Depth GPU")
+    monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
+    triton_ops._kernels.cache_clear()
+    try:
+        for depth in (2, 8):
+            with torch.no_grad():
+                tritonjac.JacobianMLP(3, [32] * depth, 3, "tanh", backend="triton")(torch.randn(20, 3))
+        assert "num_hidden" in triton_ops._kernels()["mlp_forward"][1].keys
+    finally:
+        triton_ops._kernels.cache_clear()
+    keys = sorted(tuning.tuned_table("Depth GPU")["mlp_forward"])
+    assert len(keys) == 2 and keys[0].endswith(",depth=1") and keys[1].endswith(",depth=7")
+
+
 def test_kernel_activation_ids_follow_the_names():
     from tritonjac.kernels import activations as kernel_activations
 
