@@ -20,6 +20,7 @@ import sys
 import torch
 
 from tritonjac import benchmark
+from tritonjac.__main__ import write_tuned_configs
 
 
 def main(argv=None):
@@ -59,6 +60,8 @@ def main(argv=None):
                                                max_seconds=args.max_seconds)  # fmt: skip
                 print(benchmark.format_table(case_rows), flush=True)
                 rows += case_rows
+        if args.tuned_configs:  # after every case: a later case that fails or times out loses nothing
+            write_tuned_configs(args.tuned_configs, args.device)
     out = args.out or os.path.join(
         os.path.dirname(__file__), "results",
         f"{'gpu' if gpu else 'cpu'}-{datetime.date.today().isoformat()}.json")  # fmt: skip
@@ -70,11 +73,6 @@ def main(argv=None):
         writer.writeheader()
         writer.writerows(rows)
     print(f"wrote {out} and its .csv")
-    if args.tuned_configs and gpu:
-        from tritonjac import tuning
-
-        path = tuning.write_tuned_table(args.tuned_configs, torch.cuda.get_device_name(torch.device(args.device)))
-        print(f"wrote {path}" if path else "no configuration was autotuned")
     return 0
 
 

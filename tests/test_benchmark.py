@@ -35,6 +35,8 @@ def test_peers_compute_the_same_jacobian():
     table = benchmark.method_table(case, model, seq, x, include_compile=False)
     y0, J0 = table["tritonjac (torch)"][0]()
     for name, (forward, _) in table.items():
+        if name.startswith("limit:"):  # the matmuls alone, on random operands
+            continue
         y, J = forward()
         assert torch.allclose(y, y0, rtol=1e-10, atol=1e-12), name
         if J is not None:
@@ -103,3 +105,74 @@ def test_gpu_targets_from_rows():
     assert got["vmap(jacfwd) + backward step time / our step time"] == (4.0, False)
     assert got["our peak memory / three-grad peak memory"] == (0.1, True)
     assert got["our step time / our forward+J time"] == (3.0, True)
+
+
+def test_gpu_timing_and_memory_name_the_case_device(monkeypatch):
+    """On a machine with several GPUs the case's device (cuda:1) is timed and measured, not the
+    current one (checked with a stand-in for torch.cuda: no GPU here)."""
+    import torch
+
+    seen = []
+
+    class Stream:
+        def __init__(self, device):
+            self.device = device
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            self.stream = None
+
+        def record(self, stream=None):
+            seen.append(("record", None if stream is None else stream.device))
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 2.0
+
+    def on(name):
+        def call(device=None):
+            seen.append((name, device))
+            return 0
+
+        return call
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device))
+    for name in ("synchronize", "reset_peak_memory_stats", "memory_allocated", "max_memory_allocated"):
+        monkeypatch.setattr(torch.cuda, name, on(name))
+    assert benchmark._elapsed_ms(lambda: None, "cuda:1", reps=2) == 1.0
+    assert benchmark.peak_memory_mb(lambda: None, "cuda:1") == 0.0
+    assert seen and all(device == torch.device("cuda:1") for _, device in seen), seen
+
+
+def test_tuned_configurations_are_written_before_the_plot(tmp_path, monkeypatch):
+    """A plotting error must not lose what autotuning found (the costliest result of a GPU run)."""
+    import triton
+
+    from tritonjac import tuning
+
+    def broken_plot(rows, path):
+        raise RuntimeError("matplotlib backend missing")
+
+    monkeypatch.setattr(benchmark, "plot_case", broken_plot)
+    tuning.record_tuned("mlp_forward", "a key", "cpu", triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=2))
+    with pytest.raises(RuntimeError, match="matplotlib"):
+        main(["--points", "64", "--width", "8", "--depth", "2", "--rounds", "1", "--no-compile", "--skip-check",
+              "--tuned-configs", str(tmp_path), "--plot", str(tmp_path / "plot.png")])  # fmt: skip
+    table = json.loads((tmp_path / "cpu.json").read_text())
+    assert table["mlp_forward"]["a key"]["kwargs"] == {"BLOCK_M": 32}
+
+
+def test_limit_row_and_progress(rows, capsys):
+    """Each CPU table holds the matmuls-alone row, and each method
+    announces itself on stderr while it runs."""
+    for mode in benchmark.MODES:
+        sub = {r["method"]: r for r in rows if r["mode"] == mode}
+        limit = sub[benchmark.CPU_LIMIT]
+        assert limit["median_ms"] > 0 and limit["status"] == "ok"
+    benchmark.run_case(benchmark.Case(n_points=64, width=8, depth=2), rounds=1, include_compile=False,
+                       methods=["vmap(jacfwd)"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "forward_jacobian | vmap(jacfwd): warming up" in err and "train_step | vmap(jacfwd)" in err

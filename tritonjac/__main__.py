@@ -123,6 +123,9 @@ def main(argv=None) -> int:
     print(benchmark.format_table(rows))
     print(benchmark.format_targets(rows))
     print(f"\n(benchmark took {time.perf_counter() - start:.0f} s)")
+    # what cost the most to find first: a failing plot must not lose the tuned configurations
+    if args.tuned_configs:
+        write_tuned_configs(args.tuned_configs, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -130,12 +133,16 @@ def main(argv=None) -> int:
     if args.plot:
         benchmark.plot_case(rows, args.plot)
         print(f"wrote {args.plot}")
-    if args.tuned_configs and device.startswith("cuda"):
-        from . import tuning
-
-        path = tuning.write_tuned_table(args.tuned_configs, torch.cuda.get_device_name(torch.device(device)))
-        print(f"wrote {path}" if path else "no configuration was autotuned")
     return 0
+
+
+def write_tuned_configs(directory: str, device: str) -> None:
+    """Write what autotuning chose in this process on `device` to directory/<GPU name>.json."""
+    from . import tuning
+
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+    path = tuning.write_tuned_table(directory, name)
+    print(f"wrote {path}" if path else "no configuration was autotuned")
 
 
 if __name__ == "__main__":

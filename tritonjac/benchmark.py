@@ -15,10 +15,13 @@ import contextlib
 import ctypes
 import datetime
 import gc
+import logging
 import math
 import platform
 import statistics
+import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -124,6 +127,45 @@ def _dense_jacobian(seq, x):
     return seq(x), J[idx, :, idx, :]
 
 
+# The physical limit each table is read against, shown as a row of its own: on CPU the time of the
+# method's unavoidable matmuls alone (forward and tangents stacked, (1 + k) rows per point; a training
+# step adds the weight-gradient and propagation matmuls), on GPU the measured matmul peak's floor.
+CPU_LIMIT = "limit: the matmuls alone"
+GPU_LIMIT = "limit: roofline at measured matmul peak"
+
+
+def _matmuls_alone(case: Case, model, x, train: bool):
+    """A callable running just the matmuls of forward + tangents (and their backward for a training
+    step) on preallocated random operands of the right shapes: the GEMM floor of every method."""
+    k = case.in_features
+    n = case.n_points
+    buffers = {}
+
+    def buffer(*shape):
+        if shape not in buffers:
+            buffers[shape] = torch.randn(*shape, device=x.device, dtype=x.dtype)
+        return buffers[shape]
+
+    gemms = []  # (a, b, out): out = a @ b
+    for l, layer in enumerate(model.linear_layers):
+        W = layer.weight.detach()
+        d_out, d_in = W.shape
+        rows = n if l == 0 else (1 + k) * n  # U_1 is W_1's columns: no tangent matmul in layer 1
+        A, Z = buffer(rows, d_in), buffer(rows, d_out)
+        gemms.append((A, W.t(), Z))
+        if train:
+            gemms.append((Z.t(), A, buffer(d_out, d_in)))  # weight gradient
+            if l > 0:
+                gemms.append((Z, W, A))  # propagation to the previous layer
+
+    def run():
+        for a, b, out in gemms:
+            torch.mm(a, b, out=out)
+        return None, None
+
+    return run
+
+
 def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
     """name -> (forward_jacobian callable or None, train_step callable or None).
 
@@ -165,6 +207,8 @@ def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
         "vmap(jacfwd)": (no_grad(lambda: jacfwd(x)), train(lambda: jacfwd(x))),
         "vmap(jacrev)": (no_grad(lambda: jacrev(x)), train(lambda: jacrev(x))),
     }  # fmt: skip
+    if x.device.type == "cpu":
+        table[CPU_LIMIT] = (_matmuls_alone(case, model, x, False), _matmuls_alone(case, model, x, True))
     if case.n_points <= 1024:
         table["autograd.functional.jacobian"] = (lambda: _dense_jacobian(seq, x), None)
     if include_compile:
@@ -179,14 +223,17 @@ def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
 
 # ---- measuring -----------------------------------------------------------------------------------------
 def _elapsed_ms(fn, device, reps: int = 1) -> float:
-    """Time per call of fn over `reps` back-to-back calls (CUDA events on GPUs, wall clock on CPU)."""
+    """Time per call of fn over `reps` back-to-back calls (CUDA events on GPUs, wall clock on CPU).
+    On a GPU everything names the case's device: the current device may be another one."""
     if device.startswith("cuda"):
+        dev = torch.device(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
+        stream = torch.cuda.current_stream(dev)
+        torch.cuda.synchronize(dev)
+        start.record(stream)
         for _ in range(reps):
             fn()
-        end.record()
+        end.record(stream)
         end.synchronize()
         return start.elapsed_time(end) / reps
     start = time.perf_counter()
@@ -229,12 +276,13 @@ def peak_memory_mb(fn, device: str) -> float | None:
     """Extra memory held at the peak of one call of fn, beyond what existed before it."""
     gc.collect()
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        dev = torch.device(device)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
         fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+        torch.cuda.synchronize(dev)
+        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
     libc = _libc()
     if libc is None or _proc_status_bytes("VmHWM:") is None:
         return None
@@ -257,11 +305,18 @@ class Result:
     status: str = "ok"
 
 
-def time_interleaved(methods: dict, device: str, rounds: int, warmup: int = 2, max_seconds: float = 60.0):
+def progress(message: str) -> None:
+    """One line per method on stderr while the benchmark runs (warm-ups can compile for minutes)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def time_interleaved(methods: dict, device: str, rounds: int, warmup: int = 2, max_seconds: float = 60.0,
+                     label: str = ""):  # fmt: skip
     """Time each callable in interleaved rounds; a method that raises is kept with its error."""
     results = {name: Result(name) for name in methods}
     live = dict(methods)
     for name, fn in list(live.items()):
+        progress(f"  {label}{name}: warming up")
         try:
             for _ in range(warmup):
                 fn()
@@ -311,6 +366,27 @@ def environment(device: str) -> dict:
 def run_case(case: Case, *, modes=MODES, rounds: int = 7, include_compile: bool = True,
              methods: list[str] | None = None, max_seconds: float = 60.0) -> list[dict]:  # fmt: skip
     """Benchmark every method on one case; one row per (mode, method)."""
+    with quiet_torch_warnings():
+        return _run_case(case, modes, rounds, include_compile, methods, max_seconds)
+
+
+@contextlib.contextmanager
+def quiet_torch_warnings():
+    """torch's own deprecation notices (torch.jit.script inside torch.func, inductor internals) and
+    its 'no CUDA runtime' log line are about torch, not about the benchmark: keep them out."""
+    cpp_extension = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_extension.level
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, module=r"torch(\.|$)")
+        cpp_extension.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            cpp_extension.setLevel(level)
+
+
+def _run_case(case, modes, rounds, include_compile, methods, max_seconds):
     model, seq, x = build(case)
     table = method_table(case, model, seq, x, include_compile=include_compile)
     if methods is not None:
@@ -323,8 +399,11 @@ def run_case(case: Case, *, modes=MODES, rounds: int = 7, include_compile: bool 
     for mode in modes:
         column = 0 if mode == "forward_jacobian" else 1
         fns = {name: pair[column] for name, pair in table.items() if pair[column] is not None}
-        results = time_interleaved(fns, case.device, rounds, max_seconds=max_seconds)
+        results = time_interleaved(fns, case.device, rounds, max_seconds=max_seconds, label=f"{mode} | ")
         flops = case.useful_flops(mode)
+        if env.get("matmul_peak_tflops"):
+            floor_ms = flops / (env["matmul_peak_tflops"] * 1e12) * 1e3
+            results[GPU_LIMIT] = Result(GPU_LIMIT, [floor_ms], status="computed from the measured matmul peak")
         for res in results.values():
             row = {**env, **{k: v for k, v in asdict(case).items() if k != "device"}, "mode": mode,
                    "method": res.method, "status": res.status, "peak_mem_mb": res.peak_mem_mb}  # fmt: skip
@@ -409,7 +488,7 @@ GPU_TARGETS = (
     ("train_step", "our forward+J", "at most", 3.5, "our step time / our forward+J time"),
 )  # fmt: skip
 
-PEERS_EXCLUDED_FROM_FASTEST = ("tritonjac", "nn.Sequential forward")
+PEERS_EXCLUDED_FROM_FASTEST = ("tritonjac", "nn.Sequential forward", "limit:")
 
 
 def _target_value(against: str, sense: str, ours: dict, sub: dict, rows: list[dict]) -> float | None:
