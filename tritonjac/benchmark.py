@@ -17,6 +17,7 @@ import datetime
 import gc
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
@@ -192,10 +193,12 @@ def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
         return run
 
     table = {}
-    if x.device.type == "cuda":  # both engines, the Triton kernels first (they are "ours" in the ratios)
+    if x.device.type == "cuda" or (_interpreting() and x.dtype != torch.float64):
+        # both engines, the Triton kernels first ("ours" in the ratios)
+        triton_model = model if x.device.type == "cuda" else JacobianMLP.from_module(seq, backend="triton")
         torch_model = JacobianMLP.from_module(seq, backend="torch")
-        table["tritonjac (triton)"] = (no_grad(lambda: model(x)), train(lambda: model(x)))
-        if x.dtype in (torch.float32, torch.float64):
+        table["tritonjac (triton)"] = (no_grad(lambda: triton_model(x)), train(lambda: triton_model(x)))
+        if x.dtype in (torch.float32, torch.float64) or x.device.type == "cpu":
             table["tritonjac (torch)"] = (no_grad(lambda: torch_model(x)), train(lambda: torch_model(x)))
     else:
         table["tritonjac (torch)"] = (no_grad(lambda: model(x)), train(lambda: model(x)))
@@ -219,6 +222,11 @@ def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
         table["torch.compile(seq) + 3x grad"] = (
             lambda: _three_grads(compiled_seq, x, False), train(lambda: _three_grads(compiled_seq, x, True)))
     return table
+
+
+def _interpreting() -> bool:
+    """Triton's CPU interpreter is on (then the Triton engine runs on CPU tensors: the GPU check's dry run)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # ---- measuring -----------------------------------------------------------------------------------------

@@ -167,6 +167,8 @@ def _launch(name: str, grid, args: dict, key: str, device: torch.device, is_trac
     gpu = _device_name(device.index or 0)
     if interpreting():
         config = INTERPRETER_CONFIGS[name]
+        # recorded as the choice, so a dry run of the GPU check writes a table of the GPU's shape
+        tuning.record_tuned(name, key, gpu, config)
     else:
         config = tuning.shipped_config(name, key, gpu)
         if config is None and is_traced:

@@ -1,0 +1,720 @@
+"""The GPU check: correctness of every kernel path on a real GPU, the main benchmark, the config sweep.
+
+Run through `perf/gpu_check.sh` (which installs the checkout first); the shell script's header says
+what each mode does, how long it takes and why. This file is the driver and the steps:
+
+    python perf/gpu_check.py --quick  --out DIR      # correctness + main case (TF32, bf16) vs the peers
+    python perf/gpu_check.py --tune   --out DIR      # config sweep: widths 32..512, depths 2 and 8
+    python perf/gpu_check.py --tests  --out DIR      # the GPU-only pytest tests (compile, opcheck, ...)
+    python perf/gpu_check.py --dry-run [--tune] ...  # the same steps on CPU, Triton interpreter, tiny sizes
+
+The driver runs each step as a subprocess with its own time limit (killed with its process group at
+the limit) and, after every step, rewrites what a lease brings back (at most 8 files, 2 folders down):
+    summary.json   every number: card, driver, versions, date, steps, correctness, rows, targets
+    summary.txt    the same for reading, the most important table last (it is also printed)
+    results.tgz    the work folder: one log per step, per-step JSONL, tuned configuration tables
+    *.png          at most 5 plots
+Steps append one JSON line per finished case to work/<step>.jsonl, so a step killed by its limit
+keeps every case it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import zlib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MAX_PLOTS = 5
+MAX_PRINTED_CHARS = 6000
+
+# ---- the steps of each mode: (name, time limit in seconds on a GPU, in a dry run) ------------------------
+QUICK_STEPS = (("environment", 30, 60), ("correctness", 75, 300), ("main-tf32", 60, 240),
+               ("main-tf32-compiled", 75, 300), ("main-bf16", 35, 120))  # fmt: skip
+TUNE_STEPS = (("environment", 30, 60), ("tune", 200, 400))
+TESTS_STEPS = (("environment", 30, 60), ("gpu-tests", 400, 400))
+MODES = {"quick": QUICK_STEPS, "tune": TUNE_STEPS, "tests": TESTS_STEPS}
+
+# A step that hangs after this many finished cases (tests only: proves that a step killed by its limit
+# keeps what it finished).
+STALL_AFTER = "TRITONJAC_GPU_CHECK_STALL_AFTER"
+
+
+# ---- sizes: the real ones on a GPU, tiny ones in a dry run ------------------------------------------------
+def sizes(dry_run: bool) -> dict:
+    if dry_run:
+        return dict(points=128, check_points=37, width=16, wide=160, tune_widths=(8, 16, 24, 160), rounds=2)
+    return dict(points=2**20, check_points=4099, width=64, wide=512, tune_widths=(32, 128, 256, 512), rounds=5)
+
+
+# ---- results written as they come --------------------------------------------------------------------------
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    stall = int(os.environ.get(STALL_AFTER, "0") or 0)
+    if stall and sum(1 for _ in open(path)) >= stall:
+        time.sleep(3600)  # the test's stand-in for a step that overruns its limit
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line cut short by a kill
+            pass
+    return out
+
+
+# ---- compile budget: count the kernel variants a step launches ---------------------------------------------
+class VariantCounter:
+    """Records each distinct kernel specialization launched in this process (kernel, constexprs,
+    launch configuration, tensor dtypes, Triton's integer specialization), and for autotuned launches
+    every candidate the pruning keeps: the number of compiles a cold GPU run of the step pays."""
+
+    def __init__(self):
+        self.variants = set()
+
+    @staticmethod
+    def _spec(value):
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return str(value.dtype)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return repr(value)
+        return "1" if value == 1 else ("16" if value % 16 == 0 else "i")
+
+    def record(self, kernel_name: str, args: dict, config: tuple) -> None:
+        self.variants.add((kernel_name, tuple(sorted((k, self._spec(v)) for k, v in args.items())), config))
+
+    def install(self) -> None:
+        from tritonjac import triton_ops, tuning
+
+        counter = self
+        real_launchable, real_launch = triton_ops._launchable, triton_ops._launch
+
+        class Observed:
+            def __init__(self, kernel):
+                self.kernel, self.name = kernel, getattr(kernel, "__name__", None) or str(kernel)
+
+            def __getitem__(self, grid):
+                def run(**kwargs):
+                    config = tuple(kwargs.get(k) for k in ("num_warps", "num_stages"))
+                    counter.record(self.name, kwargs, config)
+                    return self.kernel[grid](**kwargs)
+
+                return run
+
+        def launch(name, grid, args, key, device, is_traced=False):
+            # what a GPU without a shipped table autotunes over (the dry run counts it too)
+            if tuning.autotuning_enabled() and tuning.shipped_config(name, key, triton_ops._device_name(0)) is None:
+                candidates, prune = triton_ops._CANDIDATES[name]
+                for c in prune(candidates(), args):
+                    counter.record(name, {**args, **c.kwargs}, (c.num_warps, c.num_stages))
+            return real_launch(name, grid, args, key, device, is_traced)
+
+        triton_ops._launchable = lambda kernel, is_traced: Observed(real_launchable(kernel, is_traced))
+        triton_ops._launch = launch
+
+
+class Precompiler:
+    """Compiles the autotuner's candidates for a case in several processes at once: task i runs the
+    case with candidates i, i + n, ... launched once each. Triton writes every compiled kernel to its
+    on-disk cache, so the timed process that autotunes next loads them instead of compiling."""
+
+    def __init__(self, workers: int):
+        import multiprocessing as mp
+
+        self.workers = workers
+        self.pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+
+    def run(self, build_and_run) -> None:
+        if self.pool is None:
+            return
+        start = time.perf_counter()
+        n = self.workers
+        try:
+            done = self.pool.starmap(_precompile_worker, [(build_and_run, i, n) for i in range(n)])
+        except Exception as err:  # then the timed process compiles for itself: slower, still right
+            print(f"  precompiling failed ({type(err).__name__}: {err}); compiling in the timed process", flush=True)
+            return
+        print(f"  precompiled {sum(done)} candidate launches in {n} processes: {time.perf_counter() - start:.1f} s",
+              flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+_REAL_KERNELS = None
+
+
+def _precompile_worker(build_and_run, index: int, workers: int) -> int:
+    from tritonjac import triton_ops, tuning
+
+    global _REAL_KERNELS
+    if _REAL_KERNELS is None:
+        _REAL_KERNELS = triton_ops._kernels()
+    real = _REAL_KERNELS
+    launched = []
+
+    class Slice:
+        def __init__(self, name, raw):
+            self.name, self.raw, self.best_config = name, raw, None
+
+        def __getitem__(self, grid):
+            def run(**args):
+                candidates, prune = triton_ops._CANDIDATES[self.name]
+                mine = prune(candidates(), args)[index::workers]
+                for c in mine:
+                    self.raw[grid(c.kwargs)](**args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                    launched.append(1)
+                self.best_config = mine[0] if mine else prune(candidates(), args)[0]
+                if not mine:  # the launch must still produce its outputs
+                    c = self.best_config
+                    self.raw[grid(c.kwargs)](**args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+            return run
+
+    triton_ops._kernels = lambda: {name: (raw, Slice(name, raw)) for name, (raw, _) in real.items()}
+    os.environ["TRITONJAC_AUTOTUNE"] = "1"
+    assert tuning.autotuning_enabled()
+    build_and_run(train=index == 0)  # one worker also compiles the backward kernels
+    return len(launched)
+
+
+# ---- step: environment --------------------------------------------------------------------------------------
+def step_environment(work: Path, dry_run: bool) -> None:
+    import platform
+
+    import torch
+    import triton
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "dry_run": dry_run,
+        "interpreter": os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"),
+        "cpu_count": os.cpu_count(),
+    }
+    if torch.cuda.is_available() and not dry_run:
+        props = torch.cuda.get_device_properties(0)
+        info.update(card=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_gib=round(props.total_memory / 2**30, 1))  # fmt: skip
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit,persistence_mode",
+                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)  # fmt: skip
+            info["nvidia_smi"] = smi.stdout.strip()
+            info["driver"] = smi.stdout.split(",")[0].strip()
+        except (OSError, subprocess.TimeoutExpired) as err:
+            info["nvidia_smi"] = f"unavailable: {err}"
+    else:
+        info["card"] = "CPU (Triton interpreter)"
+    append_jsonl(work / "environment.jsonl", info)
+    print(json.dumps(info, indent=1))
+
+
+# ---- step: correctness of every kernel path -------------------------------------------------------------------
+# Largest relative error (max |err| / max |ref| against the float64 engine) per compute precision,
+# for y, J and every gradient: TF32 has a 10-bit mantissa, bf16 an 8-bit one, fp16 10 bits, 3xTF32
+# is fp32-accurate. The interpreter runs "tf32" as exact fp32.
+TOLERANCE = {"tf32": 1e-2, "tf32x3": 5e-5, "bfloat16": 5e-2, "float16": 1e-2}
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine")
+
+
+def correctness_cases(dry_run: bool) -> list[dict]:
+    """The fewest cases that run every kernel path: both forward plans, both backward paths with and
+    without tangents, every precision, every activation, y-only forward, k < in, odd point counts."""
+    s = sizes(dry_run)
+    w, wide, n = s["width"], s["wide"], s["check_points"]
+    net = [w] * 3
+    cases = [dict(name=f"act-{a}", hidden=net, act=a, precision="tf32", loss="both") for a in ACTIVATIONS]
+    cases += [
+        dict(name="softplus100-tf32x3", hidden=net, act="softplus(100)", precision="tf32x3", loss="both"),
+        dict(name="softplus100-tf32x3-y", hidden=net, act="softplus(100)", precision="tf32x3", loss="y"),
+        dict(name="bf16-network", hidden=net, act="softplus(100)", precision="bfloat16", loss="both"),
+        dict(name="fp16-network", hidden=net, act="tanh", precision="float16", loss="both"),
+        dict(name="tf32-loss-on-y", hidden=net, act="silu", precision="tf32", loss="y"),
+        dict(name="tf32-loss-on-J", hidden=net, act="silu", precision="tf32", loss="J"),
+        dict(name="tf32-no-jacobian", hidden=net, act="relu", precision="tf32", loss="y", jacobian=False),
+        dict(name="tf32-width128", hidden=[2 * w] * 2, act="softplus(100)", precision="tf32", loss="both"),
+        dict(name="layers-wide-tf32", hidden=[wide] * 2, act="softplus(100)", precision="tf32", loss="both"),
+        dict(name="layers-wide-bf16", hidden=[wide] * 2, act="softplus(100)", precision="bfloat16", loss="both"),
+        dict(name="layers-mixed-tf32x3", hidden=[w, w // 2 + 3], act="gelu", precision="tf32x3", loss="both"),
+        dict(name="latent-k3-of-11", hidden=net, act="softplus(100)", precision="tf32", loss="both", d_in=11, k=3),
+        dict(name="sdf-out1-no-bias", hidden=net, act="softplus(100)", precision="tf32", loss="both", d_out=1,
+             bias=False),
+    ]  # fmt: skip
+    for c in cases:
+        c.setdefault("points", n)
+    return cases
+
+
+def run_correctness_case(case: dict, dry_run: bool) -> dict:
+    """y, J and every gradient of one case against the float64 engine, outputs poisoned with NaN."""
+    import torch
+    from torch import nn
+
+    import tritonjac
+    from tritonjac import triton_ops
+
+    device = "cpu" if dry_run else "cuda"
+    torch.manual_seed(zlib.crc32(case["name"].encode()))
+    triton_ops.new_buffer = lambda like, *shape: like.new_full(shape, float("nan"))
+    torch.set_float32_matmul_precision("highest" if case["precision"] == "tf32x3" else "high")
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(case["precision"], torch.float32)
+    act = nn.Softplus(beta=100) if case["act"] == "softplus(100)" else case["act"]
+    d_in, d_out = case.get("d_in", 3), case.get("d_out", 3)
+    reference = tritonjac.JacobianMLP(d_in, case["hidden"], d_out, act, bias=case.get("bias", True),
+                                      jacobian_inputs=case.get("k"), backend="torch", dtype=torch.float64)  # fmt: skip
+    if case["act"] == "sine":
+        with torch.no_grad():
+            for layer in reference.linear_layers:
+                layer.weight.div_(30.0)
+    import copy
+
+    ours = copy.deepcopy(reference).to(device=device, dtype=dtype)
+    ours.backend = "triton"
+    with torch.no_grad():  # the reference gets the very same (rounded) parameters and points
+        for a, b in zip(reference.parameters(), ours.parameters()):
+            a.copy_(b.double())
+    x = torch.randn(case["points"], d_in, dtype=torch.float64).to(dtype).double()
+    jacobian = case.get("jacobian", True)
+    spec, weights = ours._spec, [m.weight for m in ours.linear_layers]
+    x_ours = x.to(device=device, dtype=dtype).requires_grad_()
+    plan = triton_ops.planned_kind(x_ours.detach(), weights, spec, jacobian)
+    with_tangents = jacobian and case["loss"] != "y"
+    backward = "fused" if triton_ops.fused_backward_available(x_ours.detach(), weights, spec, with_tangents) else "layers"
+
+    def loss_and_grads(model, xin):
+        for p in model.parameters():
+            p.grad = None
+        if jacobian:
+            y, J = model(xin)
+        else:
+            y, J = model(xin, jacobian=False), None
+        loss = y.new_zeros(())
+        if case["loss"] in ("y", "both"):
+            loss = loss + (y.float() * torch.linspace(-1, 2, y.shape[-1], device=y.device)).sum() + 0.5 * y.float().square().sum()
+        if case["loss"] in ("J", "both"):
+            loss = loss + J.float().square().sum() + J[..., 0, :].float().sum()
+        loss.backward()
+        return y, J, [xin.grad] + [p.grad for p in model.parameters()]
+
+    y, J, grads = loss_and_grads(ours, x_ours)
+    x_ref = x.clone().requires_grad_()
+    y_ref, J_ref, grads_ref = loss_and_grads(reference, x_ref)
+
+    def rel(a, b):
+        if a is None or b is None:
+            return None
+        a = a.detach().cpu().double()
+        if not torch.isfinite(a).all():
+            return float("inf")
+        return ((a - b.detach()).abs().max() / b.detach().abs().max().clamp_min(1e-300)).item()
+
+    errors = {"y": rel(y, y_ref), "J": rel(J, J_ref) if jacobian else None,
+              "grads": max(rel(g, r) for g, r in zip(grads, grads_ref))}  # fmt: skip
+    tolerance = TOLERANCE[case["precision"]]
+    ok = all(e is not None and e < tolerance for k, e in errors.items() if not (k == "J" and not jacobian))
+    return {**case, "plan": plan, "backward": backward, "errors": errors, "tolerance": tolerance, "ok": ok}
+
+
+def step_correctness(work: Path, dry_run: bool) -> None:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    cases = correctness_cases(dry_run)
+    workers = max(1, min(len(cases), (os.cpu_count() or 2) - 2 if not dry_run else 2))
+    print(f"{len(cases)} cases in {workers} processes (each compiles its own kernel variants)", flush=True)
+    out = work / "correctness.jsonl"
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                             initargs=(dry_run,)) as pool:  # fmt: skip
+        futures = {pool.submit(_correctness_worker, c, dry_run): c for c in cases}
+        for future in as_completed(futures):
+            try:
+                result = future.result()
+            except Exception as err:  # a crash in one case is a failed case, not a failed step
+                result = {**futures[future], "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            append_jsonl(out, result)
+            print(f"  {'ok  ' if result['ok'] else 'FAIL'} {result['name']}: {result.get('errors', result.get('error'))}",
+                  flush=True)  # fmt: skip
+
+
+def _worker_init(dry_run: bool) -> None:
+    if dry_run:
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("TRITONJAC_AUTOTUNE", "0")  # correctness, not speed: no timing runs
+    counter = VariantCounter()
+    counter.install()
+    global _COUNTER
+    _COUNTER = counter
+
+
+_COUNTER = None
+
+
+def _correctness_worker(case: dict, dry_run: bool) -> dict:
+    before = set(_COUNTER.variants)
+    result = run_correctness_case(case, dry_run)
+    result["new_variants"] = sorted(repr(v) for v in _COUNTER.variants - before)
+    return result
+
+
+# ---- benchmark steps ----------------------------------------------------------------------------------------------
+def _case(dry_run, **kw):
+    from tritonjac import benchmark
+
+    s = sizes(dry_run)
+    kw.setdefault("n_points", s["points"])
+    kw.setdefault("width", s["width"])
+    return benchmark.Case(device="cpu" if dry_run else "cuda", **kw)
+
+
+def _run_benchmark(work: Path, step: str, dry_run: bool, cases: list, *, include_compile: bool, methods=None,
+                   tuned_dir: Path | None = None, precompile: bool = True) -> None:  # fmt: skip
+    """Run each (label, case, float32 matmul precision) case, precompiling its autotune candidates
+    in parallel first; append its rows and write the tuned configurations after each case."""
+    import torch
+
+    from tritonjac import benchmark
+    from tritonjac.__main__ import write_tuned_configs
+
+    counter = VariantCounter()
+    counter.install()
+    s = sizes(dry_run)
+    # in a dry run two processes prove the mechanics (the interpreter compiles nothing)
+    workers = 2 if dry_run else max(1, min(12, (os.cpu_count() or 2) - 2))
+    precompiler = Precompiler(workers if precompile else 1)
+    for label, case, precision in cases:
+        start = time.perf_counter()
+        torch.set_float32_matmul_precision(precision)
+        precompiler.run(_Prewarm(case, precision))
+        rows = benchmark.run_case(case, rounds=s["rounds"], include_compile=include_compile, methods=methods,
+                                  max_seconds=10.0)  # fmt: skip
+        print(benchmark.format_table(rows), flush=True)
+        if tuned_dir is not None:
+            write_tuned_configs(str(tuned_dir), case.device)
+        append_jsonl(work / f"{step}.jsonl", {"label": label, "rows": rows, "seconds": time.perf_counter() - start,
+                                               "variants": len(counter.variants)})  # fmt: skip
+    precompiler.close()
+
+
+class _Prewarm:
+    """Picklable: builds the case's model at a small point count and runs forward (and backward)."""
+
+    def __init__(self, case, precision: str):
+        self.case, self.precision = case, precision
+
+    def __call__(self, train: bool):
+        import dataclasses
+
+        import torch
+
+        from tritonjac import benchmark
+
+        torch.set_float32_matmul_precision(self.precision)
+        # the compiled kernels do not depend on the point count (not specialized on it)
+        model, _, x = benchmark.build(dataclasses.replace(self.case, n_points=min(8192, self.case.n_points)))
+        if train:
+            y, J = model(x)
+            benchmark._loss(y, J).backward()
+        else:
+            with torch.no_grad():
+                model(x)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
+def step_main(work: Path, dry_run: bool, step: str) -> None:
+    """The benchmark steps. Every one writes the tuned configurations after each of its cases."""
+    configs = work / "configs"
+    main, bf16 = _case(dry_run), _case(dry_run, dtype="bfloat16")
+    if step == "main-tf32":  # ours against the eager peers
+        _run_benchmark(work, step, dry_run, [("main TF32", main, "high")], include_compile=False, tuned_dir=configs)
+    elif step == "main-tf32-compiled":  # the torch.compile peers (minutes of compiling), ours timed beside them
+        _run_benchmark(work, step, dry_run, [("main TF32, compiled peers", main, "high")], include_compile=True,
+                       methods=["tritonjac (triton)", "torch.compile"], tuned_dir=configs, precompile=False)  # fmt: skip
+    elif step == "main-bf16":
+        _run_benchmark(work, step, dry_run, [("main bf16", bf16, "high")], include_compile=False, tuned_dir=configs)
+    elif step == "tune":
+        s = sizes(dry_run)
+        cases = [("main TF32", main, "high"), ("main bf16", bf16, "high"), ("main 3xTF32", main, "highest")]
+        cases += [(f"width {w}", _case(dry_run, width=w), "high") for w in s["tune_widths"]]
+        cases += [(f"depth {d}", _case(dry_run, depth=d), "high") for d in (2, 8)]
+        _run_benchmark(work, step, dry_run, cases, include_compile=False, tuned_dir=configs,
+                       methods=["tritonjac (triton)", "nn.Sequential forward"])  # fmt: skip
+
+
+# The tests that run compiled kernels on a GPU (the CPU-side compile workers excepted); about 210
+# kernel variants, compiled by pytest-xdist's processes in parallel.
+GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_compile.py", "tests/test_triton_forward.py",
+             "tests/test_triton_backward.py", "-k", "not sees_the_kernels and not for_sm90"]  # fmt: skip
+
+
+def step_gpu_tests(work: Path, dry_run: bool) -> None:
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *GPU_TESTS]
+    if dry_run:  # the interpreter: a slice is enough to prove the step
+        args[-1] += " and (depths or point_counts)"
+    else:
+        args[3:3] = ["-n", str(max(1, min(14, (os.cpu_count() or 2) - 2)))]  # pytest-xdist
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    print(proc.stdout[-20000:], proc.stderr[-5000:])
+    last = (proc.stdout.strip().splitlines() or [""])[-1]
+    append_jsonl(work / "gpu-tests.jsonl", {"returncode": proc.returncode, "last_line": last})
+    if proc.returncode:
+        raise SystemExit(proc.returncode)  # the step fails with the tests
+
+
+STEP_FUNCTIONS = {
+    "environment": step_environment,
+    "correctness": step_correctness,
+    "main-tf32": lambda work, dry: step_main(work, dry, "main-tf32"),
+    "main-tf32-compiled": lambda work, dry: step_main(work, dry, "main-tf32-compiled"),
+    "main-bf16": lambda work, dry: step_main(work, dry, "main-bf16"),
+    "tune": lambda work, dry: step_main(work, dry, "tune"),
+    "gpu-tests": step_gpu_tests,
+}
+
+
+# ---- the driver ---------------------------------------------------------------------------------------------------
+def run_step(name: str, limit: float, work: Path, dry_run: bool) -> dict:
+    """Run one step in its own process group; kill the group at the limit."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--work", str(work)]
+    cmd += ["--dry-run"] if dry_run else []
+    start = time.perf_counter()
+    with open(work / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit)
+            status = "ok" if rc == 0 else f"failed (exit code {rc})"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            status = f"timed out at {limit:.0f} s"
+    return {"status": status, "seconds": round(time.perf_counter() - start, 1), "limit_s": limit}
+
+
+def collect(work: Path, mode: str, steps: dict) -> dict:
+    """Everything the work folder holds, as one summary."""
+    from tritonjac import benchmark
+
+    env = (read_jsonl(work / "environment.jsonl") or [{}])[-1]
+    summary = {"mode": mode, "environment": env, "steps": steps}
+    checks = read_jsonl(work / "correctness.jsonl")
+    if checks:
+        summary["correctness"] = checks
+    summary["gpu_tests"] = read_jsonl(work / "gpu-tests.jsonl")
+    runs = {}
+    for step in ("main-tf32", "main-tf32-compiled", "main-bf16", "tune"):
+        for record in read_jsonl(work / f"{step}.jsonl"):
+            runs[record["label"]] = record
+            steps.setdefault(step, {})["variants"] = record.get("variants")
+    summary["runs"] = runs
+    targets = []
+    for label, record in runs.items():
+        if not label.startswith("main"):
+            continue
+        for text, value, sense, target, met in benchmark.check_targets(record["rows"]):
+            if value is None:
+                continue
+            if "compiled peers" in label and "torch.compile" not in text:
+                continue  # that run times ours beside the compiled peers only
+            if label == "main bf16" and "matmul" not in text:
+                continue  # in bf16 the target is the fraction of the bf16 matmul rate
+            targets.append({"run": label, "target": text, "value": value, "sense": sense, "required": target,
+                            "met": met})  # fmt: skip
+    summary["targets"] = targets
+    tables = {}
+    for path in sorted((work / "configs").glob("*.json")) if (work / "configs").exists() else []:
+        tables[path.name] = json.loads(path.read_text())
+    summary["tuned_configs"] = tables
+    for name, info in steps.items():
+        cases = len(read_jsonl(work / f"{name}.jsonl"))
+        info["cases_done"] = cases
+        if name == "correctness" and checks:
+            info["variants"] = len({v for c in checks for v in c.get("new_variants", [])})
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """Text summary; the main TF32 table and the targets come last (what a cut-off output keeps)."""
+    from tritonjac import benchmark
+
+    env = summary["environment"]
+    lines = [f"tritonjac GPU check ({summary['mode']}{', dry run' if env.get('dry_run') else ''}) on "
+             f"{env.get('card', '?')} (sm {env.get('capability', '-')}, driver {env.get('driver', '-')}), "
+             f"torch {env.get('torch')}, triton {env.get('triton')}, {env.get('date')}"]  # fmt: skip
+    lines.append("\nsteps:")
+    for name, info in summary["steps"].items():
+        extra = f", {info['variants']} kernel variants" if info.get("variants") is not None else ""
+        lines.append(f"  {name:20s} {info.get('status', '?'):28s} {info.get('seconds', 0):6.1f} s "
+                     f"(limit {info.get('limit_s', 0):.0f}), {info.get('cases_done', 0)} cases{extra}")  # fmt: skip
+    for record in summary.get("gpu_tests", []):
+        lines.append(f"\nGPU tests: {record['last_line']} (exit code {record['returncode']})")
+    checks = summary.get("correctness", [])
+    if checks:
+        bad = [c for c in checks if not c["ok"]]
+        lines.append(f"\ncorrectness: {len(checks) - len(bad)} of {len(checks)} cases within tolerance "
+                     "(y, J, gradients vs float64; outputs poisoned with NaN)")  # fmt: skip
+        by_precision = {}
+        for c in checks:
+            if "errors" in c:
+                worst = max(v for v in c["errors"].values() if v is not None)
+                by_precision[c["precision"]] = max(by_precision.get(c["precision"], 0.0), worst)
+        lines.append("  worst error per precision: " + ", ".join(f"{p} {e:.1e}" for p, e in sorted(by_precision.items())))
+        paths = sorted({(c.get("plan"), c.get("backward")) for c in checks if "plan" in c})
+        lines.append("  paths run (forward plan, backward): " + ", ".join(f"{p}/{b}" for p, b in paths))
+        for c in bad:
+            lines.append(f"  FAILED {c['name']}: {c.get('errors', c.get('error'))} (tolerance {c.get('tolerance')})")
+    runs = summary.get("runs", {})
+    tune = [r for label, r in runs.items() if not label.startswith("main")] + (
+        [runs[label] for label in runs if label.startswith("main") and summary["mode"] == "tune"])
+    if tune:
+        lines.append("\nconfig sweep (tritonjac triton, median ms and fraction of the measured matmul peak):")
+        for record in tune:
+            for row in record["rows"]:
+                if row["method"] == "tritonjac (triton)" and row.get("median_ms"):
+                    frac = row.get("fraction_of_matmul_peak")
+                    lines.append(f"  {record['label']:12s} {row['mode']:17s} {row['median_ms']:9.3f} ms "
+                                 f"{row['points_per_s'] / 1e6:9.1f} Mpoints/s" + (f" {frac:6.1%}" if frac else ""))  # fmt: skip
+    for label in sorted(runs, key=lambda l: (l != "main bf16", l != "main TF32, compiled peers", l)):
+        if label.startswith("main") and summary["mode"] == "quick":
+            lines.append(f"\n== {label}")
+            lines.append(benchmark.format_table(runs[label]["rows"]).strip("\n"))
+    if summary["tuned_configs"]:
+        count = sum(len(e) for t in summary["tuned_configs"].values() for e in t.values())
+        lines.append(f"\ntuned configurations: {count} entries in {', '.join(summary['tuned_configs'])} (results.tgz)")
+    if summary["targets"]:
+        lines.append("\ntargets (value vs required, per run):")
+        for t in summary["targets"]:
+            verdict = "met" if t["met"] else "MISSED"
+            lines.append(f"  [{t['run']}] {t['target']}: {t['value']:.2f} ({t['sense']} {t['required']}) {verdict}")
+    return "\n".join(lines) + "\n"
+
+
+def package(out: Path, work: Path, summary: dict) -> None:
+    """Rewrite the files a lease brings back: summary.json, summary.txt, results.tgz, <= 5 plots."""
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "summary.txt").write_text(format_summary(summary))
+    plots = []
+    try:
+        plots = make_plots(summary, work)
+    except Exception as err:  # plots are the least important output
+        (work / "plots.log").write_text(f"{type(err).__name__}: {err}\n")
+    for old in out.glob("*.png"):
+        old.unlink()
+    for path in plots[:MAX_PLOTS]:
+        shutil.copy(path, out / path.name)
+    tmp = out / "results.tgz.part"
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(work, arcname="results")
+    tmp.replace(out / "results.tgz")
+
+
+def make_plots(summary: dict, work: Path) -> list[Path]:
+    from tritonjac import benchmark
+
+    plots = []
+    for label, record in summary.get("runs", {}).items():
+        if label in ("main TF32", "main bf16"):
+            path = work / f"{label.replace(' ', '-').lower()}.png"
+            if not path.exists():
+                benchmark.plot_case(record["rows"], str(path))
+            plots.append(path)
+    sweep = [r for label, r in summary.get("runs", {}).items() if label.startswith(("width", "depth"))]
+    if sweep:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 4))
+        for mode in benchmark.MODES:
+            pts = [(r["label"], row["points_per_s"] / 1e6) for r in sweep for row in r["rows"]
+                   if row["method"] == "tritonjac (triton)" and row["mode"] == mode and row.get("median_ms")]  # fmt: skip
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode.replace("_", " "))
+        ax.set_ylabel("Mpoints/s")
+        ax.set_title(f"tritonjac config sweep on {summary['environment'].get('card')}")
+        ax.legend()
+        fig.tight_layout()
+        path = work / "sweep.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        plots.append(path)
+    return plots
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--quick", action="store_true", help="correctness + main case (default)")
+    group.add_argument("--tune", action="store_true", help="the config sweep")
+    group.add_argument("--tests", action="store_true", help="the GPU-only pytest tests")
+    p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny sizes")
+    p.add_argument("--out", default=os.environ.get("OUT", "out"), help="where the files to bring back go ($OUT)")
+    p.add_argument("--skip", nargs="*", default=[], help="steps to leave out")
+    p.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS", help="override a step's limit")
+    p.add_argument("--step", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.step:  # a step, in its own process
+        if args.dry_run:
+            os.environ["TRITON_INTERPRET"] = "1"
+        from tritonjac import benchmark
+
+        with benchmark.quiet_torch_warnings():
+            STEP_FUNCTIONS[args.step](Path(args.work), args.dry_run)
+        return 0
+
+    mode = "tune" if args.tune else "tests" if args.tests else "quick"
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    limits = dict(item.split("=") for item in args.limit)
+    start = time.perf_counter()
+    steps = {}
+    for name, gpu_limit, dry_limit in MODES[mode]:
+        if name in args.skip:
+            continue
+        limit = float(limits.get(name, dry_limit if args.dry_run else gpu_limit))
+        print(f"[{time.perf_counter() - start:5.0f} s] {name} (limit {limit:.0f} s)", flush=True)
+        steps[name] = run_step(name, limit, work, args.dry_run)
+        print(f"[{time.perf_counter() - start:5.0f} s] {name}: {steps[name]['status']}", flush=True)
+        summary = collect(work, mode, steps)
+        summary["total_seconds"] = round(time.perf_counter() - start, 1)
+        package(out, work, summary)
+    shutil.rmtree(work)  # it travels inside results.tgz
+    text = (out / "summary.txt").read_text()
+    print("\n" + (text if len(text) <= MAX_PRINTED_CHARS else "...\n" + text[-MAX_PRINTED_CHARS:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

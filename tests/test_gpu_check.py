@@ -1,0 +1,145 @@
+"""The GPU check's dry run: the same steps as on a lent GPU, on CPU under the Triton interpreter at
+tiny sizes, bringing back what a lease brings back (at most 8 files, 2 folders down, plain names,
+16 MiB each) with a summary that parses, and keeping finished cases when a step is killed."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "perf" / "gpu_check.py"
+ACTIVATIONS = {"identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine"}
+
+
+def run_dry(out: Path, *args: str, env_extra=None, timeout=900):
+    env = dict(os.environ, TRITON_INTERPRET="1", **(env_extra or {}))
+    env.pop("TRITONJAC_AUTOTUNE", None)  # the check decides per step (the suite's conftest sets 0)
+    return subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def brought_back(out: Path) -> list[Path]:
+    """What a lease returns from $OUT: plain files at most 2 folders down."""
+    return [p for p in out.rglob("*") if p.is_file()]
+
+
+def check_lease_limits(out: Path):
+    files = brought_back(out)
+    assert 0 < len(files) <= 8, files
+    assert sum(1 for p in files if p.suffix == ".png") <= 5
+    for p in files:
+        rel = p.relative_to(out)
+        assert len(rel.parts) <= 3, rel
+        assert all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in rel.parts), rel
+        assert p.stat().st_size <= 16 << 20, rel
+    assert sum(p.stat().st_size for p in files) <= 64 << 20
+    return {p.name for p in files}
+
+
+@pytest.fixture(scope="module")
+def quick_dry_run(tmp_path_factory):
+    """The --quick steps without the torch.compile peers (a minute of inductor on CPU; the step runs
+    the same code as main-tf32 with other methods)."""
+    out = tmp_path_factory.mktemp("gpu_check")
+    proc = run_dry(out, "--skip", "main-tf32-compiled")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+def test_dry_run_brings_back_what_a_lease_allows(quick_dry_run):
+    out, printed = quick_dry_run
+    names = check_lease_limits(out)
+    assert {"summary.json", "summary.txt", "results.tgz"} <= names
+    assert len(printed) <= 7000  # the summary (at most 6,000 characters) and two lines per step
+    # the most important last: the bf16 table, then the main TF32 table, then the targets
+    order = [printed.rfind(s) for s in ("== main bf16", "== main TF32\n", "targets (value vs required")]
+    assert -1 < order[0] < order[1] < order[2], order
+
+
+def test_dry_run_summary_parses_and_covers_every_kernel_path(quick_dry_run):
+    out, _ = quick_dry_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "quick" and summary["environment"]["dry_run"]
+    assert {"torch", "triton", "date", "card"} <= set(summary["environment"])
+    for name in ("environment", "correctness", "main-tf32", "main-bf16"):
+        assert summary["steps"][name]["status"] == "ok", summary["steps"][name]
+    assert summary["steps"]["correctness"]["variants"] > 20
+    checks = summary["correctness"]
+    assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
+    assert {(c["plan"], c["backward"]) for c in checks} >= {("network", "fused"), ("network", "layers"), ("layers", "layers")}
+    assert {c["precision"] for c in checks} == {"tf32", "tf32x3", "bfloat16", "float16"}
+    assert {c["act"] for c in checks} >= ACTIVATIONS
+    assert {c["loss"] for c in checks} == {"y", "J", "both"} and any(c.get("jacobian") is False for c in checks)
+    for label in ("main TF32", "main bf16"):
+        methods = {r["method"] for r in summary["runs"][label]["rows"]}
+        assert {"tritonjac (triton)", "vmap(jacfwd)", "3x autograd.grad (seed)", "limit: the matmuls alone"} <= methods
+    assert any(t["run"] == "main TF32" for t in summary["targets"])
+
+
+def test_every_benchmark_step_saves_its_tuned_configurations(quick_dry_run):
+    """Each benchmark step writes the table after each case (the interpreter's fixed choice stands in
+    for autotuning's): one key per dtype and precision that ran."""
+    out, _ = quick_dry_run
+    with tarfile.open(out / "results.tgz") as tar:
+        names = set(tar.getnames())
+        table = json.load(tar.extractfile("results/configs/cpu.json"))
+    for step in ("environment", "correctness", "main-tf32", "main-bf16"):
+        assert f"results/{step}.jsonl" in names and f"results/{step}.log" in names
+    keys = list(table["mlp_forward"])
+    assert any("dtype=float32" in k and "PRECISION=tf32," in k for k in keys)
+    assert any("dtype=bfloat16" in k for k in keys)
+
+
+def test_a_step_killed_at_its_limit_keeps_its_finished_cases(tmp_path):
+    """The correctness step hangs after 3 cases (a test hook); its limit kills it; the 3 cases and
+    the summary come back."""
+    proc = run_dry(tmp_path, "--skip", "main-tf32", "main-tf32-compiled", "main-bf16", "--limit", "correctness=60",
+                   env_extra={"TRITONJAC_GPU_CHECK_STALL_AFTER": "3"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_lease_limits(tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    step = summary["steps"]["correctness"]
+    assert step["status"] == "timed out at 60 s" and step["cases_done"] == 3
+    assert len(summary["correctness"]) == 3
+    assert "timed out" in (tmp_path / "summary.txt").read_text()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="drives the interpreter")
+def test_precompile_workers_launch_their_slice_of_the_candidates(monkeypatch, tf32):
+    """Worker i of n launches candidates i, i + n, ... of every autotuned launch once (so that Triton
+    compiles them into its on-disk cache), and the launch still produces its outputs."""
+    import importlib.util
+
+    import torch
+    import triton
+
+    import tritonjac
+    from tritonjac import triton_ops, tuning
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    candidates = [triton.Config({"BLOCK_M": bm}, num_warps=4, num_stages=2) for bm in (16, 32, 64)]
+    monkeypatch.setitem(triton_ops._CANDIDATES, "mlp_forward", (lambda: candidates, tuning.prune_network_configs))
+    monkeypatch.setattr(tuning, "current_arch", lambda: 90)  # all three fit at width 16 in TF32
+    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)  # take the autotuning path
+    monkeypatch.setattr(triton_ops, "check_device", lambda x: None)
+    monkeypatch.setattr(triton_ops, "_device_name", lambda index: "Precompile GPU")
+    monkeypatch.setattr(triton_ops, "_kernels", triton_ops._kernels)  # the worker replaces it: restore after
+    outputs = []
+
+    def build_and_run(train):
+        model = tritonjac.JacobianMLP(3, [16, 16], 3, "tanh", backend="triton")
+        with torch.no_grad():
+            outputs.append((model(torch.randn(40, 3)), model))
+
+    assert gpu_check._precompile_worker(build_and_run, 0, 2) == 2  # candidates 0 and 2
+    assert gpu_check._precompile_worker(build_and_run, 1, 2) == 1  # candidate 1
+    for (y, J), model in outputs:
+        assert torch.isfinite(y).all() and torch.isfinite(J).all()
