@@ -36,7 +36,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 MAX_PLOTS = 5
-MAX_PRINTED_CHARS = 6000
+MAX_PRINTED_SUMMARY = 5000  # with two lines per step, the printed output stays under 6,000 characters
+# A GPU call's wall-clock budget (the lease's first call must end within 4 minutes of a cold start):
+# every step's limit is cut to what is left of it, counted from the shell script's start.
+GPU_BUDGET_S = 235
 
 # ---- the steps of each mode: (name, time limit in seconds on a GPU, in a dry run) ------------------------
 QUICK_STEPS = (("environment", 30, 60), ("correctness", 75, 300), ("main-tf32", 60, 240),
@@ -667,6 +670,12 @@ def make_plots(summary: dict, work: Path) -> list[Path]:
     return plots
 
 
+def finish(out: Path, work: Path, mode: str, steps: dict, start: float) -> None:
+    summary = collect(work, mode, steps)
+    summary["total_seconds"] = round(time.perf_counter() - start, 1)
+    package(out, work, summary)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     group = p.add_mutually_exclusive_group()
@@ -677,6 +686,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="where the files to bring back go ($OUT)")
     p.add_argument("--skip", nargs="*", default=[], help="steps to leave out")
     p.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS", help="override a step's limit")
+    p.add_argument("--budget", type=float, default=None,
+                   help=f"seconds for the whole call (default {GPU_BUDGET_S} on a GPU, none in a dry run)")  # fmt: skip
     p.add_argument("--step", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -698,21 +709,28 @@ def main(argv=None) -> int:
         shutil.rmtree(work)
     work.mkdir()
     limits = dict(item.split("=") for item in args.limit)
+    budget = args.budget if args.budget is not None else (None if args.dry_run or mode == "tests" else GPU_BUDGET_S)
+    started = float(os.environ.get("GPU_CHECK_STARTED", time.time()))  # the shell script's start (install)
     start = time.perf_counter()
     steps = {}
     for name, gpu_limit, dry_limit in MODES[mode]:
         if name in args.skip:
             continue
         limit = float(limits.get(name, dry_limit if args.dry_run else gpu_limit))
+        if budget is not None:
+            left = budget - (time.time() - started) - 5  # 5 s to package
+            if left < 10:
+                steps[name] = {"status": "skipped: out of the call's budget", "seconds": 0, "limit_s": 0}
+                continue
+            limit = min(limit, left)
         print(f"[{time.perf_counter() - start:5.0f} s] {name} (limit {limit:.0f} s)", flush=True)
         steps[name] = run_step(name, limit, work, args.dry_run)
         print(f"[{time.perf_counter() - start:5.0f} s] {name}: {steps[name]['status']}", flush=True)
-        summary = collect(work, mode, steps)
-        summary["total_seconds"] = round(time.perf_counter() - start, 1)
-        package(out, work, summary)
+        finish(out, work, mode, steps, start)
+    finish(out, work, mode, steps, start)
     shutil.rmtree(work)  # it travels inside results.tgz
     text = (out / "summary.txt").read_text()
-    print("\n" + (text if len(text) <= MAX_PRINTED_CHARS else "...\n" + text[-MAX_PRINTED_CHARS:]))
+    print("\n" + (text if len(text) <= MAX_PRINTED_SUMMARY else "...\n" + text[-MAX_PRINTED_SUMMARY:]))
     return 0
 
 

@@ -31,6 +31,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export GPU_CHECK_STARTED=$(date +%s)  # the call's budget counts the install too
 case " $* " in
 *" --dry-run "*) ;;
 *)  # the GPU machine has torch and triton but no network: install the checkout alone

@@ -99,13 +99,13 @@ def test_every_benchmark_step_saves_its_tuned_configurations(quick_dry_run):
 def test_a_step_killed_at_its_limit_keeps_its_finished_cases(tmp_path):
     """The correctness step hangs after 3 cases (a test hook); its limit kills it; the 3 cases and
     the summary come back."""
-    proc = run_dry(tmp_path, "--skip", "main-tf32", "main-tf32-compiled", "main-bf16", "--limit", "correctness=60",
+    proc = run_dry(tmp_path, "--skip", "main-tf32", "main-tf32-compiled", "main-bf16", "--limit", "correctness=40",
                    env_extra={"TRITONJAC_GPU_CHECK_STALL_AFTER": "3"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_lease_limits(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     step = summary["steps"]["correctness"]
-    assert step["status"] == "timed out at 60 s" and step["cases_done"] == 3
+    assert step["status"] == "timed out at 40 s" and step["cases_done"] == 3
     assert len(summary["correctness"]) == 3
     assert "timed out" in (tmp_path / "summary.txt").read_text()
 
@@ -143,3 +143,13 @@ def test_precompile_workers_launch_their_slice_of_the_candidates(monkeypatch, tf
     assert gpu_check._precompile_worker(build_and_run, 1, 2) == 1  # candidate 1
     for (y, J), model in outputs:
         assert torch.isfinite(y).all() and torch.isfinite(J).all()
+
+
+def test_steps_beyond_the_calls_budget_are_skipped_and_reported(tmp_path):
+    """A call's budget (4 minutes on a lent GPU) cuts every step's limit to what is left and skips
+    the steps that no longer fit, saying so in the summary."""
+    proc = run_dry(tmp_path, "--budget", "12", "--skip", "correctness", "main-tf32-compiled")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
+    assert steps["environment"]["limit_s"] <= 7
+    assert steps["main-tf32"]["status"] == steps["main-bf16"]["status"] == "skipped: out of the call's budget"

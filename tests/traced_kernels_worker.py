@@ -160,6 +160,16 @@ def inductor(precision: str) -> None:
 
     CachingAutotuner.precompile = precompile
     CachingAutotuner.run = run
+    # torch >= 2.14 asks Triton for a CPU backend, and for its options, before lowering kernels on
+    # CPU tensors; the kernels are compiled for sm_90 instead (precompile above): answer for that
+    from torch._dynamo import device_interface
+    from triton.compiler import compiler as triton_compiler
+
+    if hasattr(device_interface.CpuInterface, "raise_if_triton_unavailable"):
+        device_interface.CpuInterface.raise_if_triton_unavailable = staticmethod(lambda device=None: None)
+    make_backend = triton_compiler.make_backend
+    triton_compiler.make_backend = lambda target: make_backend(
+        GPUTarget("cuda", 90, 32) if target.backend == "cpu" else target)
     torch._inductor.config.compile_threads = 1  # compile here, where precompile is replaced
     torch._functorch.config.force_non_lazy_backward_lowering = True  # the backward graph too, now
     triton.runtime.driver.set_active(CompileOnlyDriver())

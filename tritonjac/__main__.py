@@ -86,6 +86,13 @@ def triton_check(device: str) -> bool:
 def main(argv=None) -> int:
     from . import benchmark
 
+    with benchmark.quiet_torch_warnings():  # torch's notices about itself, not about this job
+        return _main(argv)
+
+
+def _main(argv) -> int:
+    from . import benchmark
+
     parser = argparse.ArgumentParser(prog="python -m tritonjac", description=__doc__)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
     parser.add_argument("--points", type=int, default=None, help="points N (default 65536 on CPU, 2^20 on GPU)")

@@ -173,6 +173,14 @@ def prune_network_configs(configs, named_args, arch: int | None = None, **kwargs
     ]
 
 
+def _no_known_spill(config: triton.Config, arch: int) -> bool:
+    """Before sm_90, triton 3.8 (the version torch 2.14 pins) gives the first layer's 16x32 tile
+    with 4 warps and 3 stages 96 registers and 8 spilled bytes per thread (ahead-of-time compile;
+    2 stages and triton 3.6/3.9 do not spill): leave that one out there."""
+    tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+    return not (arch < 90 and tile == (16, 32, 4, 3))
+
+
 def prune_layer_configs(configs, named_args, arch: int | None = None, **kwargs):
     """Keep the configurations within the register budget, with wgmma-sized dots on sm_90 (the
     arguments arrive as in `prune_network_configs`)."""
@@ -182,7 +190,7 @@ def prune_layer_configs(configs, named_args, arch: int | None = None, **kwargs):
     def cost(c):
         return layer_cost(c.kwargs["BLOCK_M"], slots, c.kwargs["BLOCK_N"], c.num_warps)
 
-    fits = [c for c in configs if cost(c) <= LAYER_BUDGET]
+    fits = [c for c in configs if cost(c) <= LAYER_BUDGET and _no_known_spill(c, arch)]
     big = [c for c in fits if arch < 90 or c.kwargs["BLOCK_M"] * slots >= WGMMA_ROWS]
     # many tangents (SLOTS >= 16): nothing fits; the smallest tile spills least
     return big or fits or [min(configs, key=cost)]
