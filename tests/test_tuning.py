@@ -156,6 +156,19 @@ def test_pruning_through_triton_autotune(kernel, monkeypatch):
     assert kept and all(c.kwargs["BLOCK_M"] * 4 >= 64 for c in kept)
 
 
+def one_candidate_autotuning(monkeypatch, gpu_name: str) -> None:
+    """The GPU's autotuned launch path, in the interpreter: the real triton.autotune wrapper with one
+    candidate left after pruning (which it runs without timing, as the interpreter can)."""
+    one = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2)
+    monkeypatch.setattr(tuning, "network_configs", lambda: [one])
+    monkeypatch.setattr(tuning, "current_arch", lambda: 80)  # 16-row blocks are allowed there
+    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_ops, "check_device", lambda x: None)
+    monkeypatch.setattr(triton_ops, "_device_name", lambda index: gpu_name)
+    monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
+    triton_ops._kernels.cache_clear()
+
+
 @pytest.mark.skipif(not triton_ops.interpreting(), reason="drives the interpreter through the autotuned path")
 def test_autotuned_launch_path_runs(monkeypatch):
     """The launch path a GPU takes without a shipped table, through the real triton.autotune
@@ -163,14 +176,7 @@ def test_autotuned_launch_path_runs(monkeypatch):
     interpreter can do. Checks the keys, the grid, the recorded choice and the result."""
     import tritonjac
 
-    one = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2)
-    monkeypatch.setattr(tuning, "network_configs", lambda: [one])
-    monkeypatch.setattr(tuning, "current_arch", lambda: 80)  # 16-row blocks are allowed there
-    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
-    monkeypatch.setattr(triton_ops, "check_device", lambda x: None)
-    monkeypatch.setattr(triton_ops, "_device_name", lambda index: "Interpreter GPU")
-    monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
-    triton_ops._kernels.cache_clear()
+    one_candidate_autotuning(monkeypatch, "Interpreter GPU")
     try:
         model = tritonjac.JacobianMLP(3, [32, 32], 3, "tanh", backend="triton")
         x = torch.randn(40, 3)
@@ -191,14 +197,7 @@ def test_depth_keys_the_tuned_choice(monkeypatch):
     in the autotuner's key and in the shipped table's."""
     import tritonjac
 
-    one = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2)
-    monkeypatch.setattr(tuning, "network_configs", lambda: [one])
-    monkeypatch.setattr(tuning, "current_arch", lambda: 80)
-    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
-    monkeypatch.setattr(triton_ops, "check_device", lambda x: None)
-    monkeypatch.setattr(triton_ops, "_device_name", lambda index: "Depth GPU")
-    monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
-    triton_ops._kernels.cache_clear()
+    one_candidate_autotuning(monkeypatch, "Depth GPU")
     try:
         for depth in (2, 8):
             with torch.no_grad():
