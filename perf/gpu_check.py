@@ -460,10 +460,15 @@ def step_main(work: Path, dry_run: bool, step: str) -> None:
     elif step == "main-bf16":
         _run_benchmark(work, step, dry_run, [("main bf16", bf16, "high")], include_compile=False, tuned_dir=configs)
     elif step == "tune":
+        # the whole-network cases first; the per-layer backward cases last (3xTF32 and widths above
+        # 128: their backward kernels compile in one process, about 30 s each cold)
         s = sizes(dry_run)
-        cases = [("main TF32", main, "high"), ("main bf16", bf16, "high"), ("main 3xTF32", main, "highest")]
-        cases += [(f"width {w}", _case(dry_run, width=w), "high") for w in s["tune_widths"]]
+        narrow, wide = [w for w in s["tune_widths"] if w <= 128], [w for w in s["tune_widths"] if w > 128]
+        cases = [("main TF32", main, "high"), ("main bf16", bf16, "high")]
         cases += [(f"depth {d}", _case(dry_run, depth=d), "high") for d in (2, 8)]
+        cases += [(f"width {w}", _case(dry_run, width=w), "high") for w in narrow]
+        cases += [("main 3xTF32", main, "highest")]
+        cases += [(f"width {w}", _case(dry_run, width=w), "high") for w in wide]
         _run_benchmark(work, step, dry_run, cases, include_compile=False, tuned_dir=configs,
                        methods=["tritonjac (triton)", "nn.Sequential forward"])  # fmt: skip
 
