@@ -558,7 +558,8 @@ def plot_case(rows: list[dict], path: str):
     for (ax_t, ax_m), mode in zip(axes, modes):
         sub = sorted((r for r in rows if r["mode"] == mode and r.get("median_ms")), key=lambda r: r["median_ms"])
         names = [r["method"] for r in sub]
-        colors = ["tab:orange" if n.startswith("tritonjac") else "tab:gray" if "no J" in n else "tab:blue" for n in names]
+        colors = ["tab:orange" if n.startswith("tritonjac") else "tab:gray" if "no J" in n
+                  else "tab:green" if n.startswith("limit:") else "tab:blue" for n in names]  # fmt: skip
         med = [r["median_ms"] for r in sub]
         err = [[r["median_ms"] - r["p20_ms"] for r in sub], [r["p80_ms"] - r["median_ms"] for r in sub]]
         ax_t.barh(names, med, xerr=err, color=colors)
