@@ -20,7 +20,6 @@ import sys
 import torch
 
 from tritonjac import benchmark
-from tritonjac.__main__ import write_tuned_configs
 
 
 def main(argv=None):
@@ -60,8 +59,8 @@ def main(argv=None):
                                                max_seconds=args.max_seconds)  # fmt: skip
                 print(benchmark.format_table(case_rows), flush=True)
                 rows += case_rows
-        if args.tuned_configs:  # after every case: a later case that fails or times out loses nothing
-            write_tuned_configs(args.tuned_configs, args.device)
+                if args.tuned_configs:  # after every case: a later case that fails or times out loses nothing
+                    benchmark.write_tuned_configs(args.tuned_configs, args.device)
     out = args.out or os.path.join(
         os.path.dirname(__file__), "results",
         f"{'gpu' if gpu else 'cpu'}-{datetime.date.today().isoformat()}.json")  # fmt: skip

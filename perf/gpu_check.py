@@ -400,7 +400,6 @@ def _run_benchmark(work: Path, step: str, dry_run: bool, cases: list, *, include
     import torch
 
     from tritonjac import benchmark
-    from tritonjac.__main__ import write_tuned_configs
 
     counter = VariantCounter()
     counter.install()
@@ -416,7 +415,7 @@ def _run_benchmark(work: Path, step: str, dry_run: bool, cases: list, *, include
                                   max_seconds=10.0)  # fmt: skip
         print(benchmark.format_table(rows), flush=True)
         if tuned_dir is not None:
-            write_tuned_configs(str(tuned_dir), case.device)
+            benchmark.write_tuned_configs(str(tuned_dir), case.device)
         append_jsonl(work / f"{step}.jsonl", {"label": label, "rows": rows, "seconds": time.perf_counter() - start,
                                                "variants": len(counter.variants)})  # fmt: skip
     precompiler.close()

@@ -132,7 +132,7 @@ def _main(argv) -> int:
     print(f"\n(benchmark took {time.perf_counter() - start:.0f} s)")
     # what cost the most to find first: a failing plot must not lose the tuned configurations
     if args.tuned_configs:
-        write_tuned_configs(args.tuned_configs, device)
+        benchmark.write_tuned_configs(args.tuned_configs, device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
@@ -141,15 +141,6 @@ def _main(argv) -> int:
         benchmark.plot_case(rows, args.plot)
         print(f"wrote {args.plot}")
     return 0
-
-
-def write_tuned_configs(directory: str, device: str) -> None:
-    """Write what autotuning chose in this process on `device` to directory/<GPU name>.json."""
-    from . import tuning
-
-    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
-    path = tuning.write_tuned_table(directory, name)
-    print(f"wrote {path}" if path else "no configuration was autotuned")
 
 
 if __name__ == "__main__":

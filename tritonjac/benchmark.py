@@ -469,6 +469,15 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def write_tuned_configs(directory: str, device: str) -> None:
+    """Write what autotuning chose in this process on `device` to directory/<GPU name>.json."""
+    from . import tuning  # imports triton: only when asked
+
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+    path = tuning.write_tuned_table(directory, name)
+    print(f"wrote {path}" if path else "no configuration was autotuned")
+
+
 # ---- targets and plots ---------------------------------------------------------------------------------
 # The CPU product's targets (forward+J and training step against the peers, measured in one run).
 CPU_TARGETS = (

@@ -174,9 +174,9 @@ def prune_network_configs(configs, named_args, arch: int | None = None, **kwargs
 
 
 def _no_known_spill(config: triton.Config, arch: int) -> bool:
-    """Before sm_90, triton 3.8 (the version torch 2.14 pins) gives the first layer's 16x32 tile
-    with 4 warps and 3 stages 96 registers and 8 spilled bytes per thread (ahead-of-time compile;
-    2 stages and triton 3.6/3.9 do not spill): leave that one out there."""
+    """Before sm_90, triton 3.8 (the version torch 2.14 pins) compiles the 16x32 tile with 4 warps
+    and 3 stages to 96 registers and 8 spilled bytes per thread (ahead-of-time compile, first
+    layer; 2 stages and triton 3.6/3.9 do not spill): leave that configuration out there."""
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
     return not (arch < 90 and tile == (16, 32, 4, 3))
 
