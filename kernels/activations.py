@@ -1,26 +1,28 @@
 """s, s' and s'' of every activation as @triton.jit helpers, selected by a constexpr id.
 
-The ids are fixed here and mirrored by `tritonjac.triton_ops.ACTIVATION_IDS`. Each helper takes the
+The ids come from the activation registry (`tritonjac/activations.py`, `KERNEL_IDS`). Each helper takes the
 activation's parameter (softplus beta, leaky_relu slope, sine w0) and softplus's threshold as
 constexprs, so an unused branch compiles away and the parameter folds into the arithmetic.
 
-Special-function work is the second roof of these kernels after the tensor cores (DESIGN.md section 7):
-every formula below uses one exp (or one sin/cos pair) for s and s' together.
+Special-function work is the second roof of these kernels after the tensor cores: every formula
+below uses one exp (or one sin/cos pair) for s and s' together.
 """
 
 import triton
 import triton.language as tl
 
-IDENTITY = tl.constexpr(0)
-RELU = tl.constexpr(1)
-LEAKY_RELU = tl.constexpr(2)
-SOFTPLUS = tl.constexpr(3)
-TANH = tl.constexpr(4)
-SIGMOID = tl.constexpr(5)
-SILU = tl.constexpr(6)
-GELU = tl.constexpr(7)
-GELU_TANH = tl.constexpr(8)
-SINE = tl.constexpr(9)
+from ..activations import KERNEL_IDS
+
+IDENTITY = tl.constexpr(KERNEL_IDS["identity"])
+RELU = tl.constexpr(KERNEL_IDS["relu"])
+LEAKY_RELU = tl.constexpr(KERNEL_IDS["leaky_relu"])
+SOFTPLUS = tl.constexpr(KERNEL_IDS["softplus"])
+TANH = tl.constexpr(KERNEL_IDS["tanh"])
+SIGMOID = tl.constexpr(KERNEL_IDS["sigmoid"])
+SILU = tl.constexpr(KERNEL_IDS["silu"])
+GELU = tl.constexpr(KERNEL_IDS["gelu"])
+GELU_TANH = tl.constexpr(KERNEL_IDS["gelu_tanh"])
+SINE = tl.constexpr(KERNEL_IDS["sine"])
 
 _SQRT_HALF = tl.constexpr(0.7071067811865476)
 _INV_SQRT_2PI = tl.constexpr(0.3989422804014327)

@@ -1,6 +1,6 @@
-"""Fused first-order backward of the whole-network forward (DESIGN.md section 2).
+"""Fused first-order backward of the whole-network forward (docs/design.md, section 3).
 
-Given dLoss/dy and dLoss/dJ, `_mlp_backward_kernel` returns dLoss/dx and per-program partial sums of
+Given dLoss/dy and dLoss/dJ, `mlp_backward_kernel` returns dLoss/dx and per-program partial sums of
 every weight and bias gradient. It saves nothing from the forward: each block of points recomputes
 its forward from x, keeping each layer's stacked Z = [z; U] in a per-program workspace (a slab of
 global memory that stays in L2), then walks the layers backwards with the stacked gradient
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .activations import IDENTITY, activation_and_slope, activation_slope_and_curvature
-from .forward import _activate_stacked, _dot, _first_layer, _hidden_layer, _last_layer_output, _to_operand
+from .forward import activate_stacked, dot_f32, first_layer, hidden_layer, last_layer_output, to_operand
 
 
 @triton.jit
@@ -50,13 +50,13 @@ def _add_to(p, value, mask):
 
 
 @triton.jit(do_not_specialize=["num_points", "num_hidden", "num_programs"])
-def _mlp_backward_kernel(
+def mlp_backward_kernel(
     x_ptr, w_first_ptr, b_first_ptr, w_hidden_ptr, b_hidden_ptr, w_last_ptr, b_last_ptr,
     gy_ptr, gj_ptr, gx_ptr,
     gw_first_ptr, gb_first_ptr, gw_hidden_ptr, gb_hidden_ptr, gw_last_ptr, gb_last_ptr, ws_ptr,
     num_points, num_hidden, num_programs,
     stride_xp, stride_xf, stride_gyp, stride_gyf, stride_gjp, stride_gjo, stride_gjk, stride_gxp, stride_gxf,
-    IN: tl.constexpr, K: tl.constexpr, WIDTH: tl.constexpr, OUT: tl.constexpr,
+    IN: tl.constexpr, NUM_TANGENTS: tl.constexpr, WIDTH: tl.constexpr, OUT: tl.constexpr,
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     LAST_ACT: tl.constexpr, LAST_PARAM: tl.constexpr, LAST_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GY: tl.constexpr, HAS_GJ: tl.constexpr, NEED_X: tl.constexpr,
@@ -69,20 +69,20 @@ def _mlp_backward_kernel(
     (WIDTH), gw_hidden (num_hidden, WIDTH, WIDTH), gb_hidden (num_hidden, WIDTH), gw_last (OUT, WIDTH),
     gb_last (OUT). ws: (num_hidden + 1, BLOCK_M * SLOTS, WIDTH_PAD) fp32 per program.
     """
-    tl.static_assert(SLOTS >= 1 + K or not HAS_GJ, "SLOTS must hold the value and K tangents")
-    ROWS: tl.constexpr = BLOCK_M * SLOTS
+    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not HAS_GJ, "SLOTS must hold the value and NUM_TANGENTS tangents")
+    TILE_ROWS: tl.constexpr = BLOCK_M * SLOTS
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
     o_s = tl.arange(0, SLOTS)
     o_w = tl.arange(0, WIDTH_PAD)
     m_w = o_w < WIDTH
     m_ww = m_w[:, None] & m_w[None, :]
-    o_r = tl.arange(0, ROWS)
+    o_r = tl.arange(0, TILE_ROWS)
     is_value = o_s[None, :, None] == 0
     is_value_2d = o_s[None, :] == 0
     operand_ty = w_hidden_ptr.dtype.element_ty
 
-    ws = ws_ptr + pid64 * (num_hidden + 1) * ROWS * WIDTH_PAD
+    ws = ws_ptr + pid64 * (num_hidden + 1) * TILE_ROWS * WIDTH_PAD
     p_ws_tile = o_r[:, None] * WIDTH_PAD + o_w[None, :]
     gw_first = gw_first_ptr + pid64 * WIDTH * IN
     gb_first = gb_first_ptr + pid64 * WIDTH
@@ -99,15 +99,15 @@ def _mlp_backward_kernel(
         first_point += num_programs.to(tl.int64) * BLOCK_M
 
         # ---- forward again, keeping each layer's Z in the workspace -----------------------------
-        Z = _first_layer(x_ptr, w_first_ptr, b_first_ptr, o_p, m_p, stride_xp, stride_xf,
-                         IN, K, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, HAS_GJ)  # fmt: skip
-        tl.store(ws + p_ws_tile, tl.reshape(Z, (ROWS, WIDTH_PAD)))
-        A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+        Z = first_layer(x_ptr, w_first_ptr, b_first_ptr, o_p, m_p, stride_xp, stride_xf,
+                         IN, NUM_TANGENTS, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, HAS_GJ)  # fmt: skip
+        tl.store(ws + p_ws_tile, tl.reshape(Z, (TILE_ROWS, WIDTH_PAD)))
+        A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         for l in range(num_hidden):
-            Z = _hidden_layer(A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS,
+            Z = hidden_layer(A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS,
                               PRECISION, INTERPRET_BF16)  # fmt: skip
-            tl.store(ws + (l + 1) * ROWS * WIDTH_PAD + p_ws_tile, tl.reshape(Z, (ROWS, WIDTH_PAD)))
-            A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+            tl.store(ws + (l + 1) * TILE_ROWS * WIDTH_PAD + p_ws_tile, tl.reshape(Z, (TILE_ROWS, WIDTH_PAD)))
+            A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         tl.debug_barrier()  # the workspace is read back below in other threads' layouts
 
         # ---- last layer: dLoss/d[y; J] -> G = dLoss/dA_{L-1}, by outer products per output ---------
@@ -119,10 +119,10 @@ def _mlp_backward_kernel(
                 g += tl.load(p_gy, mask=m_p[:, None] & is_value_2d, other=0.0).to(tl.float32)
             if HAS_GJ:
                 p_gj = gj_ptr + o_p[:, None] * stride_gjp + o * stride_gjo + (o_s[None, :] - 1) * stride_gjk
-                m_gj = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= K)
+                m_gj = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= NUM_TANGENTS)
                 g += tl.load(p_gj, mask=m_gj, other=0.0).to(tl.float32)
             if LAST_ACT != IDENTITY:
-                r = _last_layer_output(A, w_last_ptr, b_last_ptr, o, WIDTH, WIDTH_PAD, SLOTS, HAS_BIAS)
+                r = last_layer_output(A, w_last_ptr, b_last_ptr, o, WIDTH, WIDTH_PAD, SLOTS, HAS_BIAS)
                 g3 = _activation_backward(g[:, :, None], r[:, :, None], SLOTS, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
                 g = tl.reshape(g3, (BLOCK_M, SLOTS))
             b_row = tl.load(w_last_ptr + o * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
@@ -134,20 +134,20 @@ def _mlp_backward_kernel(
         # ---- hidden layers, last to first -------------------------------------------------------------
         for i in range(num_hidden):
             l = num_hidden - 1 - i
-            Z = tl.reshape(tl.load(ws + (l + 1) * ROWS * WIDTH_PAD + p_ws_tile), (BLOCK_M, SLOTS, WIDTH_PAD))
+            Z = tl.reshape(tl.load(ws + (l + 1) * TILE_ROWS * WIDTH_PAD + p_ws_tile), (BLOCK_M, SLOTS, WIDTH_PAD))
             G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
-            Z_prev = tl.reshape(tl.load(ws + l * ROWS * WIDTH_PAD + p_ws_tile), (BLOCK_M, SLOTS, WIDTH_PAD))
-            A_prev = _activate_stacked(Z_prev, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
-            b_gz = _to_operand(tl.reshape(G_Z, (ROWS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
-            b_a = _to_operand(tl.reshape(A_prev, (ROWS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
-            d_w = _dot(tl.trans(b_gz), b_a, None, PRECISION, INTERPRET_BF16)  # [n, k] like W
+            Z_prev = tl.reshape(tl.load(ws + l * TILE_ROWS * WIDTH_PAD + p_ws_tile), (BLOCK_M, SLOTS, WIDTH_PAD))
+            A_prev = activate_stacked(Z_prev, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+            b_gz = to_operand(tl.reshape(G_Z, (TILE_ROWS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
+            b_a = to_operand(tl.reshape(A_prev, (TILE_ROWS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
+            d_w = dot_f32(tl.trans(b_gz), b_a, None, PRECISION, INTERPRET_BF16)  # [n, k] like W
             _add_to(gw_hidden + l * WIDTH * WIDTH + o_w[:, None] * WIDTH + o_w[None, :], d_w, m_ww)
             if HAS_BIAS:
                 g_b = tl.sum(tl.sum(tl.where(is_value, G_Z, 0.0), axis=1), axis=0)
                 _add_to(gb_hidden + l * WIDTH + o_w, g_b, m_w)
             p_w = w_hidden_ptr + l * WIDTH * WIDTH + o_w[:, None] * WIDTH + o_w[None, :]  # [n, k]
             b_w = tl.load(p_w, mask=m_ww, other=0.0).to(operand_ty)
-            G = tl.reshape(_dot(b_gz, b_w, None, PRECISION, INTERPRET_BF16), (BLOCK_M, SLOTS, WIDTH_PAD))
+            G = tl.reshape(dot_f32(b_gz, b_w, None, PRECISION, INTERPRET_BF16), (BLOCK_M, SLOTS, WIDTH_PAD))
 
         # ---- first layer: Z_1 = [x W^T + b; W E] ------------------------------------------------------
         Z = tl.reshape(tl.load(ws + p_ws_tile), (BLOCK_M, SLOTS, WIDTH_PAD))
@@ -160,10 +160,10 @@ def _mlp_backward_kernel(
                 b_col = tl.load(w_first_ptr + o_w * IN + i, mask=m_w, other=0.0).to(tl.float32)
                 g_x = tl.sum(g_z * b_col[None, :], axis=1)
                 tl.store(gx_ptr + o_p * stride_gxp + i * stride_gxf, g_x.to(gx_ptr.dtype.element_ty), mask=m_p)
-        if HAS_GJ:  # the tangent rows of Z_1 are W's first K columns: their gradient lands there
+        if HAS_GJ:  # the tangent rows of Z_1 are W's first NUM_TANGENTS columns: their gradient lands there
             tl.debug_barrier()  # those columns were just updated above, in another layout
             g_u = tl.sum(G_Z, axis=0)  # (SLOTS, WIDTH_PAD): slot s -> column s - 1
-            m_u = (o_s[:, None] >= 1) & (o_s[:, None] <= K) & m_w[None, :]
+            m_u = (o_s[:, None] >= 1) & (o_s[:, None] <= NUM_TANGENTS) & m_w[None, :]
             _add_to(gw_first + o_w[None, :] * IN + (o_s[:, None] - 1), g_u, m_u)
         if HAS_BIAS:
             _add_to(gb_first + o_w, tl.sum(g_z, axis=0), m_w)
@@ -171,23 +171,23 @@ def _mlp_backward_kernel(
 
 
 # ---- the per-layer plan ------------------------------------------------------------------------------
-# The launcher recomputes a chunk of points layer by layer (`_layer_forward_kernel` with STORE_Z keeps
+# The launcher recomputes a chunk of points layer by layer (`layer_forward_kernel` with STORE_Z keeps
 # each layer's A = [h; T] and Z = [z; U]), then per layer, last to first:
-#   _layer_backward_kernel:      G_Z of layer l -> G_Z of layer l-1 (or dLoss/dx after the first)
-#   _layer_weight_grad_kernel:   G_Z of layer l and A of layer l-1 -> partial dW_l, db_l per split
+#   layer_backward_kernel:      G_Z of layer l -> G_Z of layer l-1 (or dLoss/dx after the first)
+#   layer_weight_grad_kernel:   G_Z of layer l and A of layer l-1 -> partial dW_l, db_l per split
 
 
 @triton.jit(do_not_specialize=["num_points", "d_in", "d_out"])
-def _layer_backward_kernel(
+def layer_backward_kernel(
     gz_ptr, w_ptr, z_prev_ptr, out_ptr,
     num_points, d_in, d_out,
     stride_gp, stride_gs, stride_wn, stride_wk, stride_zp, stride_zs, stride_op, stride_os, stride_of,
-    ROWS: tl.constexpr, LAST_STEP: tl.constexpr,
+    LIVE_SLOTS: tl.constexpr, LAST_STEP: tl.constexpr,
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     PRECISION: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
 ):  # fmt: skip
-    """G = G_Z W for BLOCK_M points and BLOCK_K input features (ROWS live slots of SLOTS), then
+    """G = G_Z W for BLOCK_M points and BLOCK_K input features (LIVE_SLOTS live slots of SLOTS), then
     the previous layer's activation backward with its Z (ACT), written to out[p, slot, k]; with
     LAST_STEP (this is the first layer) the value row of G is dLoss/dx, written to out[p, k]."""
     i_m = tl.program_id(0).to(tl.int64)
@@ -197,7 +197,7 @@ def _layer_backward_kernel(
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_k = o_k < d_in
     o_s = tl.arange(0, SLOTS)
-    m_s = o_s < ROWS
+    m_s = o_s < LIVE_SLOTS
     operand_ty = w_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M * SLOTS, BLOCK_K), tl.float32)
@@ -207,8 +207,8 @@ def _layer_backward_kernel(
         p_g = gz_ptr + o_p[:, None, None] * stride_gp + o_s[None, :, None] * stride_gs + o_n[None, None, :]
         b_g = tl.load(p_g, mask=m_p[:, None, None] & m_s[None, :, None] & m_n[None, None, :], other=0.0)
         b_w = tl.load(w_ptr + o_n[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_n[:, None] & m_k[None, :], other=0.0)
-        b_g = _to_operand(tl.reshape(b_g, (BLOCK_M * SLOTS, BLOCK_N)), operand_ty, INTERPRET_BF16)
-        acc = _dot(b_g, b_w.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
+        b_g = to_operand(tl.reshape(b_g, (BLOCK_M * SLOTS, BLOCK_N)), operand_ty, INTERPRET_BF16)
+        acc = dot_f32(b_g, b_w.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
     G = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_K))
     m_pk = m_p[:, None, None] & m_k[None, None, :]
     if LAST_STEP:
@@ -223,14 +223,14 @@ def _layer_backward_kernel(
 
 
 @triton.jit(do_not_specialize=["num_points", "d_in", "d_out", "points_per_split"])
-def _layer_weight_grad_kernel(
+def layer_weight_grad_kernel(
     gz_ptr, a_ptr, gw_ptr, gb_ptr,
     num_points, d_in, d_out, points_per_split,
     stride_gp, stride_gs, stride_ap, stride_as, stride_af,
-    ROWS_A: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
+    LIVE_SLOTS_A: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
 ):  # fmt: skip
-    """Partial dW[n, k] = sum over this split's points and the ROWS_A slots of G_Z[p, s, n] A[p, s, k]
+    """Partial dW[n, k] = sum over this split's points and the LIVE_SLOTS_A slots of G_Z[p, s, n] A[p, s, k]
     (fp32, written to gw[split, n, k]; the launcher sums the splits), and db[n] from the value row."""
     i_n = tl.program_id(0)
     i_k = tl.program_id(1)
@@ -240,7 +240,7 @@ def _layer_weight_grad_kernel(
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_k = o_k < d_in
     o_s = tl.arange(0, SLOTS)
-    m_s = o_s < ROWS_A
+    m_s = o_s < LIVE_SLOTS_A
     operand_ty = a_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -256,9 +256,9 @@ def _layer_weight_grad_kernel(
         b_a = tl.load(p_a, mask=m_p[:, None, None] & m_s[None, :, None] & m_k[None, None, :], other=0.0)
         if HAS_BIAS:
             acc_b += tl.sum(tl.sum(tl.where(o_s[None, :, None] == 0, b_g, 0.0), axis=1), axis=0)
-        b_g = _to_operand(tl.reshape(b_g, (BLOCK_P * SLOTS, BLOCK_N)), operand_ty, INTERPRET_BF16)
-        b_a = _to_operand(tl.reshape(b_a, (BLOCK_P * SLOTS, BLOCK_K)), operand_ty, INTERPRET_BF16)
-        acc = _dot(tl.trans(b_g), b_a, acc, PRECISION, INTERPRET_BF16)
+        b_g = to_operand(tl.reshape(b_g, (BLOCK_P * SLOTS, BLOCK_N)), operand_ty, INTERPRET_BF16)
+        b_a = to_operand(tl.reshape(b_a, (BLOCK_P * SLOTS, BLOCK_K)), operand_ty, INTERPRET_BF16)
+        acc = dot_f32(tl.trans(b_g), b_a, acc, PRECISION, INTERPRET_BF16)
     p_w = gw_ptr + i_split * d_out * d_in + o_n[:, None] * d_in + o_k[None, :]
     tl.store(p_w, acc, mask=m_n[:, None] & m_k[None, :])
     if HAS_BIAS:

@@ -1,17 +1,17 @@
-"""Fused forward kernels: outputs and Jacobians of a point-wise MLP (DESIGN.md section 2).
+"""Fused forward kernels: outputs and Jacobians of a point-wise MLP (docs/design.md, section 2).
 
 Both kernels keep a layer's input as one stacked tile A of shape (BLOCK_M, SLOTS, width): slot 0
-holds the values h, slots 1..K the K tangents T, and padding slots up to the next power of two hold
+holds the values h, slots 1..NUM_TANGENTS the NUM_TANGENTS tangents T, and padding slots up to the next power of two hold
 zeros. Reshaped to (BLOCK_M * SLOTS, width) it is the left operand of one `tl.dot` per layer
-(4 x BLOCK_M rows for the common K = 3, no padding), which gives Z = [z; U] at once; then
+(4 x BLOCK_M rows for the common NUM_TANGENTS = 3, no padding), which gives Z = [z; U] at once; then
 
     h = s(z),  T = s'(z) * U            (slot 0 of Z is z; the activation is evaluated once per point)
 
-- `_mlp_forward_kernel` runs the whole network for a block of points: nothing but x, y and J touches
+- `mlp_forward_kernel` runs the whole network for a block of points: nothing but x, y and J touches
   global memory. The first layer (in_features <= 16) is a loop of outer-product FMAs and its tangent
-  is W_1's first K columns (no matmul); the last layer (out_features <= 16) is one reduction over the
+  is W_1's first NUM_TANGENTS columns (no matmul); the last layer (out_features <= 16) is one reduction over the
   width per output, so tiny dimensions never become 16-wide matmuls.
-- `_layer_forward_kernel` runs one layer (the design card's chained form) for layers too wide or
+- `layer_forward_kernel` runs one layer (the design card's chained form) for layers too wide or
   too unequal for the first kernel: it reads [h; T] and writes the next [h; T].
 
 With JACOBIAN=False, SLOTS is 1 and the same code is a plain fused MLP forward.
@@ -29,7 +29,7 @@ from .activations import IDENTITY, activation_and_slope, activation_value
 # cvt.rn.bf16.f32 does and kept in fp32, and the dot runs on them in fp32: exactly the products
 # and fp32 accumulation of the GPU's bf16 dot.
 @triton.jit
-def _round_to_bf16(x):
+def round_to_bf16(x):
     """x rounded to the nearest bfloat16 (ties to even), as fp32."""
     bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
     bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
@@ -37,21 +37,21 @@ def _round_to_bf16(x):
 
 
 @triton.jit
-def _to_operand(a, operand_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+def to_operand(a, operand_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
     if INTERPRET_BF16:
-        return _round_to_bf16(a)
+        return round_to_bf16(a)
     return a.to(operand_ty)
 
 
 @triton.jit
-def _to_storage(v, storage_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+def to_storage(v, storage_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
     if INTERPRET_BF16:
-        return _round_to_bf16(v).to(storage_ty)
+        return round_to_bf16(v).to(storage_ty)
     return v.to(storage_ty)
 
 
 @triton.jit
-def _dot(a, w, acc, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+def dot_f32(a, w, acc, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
     """a @ w (+ acc) with fp32 accumulation (operands already in the operand dtype)."""
     if INTERPRET_BF16:
         return tl.dot(a, w.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
@@ -59,7 +59,7 @@ def _dot(a, w, acc, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
 
 
 @triton.jit
-def _activate_stacked(Z, o_slot, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: tl.constexpr):
+def activate_stacked(Z, o_slot, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: tl.constexpr):
     """[s(z); s'(z) U] from Z = [z; U], stacked on axis 1 of a 3-D tile."""
     if ACT == IDENTITY:
         return Z
@@ -72,12 +72,12 @@ def _activate_stacked(Z, o_slot, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: 
 
 
 @triton.jit
-def _first_layer(x_ptr, w_ptr, b_ptr, o_p, m_p, stride_xp, stride_xf,
-                 IN: tl.constexpr, K: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
+def first_layer(x_ptr, w_ptr, b_ptr, o_p, m_p, stride_xp, stride_xf,
+                 IN: tl.constexpr, NUM_TANGENTS: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
                  SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr):  # fmt: skip
     """Z_1 = [x W^T + b; U_1] for the points o_p, (BLOCK_M, SLOTS, WIDTH_PAD).
 
-    z is IN outer products (no matmul for 1..16 inputs); U_1 is W's first K columns, the same for
+    z is IN outer products (no matmul for 1..16 inputs); U_1 is W's first NUM_TANGENTS columns, the same for
     every point (slot s holds column s - 1).
     """
     o_w = tl.arange(0, WIDTH_PAD)
@@ -92,13 +92,13 @@ def _first_layer(x_ptr, w_ptr, b_ptr, o_p, m_p, stride_xp, stride_xf,
     if not JACOBIAN:
         return z[:, None, :]
     o_s = tl.arange(0, SLOTS)
-    m_u = (o_s[:, None] >= 1) & (o_s[:, None] <= K) & m_w[None, :]
+    m_u = (o_s[:, None] >= 1) & (o_s[:, None] <= NUM_TANGENTS) & m_w[None, :]
     b_u = tl.load(w_ptr + o_w[None, :] * IN + (o_s[:, None] - 1), mask=m_u, other=0.0).to(tl.float32)
     return tl.where(o_s[None, :, None] == 0, z[:, None, :], b_u[None, :, :])
 
 
 @triton.jit
-def _hidden_layer(A, w_ptr, b_ptr, l, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr,
+def hidden_layer(A, w_ptr, b_ptr, l, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr,
                   BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                   INTERPRET_BF16: tl.constexpr):  # fmt: skip
     """Z = [h W_l^T + b_l; T W_l^T] from A = [h; T]: one dot over the BLOCK_M * SLOTS stacked rows.
@@ -111,16 +111,16 @@ def _hidden_layer(A, w_ptr, b_ptr, l, WIDTH: tl.constexpr, WIDTH_PAD: tl.constex
     # b_wt[k, n] = W_l[n, k]
     p_w = w_ptr + l * WIDTH * WIDTH + o_w[None, :] * WIDTH + o_w[:, None]
     b_wt = tl.load(p_w, mask=m_w[:, None] & m_w[None, :], other=0.0)
-    b_a = _to_operand(tl.reshape(A, (BLOCK_M * SLOTS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
-    Z = tl.reshape(_dot(b_a, b_wt.to(operand_ty), None, PRECISION, INTERPRET_BF16), (BLOCK_M, SLOTS, WIDTH_PAD))
+    b_a = to_operand(tl.reshape(A, (BLOCK_M * SLOTS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
+    Z = tl.reshape(dot_f32(b_a, b_wt.to(operand_ty), None, PRECISION, INTERPRET_BF16), (BLOCK_M, SLOTS, WIDTH_PAD))
     if HAS_BIAS:
-        b_b = tl.load(b_ptr + l * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
-        Z += tl.where(tl.arange(0, SLOTS)[None, :, None] == 0, b_b[None, None, :], 0.0)
+        bias_row = tl.load(b_ptr + l * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
+        Z += tl.where(tl.arange(0, SLOTS)[None, :, None] == 0, bias_row[None, None, :], 0.0)
     return Z
 
 
 @triton.jit
-def _last_layer_output(A, w_ptr, b_ptr, o, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr,
+def last_layer_output(A, w_ptr, b_ptr, o, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr,
                        HAS_BIAS: tl.constexpr):  # fmt: skip
     """[z; U] of output o, (BLOCK_M, SLOTS): one reduction of A over the width (no 16-wide matmul)."""
     o_w = tl.arange(0, WIDTH_PAD)
@@ -132,11 +132,11 @@ def _last_layer_output(A, w_ptr, b_ptr, o, WIDTH: tl.constexpr, WIDTH_PAD: tl.co
 
 
 @triton.jit(do_not_specialize=["num_points", "num_hidden", "points_bucket"])
-def _mlp_forward_kernel(
+def mlp_forward_kernel(
     x_ptr, w_first_ptr, b_first_ptr, w_hidden_ptr, b_hidden_ptr, w_last_ptr, b_last_ptr, y_ptr, j_ptr,
     num_points, num_hidden, points_bucket,
     stride_xp, stride_xf, stride_yp, stride_yf, stride_jp, stride_jo, stride_jk,
-    IN: tl.constexpr, K: tl.constexpr, WIDTH: tl.constexpr, OUT: tl.constexpr,
+    IN: tl.constexpr, NUM_TANGENTS: tl.constexpr, WIDTH: tl.constexpr, OUT: tl.constexpr,
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     LAST_ACT: tl.constexpr, LAST_PARAM: tl.constexpr, LAST_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
@@ -148,23 +148,23 @@ def _mlp_forward_kernel(
     (OUT, WIDTH); biases likewise (zeros where a layer has none). Layers 1..L-1 use ACT, layer L
     uses LAST_ACT. points_bucket only keys the autotuner.
     """
-    tl.static_assert(SLOTS >= 1 + K or not JACOBIAN, "SLOTS must hold the value and K tangents")
+    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not JACOBIAN, "SLOTS must hold the value and NUM_TANGENTS tangents")
     tl.static_assert(WIDTH_PAD >= 16, "tl.dot needs every dimension >= 16")
     i_m = tl.program_id(0).to(tl.int64)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_p = o_p < num_points
     o_s = tl.arange(0, SLOTS)
-    Z = _first_layer(x_ptr, w_first_ptr, b_first_ptr, o_p, m_p, stride_xp, stride_xf,
-                     IN, K, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, JACOBIAN)  # fmt: skip
-    A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+    Z = first_layer(x_ptr, w_first_ptr, b_first_ptr, o_p, m_p, stride_xp, stride_xf,
+                     IN, NUM_TANGENTS, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, JACOBIAN)  # fmt: skip
+    A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
     for l in range(num_hidden):
-        Z = _hidden_layer(A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS,
+        Z = hidden_layer(A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS,
                           PRECISION, INTERPRET_BF16)  # fmt: skip
-        A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+        A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
 
     is_value = o_s[None, :] == 0
     for o in tl.static_range(OUT):
-        r = _last_layer_output(A, w_last_ptr, b_last_ptr, o, WIDTH, WIDTH_PAD, SLOTS, HAS_BIAS)
+        r = last_layer_output(A, w_last_ptr, b_last_ptr, o, WIDTH, WIDTH_PAD, SLOTS, HAS_BIAS)
         if LAST_ACT != IDENTITY:
             if JACOBIAN:
                 z_o = tl.sum(tl.where(is_value, r, 0.0), axis=1)
@@ -173,20 +173,20 @@ def _mlp_forward_kernel(
             else:
                 r = activation_value(r, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
         p_y = y_ptr + o_p[:, None] * stride_yp + o * stride_yf + o_s[None, :] * 0
-        tl.store(p_y, _to_storage(r, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_p[:, None] & is_value)
+        tl.store(p_y, to_storage(r, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_p[:, None] & is_value)
         if JACOBIAN:
             p_j = j_ptr + o_p[:, None] * stride_jp + o * stride_jo + (o_s[None, :] - 1) * stride_jk
-            m_j = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= K)
-            tl.store(p_j, _to_storage(r, j_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_j)
+            m_j = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= NUM_TANGENTS)
+            tl.store(p_j, to_storage(r, j_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_j)
 
 
 @triton.jit(do_not_specialize=["num_points", "d_in", "d_out", "points_bucket"])
-def _layer_forward_kernel(
+def layer_forward_kernel(
     a_ptr, w_ptr, b_ptr, h_ptr, t_ptr, z_ptr,
     num_points, d_in, d_out, points_bucket,
     stride_ap, stride_as, stride_af, stride_wn, stride_wk,
     stride_hp, stride_hf, stride_tp, stride_ts, stride_tf, stride_zp, stride_zs,
-    K: tl.constexpr, FIRST: tl.constexpr,
+    NUM_TANGENTS: tl.constexpr, FIRST: tl.constexpr,
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
     SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -195,12 +195,12 @@ def _layer_forward_kernel(
     """One layer for BLOCK_M points and BLOCK_N output features: [h; T] -> [s(z); s'(z) W T].
 
     The input is read at a[p, slot, f] (slot stride stride_as); with FIRST it is x (P, d_in) and the
-    tangent slots are the identity's first K columns, built on the fly. Values are written to
+    tangent slots are the identity's first NUM_TANGENTS columns, built on the fly. Values are written to
     h[p, n], tangent slot s to t[p, s - 1, n] (strides given), so the last layer writes y and J.
     With STORE_Z (the backward's recompute) the stacked pre-activation Z is also written, in fp32,
     to z[p, slot, n].
     """
-    tl.static_assert(SLOTS >= 1 + K or not JACOBIAN, "SLOTS must hold the value and K tangents")
+    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not JACOBIAN, "SLOTS must hold the value and NUM_TANGENTS tangents")
     i_m = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -208,7 +208,7 @@ def _layer_forward_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < d_out
     o_s = tl.arange(0, SLOTS)
-    m_s = o_s < (1 + K if JACOBIAN else 1)
+    m_s = o_s < (1 + NUM_TANGENTS if JACOBIAN else 1)
     operand_ty = w_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M * SLOTS, BLOCK_N), tl.float32)
@@ -224,22 +224,22 @@ def _layer_forward_kernel(
             m_a = m_p[:, None, None] & m_s[None, :, None] & m_k[None, None, :]
             b_a = tl.load(p_a, mask=m_a, other=0.0)
         b_wt = tl.load(w_ptr + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        b_a = _to_operand(tl.reshape(b_a, (BLOCK_M * SLOTS, BLOCK_K)), operand_ty, INTERPRET_BF16)
-        acc = _dot(b_a, b_wt.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
+        b_a = to_operand(tl.reshape(b_a, (BLOCK_M * SLOTS, BLOCK_K)), operand_ty, INTERPRET_BF16)
+        acc = dot_f32(b_a, b_wt.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
 
     Z = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_N))
     if HAS_BIAS:
-        b_b = tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
-        Z += tl.where(o_s[None, :, None] == 0, b_b[None, None, :], 0.0)
+        bias_row = tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
+        Z += tl.where(o_s[None, :, None] == 0, bias_row[None, None, :], 0.0)
     m_pn = m_p[:, None, None] & m_n[None, None, :]
     if STORE_Z:
         p_z = z_ptr + o_p[:, None, None] * stride_zp + o_s[None, :, None] * stride_zs + o_n[None, None, :]
         tl.store(p_z, Z, mask=m_pn & m_s[None, :, None])
-    A = _activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+    A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
 
     p_h = h_ptr + o_p[:, None, None] * stride_hp + o_n[None, None, :] * stride_hf + o_s[None, :, None] * 0
-    tl.store(p_h, _to_storage(A, h_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_pn & (o_s[None, :, None] == 0))
+    tl.store(p_h, to_storage(A, h_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_pn & (o_s[None, :, None] == 0))
     if JACOBIAN:
         p_t = t_ptr + o_p[:, None, None] * stride_tp + (o_s[None, :, None] - 1) * stride_ts + o_n[None, None, :] * stride_tf
         m_t = m_pn & (o_s[None, :, None] >= 1) & m_s[None, :, None]
-        tl.store(p_t, _to_storage(A, t_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_t)
+        tl.store(p_t, to_storage(A, t_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_t)

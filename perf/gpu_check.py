@@ -106,33 +106,16 @@ class VariantCounter:
         self.variants.add((kernel_name, tuple(sorted((k, self._spec(v)) for k, v in args.items())), config))
 
     def install(self) -> None:
-        from tritonjac import triton_ops, tuning
+        from tritonjac.triton_engine import launch, registry
 
-        counter = self
-        real_launchable, real_launch = triton_ops._launchable, triton_ops._launch
+        def observe(name, args, config):
+            if config is not None:
+                self.record(name, {**args, **config.kwargs}, (config.num_warps, config.num_stages))
+            else:  # what a GPU without a shipped table compiles
+                for c in registry.candidates(name, args):
+                    self.record(name, {**args, **c.kwargs}, (c.num_warps, c.num_stages))
 
-        class Observed:
-            def __init__(self, kernel):
-                self.kernel, self.name = kernel, getattr(kernel, "__name__", None) or str(kernel)
-
-            def __getitem__(self, grid):
-                def run(**kwargs):
-                    config = tuple(kwargs.get(k) for k in ("num_warps", "num_stages"))
-                    counter.record(self.name, kwargs, config)
-                    return self.kernel[grid](**kwargs)
-
-                return run
-
-        def launch(name, grid, args, key, device, is_traced=False):
-            # what a GPU without a shipped table autotunes over (the dry run counts it too)
-            if tuning.autotuning_enabled() and tuning.shipped_config(name, key, triton_ops._device_name(0)) is None:
-                candidates, prune = triton_ops._CANDIDATES[name]
-                for c in prune(candidates(), args):
-                    counter.record(name, {**args, **c.kwargs}, (c.num_warps, c.num_stages))
-            return real_launch(name, grid, args, key, device, is_traced)
-
-        triton_ops._launchable = lambda kernel, is_traced: Observed(real_launchable(kernel, is_traced))
-        triton_ops._launch = launch
+        launch.add_launch_observer(observe)
 
 
 class Precompiler:
@@ -165,40 +148,36 @@ class Precompiler:
             self.pool.join()
 
 
-_REAL_KERNELS = None
-
-
 def _precompile_worker(build_and_run, index: int, workers: int) -> int:
-    from tritonjac import triton_ops, tuning
+    """Run the case with every autotuned launch replaced by launches of candidates index,
+    index + workers, ... (Triton compiles each into its on-disk cache); returns how many ran."""
+    from tritonjac.triton_engine import launch, registry, tuning
 
-    global _REAL_KERNELS
-    if _REAL_KERNELS is None:
-        _REAL_KERNELS = triton_ops._kernels()
-    real = _REAL_KERNELS
     launched = []
 
     class Slice:
-        def __init__(self, name, raw):
-            self.name, self.raw, self.best_config = name, raw, None
+        def __init__(self, kernel):
+            self.kernel, self.best_config = kernel, None
 
         def __getitem__(self, grid):
             def run(**args):
-                candidates, prune = triton_ops._CANDIDATES[self.name]
-                mine = prune(candidates(), args)[index::workers]
+                name = next(n for n, info in registry.KERNELS.items() if info.jit_function() is self.kernel)
+                fitting = registry.candidates(name, args)
+                mine = fitting[index::workers]
                 for c in mine:
-                    self.raw[grid(c.kwargs)](**args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                    self.kernel[grid(c.kwargs)](**args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
                     launched.append(1)
-                self.best_config = mine[0] if mine else prune(candidates(), args)[0]
+                self.best_config = mine[0] if mine else fitting[0]
                 if not mine:  # the launch must still produce its outputs
                     c = self.best_config
-                    self.raw[grid(c.kwargs)](**args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+                    self.kernel[grid(c.kwargs)](**args, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
 
             return run
 
-    triton_ops._kernels = lambda: {name: (raw, Slice(name, raw)) for name, (raw, _) in real.items()}
     os.environ["TRITONJAC_AUTOTUNE"] = "1"
     assert tuning.autotuning_enabled()
-    build_and_run(train=index == 0)  # one worker also compiles the backward kernels
+    with launch.use_autotuner(lambda name, kernel: Slice(kernel)):
+        build_and_run(train=index == 0)  # one worker also compiles the backward kernels
     return len(launched)
 
 
@@ -278,11 +257,12 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
     from torch import nn
 
     import tritonjac
-    from tritonjac import triton_ops
+    from tritonjac import triton_engine
 
     device = "cpu" if dry_run else "cuda"
     torch.manual_seed(zlib.crc32(case["name"].encode()))
-    triton_ops.new_buffer = lambda like, *shape: like.new_full(shape, float("nan"))
+    # every output a kernel writes starts as NaN (the case runs in a process of its own)
+    triton_engine.launch._allocator = lambda like, *shape: like.new_full(shape, float("nan"))
     torch.set_float32_matmul_precision("highest" if case["precision"] == "tf32x3" else "high")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(case["precision"], torch.float32)
     act = nn.Softplus(beta=100) if case["act"] == "softplus(100)" else case["act"]
@@ -304,9 +284,9 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
     jacobian = case.get("jacobian", True)
     spec, weights = ours._spec, [m.weight for m in ours.linear_layers]
     x_ours = x.to(device=device, dtype=dtype).requires_grad_()
-    plan = triton_ops.planned_kind(x_ours.detach(), weights, spec, jacobian)
+    plan = triton_engine.planned_kind(x_ours.detach(), weights, spec, jacobian)
     with_tangents = jacobian and case["loss"] != "y"
-    backward = "fused" if triton_ops.fused_backward_available(x_ours.detach(), weights, spec, with_tangents) else "layers"
+    backward = "fused" if triton_engine.fused_backward_available(x_ours.detach(), weights, spec, with_tangents) else "layers"
 
     def loss_and_grads(model, xin):
         for p in model.parameters():

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every shipped kernel configuration for sm_80 and sm_90, no GPU needed.
 
 Each case must compile with zero spills, no local memory and shared memory within the arch's limit,
-and its matmuls must become tensor-core instructions: `wgmma` on sm_90, `mma` on sm_80 (DESIGN.md
+and its matmuls must become tensor-core instructions: `wgmma` on sm_90, `mma` on sm_80 (docs/design.md
 section 4). The compiler runs in a subprocess because this test session may have the interpreter on.
 Registers and shared memory per case go to tests/logs/aot-triton-<version>.txt.
 """

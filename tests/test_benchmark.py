@@ -151,7 +151,7 @@ def test_tuned_configurations_are_written_before_the_plot(tmp_path, monkeypatch)
     """A plotting error must not lose what autotuning found (the costliest result of a GPU run)."""
     import triton
 
-    from tritonjac import tuning
+    from tritonjac.triton_engine import tuning
 
     def broken_plot(rows, path):
         raise RuntimeError("matplotlib backend missing")

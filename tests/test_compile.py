@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 import tritonjac
-from tritonjac.library import bias_arguments, mlp_jacobian_backward_op, mlp_jacobian_op, spec_arguments
+from tritonjac.ops.common import bias_arguments
+from tritonjac.ops.opaque import mlp_jacobian_backward_op, mlp_jacobian_op
 
-from conftest import INTERPRETING, TRITON_DEVICE
+from helpers import INTERPRETING, TRITON_DEVICE
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
@@ -86,13 +87,13 @@ def test_opcheck(jacobian):
     biases[1] = None  # a layer without bias
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     biases = bias_arguments(biases, x)
-    args = (x, weights, biases, *spec_arguments(model._spec), jacobian, "torch")
+    args = (x, weights, biases, *model._spec.to_op_args(), jacobian, "torch")
     torch.library.opcheck(mlp_jacobian_op, args)
     with torch.no_grad():
         y, J = mlp_jacobian_op(*args)
     # the backward op is first-order: checked without inputs that require a gradient
     detached = [t.detach() for t in weights], [t.detach() for t in biases]
-    back_args = (x.detach(), *detached, torch.ones_like(y), torch.ones_like(J), *spec_arguments(model._spec), "torch")
+    back_args = (x.detach(), *detached, torch.ones_like(y), torch.ones_like(J), *model._spec.to_op_args(), "torch")
     torch.library.opcheck(mlp_jacobian_backward_op, back_args)
 
 
@@ -124,7 +125,7 @@ def test_what_the_peers_cannot_do():
     assert all(p.grad is not None for p in model.parameters())
 
 
-# ---- the triton_ops: what the compiler sees on a GPU, traced and run here -----------------------------
+# ---- the triton_op pair: what the compiler sees on a GPU, traced and run here -----------------------------
 WORKER = Path(__file__).parent / "traced_kernels_worker.py"
 
 
@@ -174,7 +175,7 @@ def test_inductor_generates_kernels_that_compile_for_sm90(precision):
 
 
 def test_which_op_the_compiler_gets(monkeypatch):
-    """The triton_ops for CUDA tensors on the Triton engine; the opaque op for the PyTorch engine,
+    """The triton_op pair for CUDA tensors on the Triton engine; the opaque op for the PyTorch engine,
     for the interpreter (CPU tensors), and on request."""
     from types import SimpleNamespace
 
@@ -189,7 +190,7 @@ def test_which_op_the_compiler_gets(monkeypatch):
 
 
 def test_import_stays_light():
-    """`import tritonjac` imports neither triton nor inductor (defining the triton_ops would, about a
+    """`import tritonjac` imports neither triton nor inductor (defining the triton_op pair would, about a
     second): they come with the first use of the Triton engine."""
     code = "import sys, tritonjac; print(sorted(m for m in ('triton', 'torch._inductor') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)

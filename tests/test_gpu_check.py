@@ -120,18 +120,17 @@ def test_precompile_workers_launch_their_slice_of_the_candidates(monkeypatch, tf
     import triton
 
     import tritonjac
-    from tritonjac import triton_ops, tuning
+    from tritonjac.triton_engine import launch, tuning
 
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     candidates = [triton.Config({"BLOCK_M": bm}, num_warps=4, num_stages=2) for bm in (16, 32, 64)]
-    monkeypatch.setitem(triton_ops._CANDIDATES, "mlp_forward", (lambda: candidates, tuning.prune_network_configs))
+    monkeypatch.setattr(tuning, "network_configs", lambda: candidates)
     monkeypatch.setattr(tuning, "current_arch", lambda: 90)  # all three fit at width 16 in TF32
-    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)  # take the autotuning path
-    monkeypatch.setattr(triton_ops, "check_device", lambda x: None)
-    monkeypatch.setattr(triton_ops, "_device_name", lambda index: "Precompile GPU")
-    monkeypatch.setattr(triton_ops, "_kernels", triton_ops._kernels)  # the worker replaces it: restore after
+    monkeypatch.setattr(launch, "interpreting", lambda: False)  # take the autotuning path
+    monkeypatch.setattr(launch, "check_device", lambda x: None)
+    monkeypatch.setattr(launch, "device_name", lambda index: "Precompile GPU")
     outputs = []
 
     def build_and_run(train):

@@ -7,7 +7,7 @@ from torch import nn
 import tritonjac
 from tritonjac.activations import ACTIVATION_NAMES
 
-from conftest import func_reference, make_mlp, rel_err
+from helpers import func_reference, make_mlp, rel_err
 
 LOSSES = {
     "y": lambda y, J, wy, wJ: (y * wy).sum() + y.square().sum(),
@@ -70,9 +70,9 @@ def test_grads_no_hidden_layer_and_no_bias():
 
 
 def test_grads_across_chunks(monkeypatch):
-    from tritonjac import reference
+    from tritonjac import torch_engine
 
-    monkeypatch.setattr(reference, "CHUNK_BYTES", 4 * 16 * 8 * 5)
+    monkeypatch.setattr(torch_engine, "CHUNK_BYTES", 4 * 16 * 8 * 5)
     model = make_mlp(3, [16, 16], 3, "softplus")
     ours, theirs = gradients_both_ways(model, torch.randn(3, 37, 3, dtype=torch.float64), "both")
     for a, b in zip(ours, theirs):

@@ -5,7 +5,7 @@ import torch
 
 import tritonjac
 
-from conftest import make_mlp, rel_err, sequential_reference
+from helpers import make_mlp, rel_err, sequential_reference
 
 
 @pytest.fixture

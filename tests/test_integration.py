@@ -14,7 +14,7 @@ from torch import nn
 import tritonjac
 from tritonjac import benchmark
 
-from conftest import INTERPRETING, TRITON_DEVICE, rel_err
+from helpers import INTERPRETING, TRITON_DEVICE, rel_err
 
 ENGINES = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or the Triton interpreter"))]  # fmt: skip

@@ -7,7 +7,7 @@ from torch import nn
 import tritonjac
 from tritonjac import JacobianMLP
 
-from conftest import func_reference, rel_err, sequential_reference
+from helpers import func_reference, rel_err, sequential_reference
 
 
 def linear_stack(*widths, act=nn.Softplus, dtype=torch.float64):

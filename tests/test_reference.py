@@ -1,4 +1,4 @@
-"""y and J of the PyTorch engine against torch.func in float64 (DESIGN.md section 4, check 1)."""
+"""y and J of the PyTorch engine against torch.func in float64 (docs/design.md, section 6, check 1)."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch import nn
 import tritonjac
 from tritonjac.activations import ACTIVATION_NAMES
 
-from conftest import make_mlp, rel_err, sequential_reference
+from helpers import make_mlp, rel_err, sequential_reference
 
 TOL = 1e-10
 
@@ -101,9 +101,9 @@ def test_point_counts(n):
 
 def test_many_chunks(monkeypatch):
     # force tiny chunks so that chunk boundaries (and a ragged last chunk) are exercised
-    from tritonjac import reference
+    from tritonjac import torch_engine
 
-    monkeypatch.setattr(reference, "CHUNK_BYTES", 4 * 16 * 8 * 7)
+    monkeypatch.setattr(torch_engine, "CHUNK_BYTES", 4 * 16 * 8 * 7)
     model = make_mlp(3, [16, 16], 3, "tanh")
     check(model, torch.randn(101, 3, dtype=torch.float64))
 

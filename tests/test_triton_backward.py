@@ -9,10 +9,9 @@ import pytest
 import torch
 
 import tritonjac
-from tritonjac import triton_ops
-from tritonjac.benchmark import func_jacobian
+from tritonjac.triton_engine import tuning
 
-from conftest import INTERPRETING, TRITON_DEVICE, rel_err
+from helpers import INTERPRETING, TOLERANCE, TRITON_DEVICE, func_jacobian, rel_err, triton_gradient_tolerance
 
 pytestmark = [
     pytest.mark.skipif(
@@ -24,28 +23,16 @@ pytestmark = [
 # Matmul precision "high": TF32 on GPUs (unit roundoff 4.9e-4), exact fp32 in the interpreter. The
 # fused backward with a loss on J needs it: in 3xTF32 ("highest") its tile spills, and the per-layer
 # kernels run instead (test_highest_precision). Gradients sum over all points.
-TOLERANCE = 5e-5 if INTERPRETING else 1e-2
-HIGHEST_TOLERANCE = 5e-5
+GRADIENT_TOLERANCE = triton_gradient_tolerance()
+HIGHEST_TOLERANCE = TOLERANCE["float32-gradient"]
 ALL_ACTIVATIONS = ["identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine"]
 
 
-def _counter(monkeypatch, name):
-    calls = []
-    real = getattr(triton_ops, name)
-    monkeypatch.setattr(triton_ops, name, lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
-@pytest.fixture
-def count_fused(monkeypatch):
-    """How many times the fused whole-network backward ran."""
-    return _counter(monkeypatch, "mlp_backward")
-
-
-@pytest.fixture
-def count_layers(monkeypatch):
-    """How many times the per-layer backward ran."""
-    return _counter(monkeypatch, "layers_backward")
+def ran_fused(kernels_run) -> bool:
+    """Whether the fused whole-network backward ran (else the per-layer backward kernels did)."""
+    fused, layers = "mlp_backward" in kernels_run, "layer_weight_grad" in kernels_run
+    assert fused or layers, "no backward kernel ran"
+    return fused and not layers
 
 
 def make_pair(d_in, hidden, d_out, act, *, last=None, bias=True, k=None):
@@ -87,40 +74,40 @@ def check_gradients(ours, reference, N, loss_on, x=None, tolerance=None):
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
         assert g is not None and g.dtype == torch.float32
-        assert rel_err(g.cpu().double(), w) < (tolerance or TOLERANCE), f"gradient {i} (0 is x)"
+        assert rel_err(g.cpu().double(), w) < (tolerance or GRADIENT_TOLERANCE), f"gradient {i} (0 is x)"
 
 
 @pytest.mark.parametrize("loss_on", ["y", "J", "both"])
 @pytest.mark.parametrize("act", ALL_ACTIVATIONS)
-def test_every_activation(act, loss_on, count_fused):
+def test_every_activation(act, loss_on, kernels_run):
     ours, reference = make_pair(3, [32, 32], 2, act)
     check_gradients(ours, reference, 63, loss_on)
-    assert count_fused
+    assert ran_fused(kernels_run)
 
 
 @pytest.mark.parametrize("loss_on", ["y", "J", "both"])
-def test_highest_precision(loss_on, count_fused, count_layers):
+def test_highest_precision(loss_on, kernels_run):
     """3xTF32: fp32-accurate gradients; fused without a loss on J, per layer with one."""
     torch.set_float32_matmul_precision("highest")
     ours, reference = make_pair(3, [64, 64, 64], 3, "softplus")
     check_gradients(ours, reference, 100, loss_on, tolerance=HIGHEST_TOLERANCE)
-    assert (bool(count_fused), bool(count_layers)) == ((True, False) if loss_on == "y" else (False, True))
+    assert ran_fused(kernels_run) == (loss_on == "y")
 
 
 # ---- the per-layer plan's backward ----------------------------------------------------------------
 @pytest.mark.parametrize("loss_on", ["y", "J", "both"])
 @pytest.mark.parametrize("act", ALL_ACTIVATIONS)
-def test_every_activation_per_layer(act, loss_on, count_layers):
+def test_every_activation_per_layer(act, loss_on, kernels_run):
     ours, reference = make_pair(3, [40, 24], 2, act)  # mixed widths: the per-layer plan
     check_gradients(ours, reference, 63, loss_on)
-    assert count_layers
+    assert not ran_fused(kernels_run)
 
 
 @pytest.mark.parametrize("last", ["softplus", "sigmoid"])
-def test_activation_on_the_last_layer_per_layer(last, count_layers):
+def test_activation_on_the_last_layer_per_layer(last, kernels_run):
     ours, reference = make_pair(3, [40, 24], 4, "tanh", last=last)
     check_gradients(ours, reference, 63, "both")
-    assert count_layers
+    assert not ran_fused(kernels_run)
 
 
 @pytest.mark.parametrize(
@@ -128,14 +115,14 @@ def test_activation_on_the_last_layer_per_layer(last, count_layers):
     [(3, [3, 5], 3, None), (3, [], 2, None), (5, [100, 100], 7, 2), (20, [48], 17, 5), (3, [256], 1, None)],
     ids=["narrow-mixed", "single-layer", "w100-k2", "in20-out17", "w256"],
 )
-def test_shapes_per_layer(d_in, hidden, d_out, k, count_layers):
+def test_shapes_per_layer(d_in, hidden, d_out, k, kernels_run):
     ours, reference = make_pair(d_in, hidden, d_out, "silu", k=k)
     check_gradients(ours, reference, 40, "both")
-    assert count_layers
+    assert not ran_fused(kernels_run)
 
 
-def test_per_layer_in_chunks_bias_mixed_and_deterministic(monkeypatch, count_layers):
-    monkeypatch.setattr(triton_ops, "LAYERS_BACKWARD_CHUNK_BYTES", 20_000)  # several chunks of points
+def test_per_layer_in_chunks_bias_mixed_and_deterministic(monkeypatch, kernels_run):
+    monkeypatch.setattr(tuning, "LAYERS_BACKWARD_CHUNK_BYTES", 20_000)  # several chunks of points
     ours, reference = make_pair(3, [40, 24], 3, "gelu")
     for model in (ours, reference):
         model.linear_layers[1].bias = None
@@ -149,13 +136,13 @@ def test_per_layer_backward_takes_few_large_chunks():
     """2^20 points of 3 -> 4x64 -> 3 with 3 tangents in fp32 (10,336 saved bytes per point) take a
     handful of chunks on a GPU with room, and chunks within an eighth of free memory on a full one."""
     per_point, P = 10_336, 2**20
-    chunk = triton_ops.layers_backward_chunk(P, per_point, free_bytes=75 << 30)
-    assert -(-P // chunk) <= 6 and chunk * per_point <= triton_ops.LAYERS_BACKWARD_CHUNK_BYTES
-    chunk = triton_ops.layers_backward_chunk(P, per_point, free_bytes=2 << 30)
+    chunk = tuning.layers_backward_chunk(P, per_point, free_bytes=75 << 30)
+    assert -(-P // chunk) <= 6 and chunk * per_point <= tuning.LAYERS_BACKWARD_CHUNK_BYTES
+    chunk = tuning.layers_backward_chunk(P, per_point, free_bytes=2 << 30)
     assert chunk * per_point <= (2 << 30) // 8 and -(-P // chunk) <= 2 * (P * per_point) // ((2 << 30) // 8)
-    assert triton_ops.layers_backward_chunk(1000, per_point, free_bytes=75 << 30) == 1000
-    assert triton_ops.layers_backward_chunk(1000, per_point, free_bytes=0) == 1000  # a floor of 64 MB
-    assert triton_ops.layers_backward_chunk(P, per_point) * per_point <= triton_ops.LAYERS_BACKWARD_CHUNK_BYTES
+    assert tuning.layers_backward_chunk(1000, per_point, free_bytes=75 << 30) == 1000
+    assert tuning.layers_backward_chunk(1000, per_point, free_bytes=0) == 1000  # a floor of 64 MB
+    assert tuning.layers_backward_chunk(P, per_point) * per_point <= tuning.LAYERS_BACKWARD_CHUNK_BYTES
 
 
 @pytest.mark.parametrize("hidden", [[32, 32], [40, 24]], ids=["network", "layers"])
@@ -174,83 +161,83 @@ def test_strided_biases(hidden):
     y, J = tritonjac.mlp_jacobian(xt, weights, views, ["tanh", "tanh", None], backend="triton")
     loss_of(y, J, "both").backward()
     want = grads_of(reference, x, "both")  # x, then weight and bias of each layer
-    assert rel_err(y.detach().cpu().double(), reference(x)[0].detach()) < TOLERANCE
-    assert rel_err(xt.grad.cpu().double(), want[0]) < TOLERANCE
+    assert rel_err(y.detach().cpu().double(), reference(x)[0].detach()) < GRADIENT_TOLERANCE
+    assert rel_err(xt.grad.cpu().double(), want[0]) < GRADIENT_TOLERANCE
     for l, layer in enumerate(ours.linear_layers):
-        assert rel_err(layer.weight.grad.cpu().double(), want[1 + 2 * l]) < TOLERANCE, f"weight {l}"
-        assert rel_err(layer.bias.grad[:, 0].cpu().double(), want[2 + 2 * l]) < TOLERANCE, f"bias {l}"
+        assert rel_err(layer.weight.grad.cpu().double(), want[1 + 2 * l]) < GRADIENT_TOLERANCE, f"weight {l}"
+        assert rel_err(layer.bias.grad[:, 0].cpu().double(), want[2 + 2 * l]) < GRADIENT_TOLERANCE, f"bias {l}"
         assert torch.all(layer.bias.grad[:, 1] == 0)
 
 
 @pytest.mark.parametrize("last", ["softplus", "tanh", "sigmoid", "sine"])
 @pytest.mark.parametrize("loss_on", ["y", "J", "both"])
-def test_activation_on_the_last_layer(last, loss_on, count_fused):
+def test_activation_on_the_last_layer(last, loss_on, kernels_run):
     ours, reference = make_pair(3, [32, 32], 4, "silu", last=last)
     check_gradients(ours, reference, 63, loss_on)
-    assert count_fused
+    assert ran_fused(kernels_run)
 
 
-def test_softplus_beta_100_across_the_threshold(count_fused):
+def test_softplus_beta_100_across_the_threshold(kernels_run):
     ours, reference = make_pair(3, [64] * 4, 3, torch.nn.Softplus(beta=100.0))
     check_gradients(ours, reference, 200, "both")
 
 
 @pytest.mark.parametrize("width", [1, 3, 16, 48, 64, 100])
-def test_widths(width, count_fused, count_layers):
+def test_widths(width, kernels_run):
     ours, reference = make_pair(3, [width, width], 3, "tanh")
     check_gradients(ours, reference, 63, "both")
     # 100 pads to 128: its fused backward with a loss on J does not fit the registers
-    assert (bool(count_fused), bool(count_layers)) == ((True, False) if width <= 64 else (False, True))
+    assert ran_fused(kernels_run) == (width <= 64)
 
 
 @pytest.mark.parametrize("depth", range(2, 9))
-def test_depths(depth, count_fused):
+def test_depths(depth, kernels_run):
     ours, reference = make_pair(3, [32] * (depth - 1), 3, "softplus")
     check_gradients(ours, reference, 40, "both")
-    assert count_fused
+    assert ran_fused(kernels_run)
 
 
 @pytest.mark.parametrize("d_in,d_out,k", [(1, 1, 1), (2, 5, 1), (3, 3, 2), (7, 3, 7), (16, 16, 3), (16, 2, 1)], ids=str)
-def test_in_out_features_and_tangents(d_in, d_out, k, count_fused):
+def test_in_out_features_and_tangents(d_in, d_out, k, kernels_run):
     ours, reference = make_pair(d_in, [32, 32], d_out, "gelu", k=k)
     check_gradients(ours, reference, 63, "both")
-    assert count_fused
+    assert ran_fused(kernels_run)
 
 
 @pytest.mark.parametrize("N", [1, 63, 1000])
-def test_point_counts(N, count_fused):
+def test_point_counts(N, kernels_run):
     ours, reference = make_pair(3, [32, 32], 3, "softplus")
     check_gradients(ours, reference, N, "both")
 
 
-def test_without_bias(count_fused):
+def test_without_bias(kernels_run):
     ours, reference = make_pair(3, [32, 32], 3, "tanh", bias=False)
     check_gradients(ours, reference, 63, "both")
 
 
-def test_mixed_bias(count_fused):
+def test_mixed_bias(kernels_run):
     ours, reference = make_pair(3, [32, 32], 3, "tanh")
     for model in (ours, reference):
         model.linear_layers[1].bias = None
     check_gradients(ours, reference, 63, "both")
 
 
-def test_non_contiguous_points_and_leading_shapes(count_fused):
+def test_non_contiguous_points_and_leading_shapes(kernels_run):
     ours, reference = make_pair(3, [32, 32], 3, "sigmoid")
     x = torch.randn(2, 3, 40, dtype=torch.float64).transpose(-1, -2)  # (2, 40, 3), non-contiguous
     check_gradients(ours, reference, None, "both", x=x)
 
 
-def test_against_autograd_through_torch_func(count_fused):
+def test_against_autograd_through_torch_func(kernels_run):
     ours, _ = make_pair(3, [32, 32], 3, "softplus")
     seq = copy.deepcopy(ours.to_sequential()).double().cpu()
     x = torch.randn(50, 3, dtype=torch.float64)
     got = grads_of(ours, x.to(device=TRITON_DEVICE, dtype=torch.float32), "both")
     xr = x.clone().requires_grad_()
-    y, J = func_jacobian(seq, torch.func.jacfwd)(xr)
+    y, J = func_jacobian(seq, xr)
     want = torch.autograd.grad(loss_of(y, J, "both"), [xr, *seq.parameters()])
     for g, w in zip(got, want):
-        assert rel_err(g.cpu().double(), w) < TOLERANCE
+        assert rel_err(g.cpu().double(), w) < GRADIENT_TOLERANCE
 
 
 def test_deterministic():
@@ -262,7 +249,7 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
-def test_frozen_parameters_and_inputs_without_grad(count_fused):
+def test_frozen_parameters_and_inputs_without_grad(kernels_run):
     ours, reference = make_pair(3, [32, 32], 3, "tanh")
     for model in (ours, reference):
         model.linear_layers[0].weight.requires_grad_(False)
@@ -276,11 +263,11 @@ def test_frozen_parameters_and_inputs_without_grad(count_fused):
         if b.grad is None:
             assert a.grad is None
         else:
-            assert rel_err(a.grad.cpu().double(), b.grad) < TOLERANCE
-    assert count_fused
+            assert rel_err(a.grad.cpu().double(), b.grad) < GRADIENT_TOLERANCE
+    assert ran_fused(kernels_run)
 
 
-def test_retain_graph_and_accumulation(count_fused):
+def test_retain_graph_and_accumulation(kernels_run):
     ours, _ = make_pair(3, [32, 32], 3, "silu")
     x = torch.randn(63, 3, device=TRITON_DEVICE)
     y, J = ours(x)
@@ -294,7 +281,7 @@ def test_retain_graph_and_accumulation(count_fused):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("plan", ["network", "layers"])
-def test_half_precision_gradients(dtype, plan, count_fused, count_layers):
+def test_half_precision_gradients(dtype, plan, kernels_run):
     """Half operands, fp32 accumulation: gradients within half precision of the float64 ones."""
     hidden = [32, 32] if plan == "network" else [40, 24]
     reference = tritonjac.JacobianMLP(3, hidden, 3, "tanh", backend="torch", dtype=torch.float64)
@@ -310,7 +297,7 @@ def test_half_precision_gradients(dtype, plan, count_fused, count_layers):
     for g, w in zip(got, want):
         assert g.dtype == dtype
         assert rel_err(g.cpu().double(), w) < 16 * unit  # a few roundings per layer, three layers
-    assert (count_fused if plan == "network" else count_layers)
+    assert ran_fused(kernels_run) == (plan == "network")
 
 
 def test_training_a_deformation_field_with_an_elastic_regulariser():

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import tritonjac
-from tritonjac import triton_ops
-from tritonjac.functional import make_spec
+from tritonjac import triton_engine
+from tritonjac.precision import matmul_precision
+from tritonjac.triton_engine import launch
+from tritonjac.network import make_spec
 
-from conftest import INTERPRETING, TRITON_DEVICE, rel_err
+from helpers import INTERPRETING, TOLERANCE as TABLE, TRITON_DEVICE, rel_err
 
 pytestmark = [
     pytest.mark.skipif(
@@ -23,10 +25,8 @@ pytestmark = [
     pytest.mark.usefixtures("poisoned_outputs"),
 ]
 
-# Largest relative error (max |err| / max |ref|) against float64, per float32 matmul precision:
-# "highest" is fp32-accurate (3xTF32 on GPUs; fp32 unit roundoff 6e-8, a few layers of accumulation);
-# "high" is TF32 (10-bit mantissa: unit roundoff 4.9e-4) on GPUs, exact fp32 in the interpreter.
-TOLERANCE = {"highest": 2e-5, "high": 1e-2}
+# Per float32 matmul setting: "highest" is fp32-accurate (3xTF32), "high" is TF32 on GPUs.
+TOLERANCE = {"highest": TABLE["float32"], "high": TABLE["tf32"]}
 ALL_ACTIVATIONS = ["identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine"]
 
 
@@ -65,7 +65,7 @@ def check(dims, acts, precision, *, N=63, k=None, bias=True, expect_plan=None, s
     weights, biases = random_mlp(dims, bias, scale=scale)
     if expect_plan is not None:
         spec = make_spec(acts, len(weights), dims[0], k)
-        plan = triton_ops.plan_for(weights, spec, precision=triton_ops.matmul_precision(torch.float32))
+        plan = triton_engine.plan_for(weights, spec, precision=matmul_precision(torch.float32))
         assert plan.kind == expect_plan, plan
     x = torch.randn(N, dims[0]) if x is None else x
     y, J, y_ref, J_ref = run_both(x, weights, biases, acts, k)
@@ -173,7 +173,7 @@ def test_float32_precision_set_through_the_newer_api(setting, expected, restore_
     """`torch.backends.cuda.matmul.fp32_precision = "tf32"` makes torch's legacy getter raise; the
     kernels read the newer setting instead and run."""
     restore_matmul_settings.fp32_precision = setting
-    assert triton_ops.matmul_precision(torch.float32) == expected
+    assert matmul_precision(torch.float32) == expected
     tolerance = TOLERANCE["high" if expected == "tf32" else "highest"]
     weights, biases = random_mlp([3, 32, 32, 3])
     y, J, y_ref, J_ref = run_both(torch.randn(40, 3), weights, biases, ["tanh", "tanh", None])
@@ -220,7 +220,7 @@ def test_forward_without_jacobian(plan, precision):
     weights = [m.weight for m in model.linear_layers]
     biases = [m.bias for m in model.linear_layers]
     with torch.no_grad():
-        y2, J2 = triton_ops.mlp_forward(x, weights, biases, model._spec, jacobian=False)
+        y2, J2 = triton_engine.mlp_forward(x, weights, biases, model._spec, jacobian=False)
     assert J2 is None and rel_err(y2.cpu().double(), y_seq) < TOLERANCE[precision]
 
 
@@ -313,6 +313,6 @@ def test_float64_is_refused_with_a_clear_error():
 
 
 def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
-    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors \(x is on cpu\)"):
-        triton_ops.check_device(torch.zeros(1))
+        launch.check_device(torch.zeros(1))

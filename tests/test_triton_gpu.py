@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import tritonjac
-from tritonjac import triton_ops, tuning
+from tritonjac import triton_engine
+from tritonjac.triton_engine import tuning
 
-from conftest import INTERPRETING, rel_err
+from helpers import INTERPRETING, rel_err
 
 pytestmark = [
     pytest.mark.gpu,
@@ -29,8 +30,8 @@ def reference(model, x):
 
 def test_auto_backend_runs_the_kernels_on_cuda(monkeypatch):
     calls = []
-    real = triton_ops.mlp_forward
-    monkeypatch.setattr(triton_ops, "mlp_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = triton_engine.mlp_forward
+    monkeypatch.setattr(triton_engine, "mlp_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = tritonjac.JacobianMLP(3, [64] * 4, 3, torch.nn.Softplus(beta=100), device="cuda")
     model(torch.randn(100, 3, device="cuda"))
     assert calls
@@ -111,18 +112,18 @@ def test_inductor_compiles_a_training_step_with_the_kernels(opaque, monkeypatch,
 
 
 def test_triton_ops_pass_opcheck():
-    from tritonjac.library import bias_arguments, spec_arguments, triton_library_ops
+    from tritonjac.ops.common import bias_arguments
+    from tritonjac.ops.traced import triton_mlp_jacobian_backward_op, triton_mlp_jacobian_op
 
-    triton_mlp_jacobian_op, triton_mlp_jacobian_backward_op = triton_library_ops()
 
     model = tritonjac.JacobianMLP(3, [32, 32], 3, "tanh", device="cuda")
     weights = [m.weight for m in model.linear_layers]
     x = torch.randn(300, 3, device="cuda", requires_grad=True)
     biases = bias_arguments([m.bias for m in model.linear_layers[:-1]] + [None], x)
-    args = (x, weights, biases, *spec_arguments(model._spec), True)
+    args = (x, weights, biases, *model._spec.to_op_args(), True)
     torch.library.opcheck(triton_mlp_jacobian_op, args)
     with torch.no_grad():
         y, J = triton_mlp_jacobian_op(*args)
     detached = [t.detach() for t in weights], [t.detach() for t in biases]
-    back = (x.detach(), *detached, torch.ones_like(y), torch.ones_like(J), *spec_arguments(model._spec))
+    back = (x.detach(), *detached, torch.ones_like(y), torch.ones_like(J), *model._spec.to_op_args())
     torch.library.opcheck(triton_mlp_jacobian_backward_op, back)

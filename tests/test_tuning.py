@@ -6,8 +6,9 @@ import pytest
 import torch
 import triton
 
-from tritonjac import triton_ops, tuning
-from tritonjac.functional import make_spec
+from tritonjac import triton_engine
+from tritonjac.triton_engine import launch, plans, registry, tuning
+from tritonjac.network import make_spec
 
 
 def spec_for(dims, act="softplus", k=None, last=None):
@@ -35,19 +36,19 @@ def spec_for(dims, act="softplus", k=None, last=None):
 )
 def test_plan_for(dims, precision, arch, kind):
     weights, spec = spec_for(dims)
-    assert triton_ops.plan_for(weights, spec, True, precision, arch).kind == kind
+    assert triton_engine.plan_for(weights, spec, True, precision, arch).kind == kind
 
 
 def test_many_tangents_run_per_layer():
     weights, spec = spec_for([16, 128, 128, 3], k=16)
-    plan = triton_ops.plan_for(weights, spec, True, "tf32", 90)
+    plan = triton_engine.plan_for(weights, spec, True, "tf32", 90)
     assert plan.kind == "layers" and "does not fit" in plan.reason
 
 
 def test_mixed_activations_run_per_layer():
     weights = [torch.empty(32, 3), torch.empty(32, 32), torch.empty(3, 32)]
     spec = make_spec(["tanh", "relu", None], 3, 3, None)
-    assert triton_ops.plan_for(weights, spec).reason == "hidden activations differ"
+    assert triton_engine.plan_for(weights, spec).reason == "hidden activations differ"
 
 
 def test_points_bucket_is_coarse():
@@ -65,7 +66,7 @@ def test_network_candidates_exist_where_the_plan_says_network(arch, width, jacob
     for precision in ("tf32", "tf32x3", "ieee"):
         named = {"SLOTS": slots, "WIDTH_PAD": width, "PRECISION": precision}
         kept = tuning.prune_network_configs(tuning.network_configs(), named, arch=arch)
-        assert bool(kept) == triton_ops.network_fits(width, slots, precision, arch)
+        assert bool(kept) == plans.network_fits(width, slots, precision, arch)
         for c in kept:
             assert c.kwargs["BLOCK_M"] * slots >= (64 if arch >= 90 else 16)  # wgmma needs 64 rows
 
@@ -125,31 +126,25 @@ def test_failing_autotune_cache_falls_back_with_a_warning(monkeypatch):
 
             return run
 
-    class Raw:
-        def __getitem__(self, grid):
-            return lambda **kwargs: calls.append((grid, kwargs))
-
-    monkeypatch.setattr(triton_ops, "_kernels", lambda: {"mlp_forward": (Raw(), Tuned())})
-    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
-    monkeypatch.setattr(triton_ops, "_device_name", lambda index: "Test GPU")
+    monkeypatch.setattr(launch, "run_kernel", lambda name, grid, config, args, is_traced=False: calls.append(config))
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "device_name", lambda index: "Test GPU")
     monkeypatch.setattr(tuning, "current_arch", lambda: 90)
     monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
     args = {"SLOTS": 4, "WIDTH_PAD": 64, "PRECISION": "tf32"}
-    with pytest.warns(RuntimeWarning, match="autotuning mlp_forward failed .*OSError"):
-        triton_ops._launch("mlp_forward", lambda meta: (1,), args, "key", torch.device("cpu"))
-    (grid, kwargs), = calls
-    assert kwargs["BLOCK_M"] * 4 >= 64 and kwargs["num_warps"] in (4, 8)
+    with launch.use_autotuner(lambda name, kernel: Tuned()):
+        with pytest.warns(RuntimeWarning, match="autotuning mlp_forward failed .*OSError"):
+            launch.launch_autotuned("mlp_forward", lambda meta: (1,), args, "key", torch.device("cpu"))
+    (config,) = calls
+    assert config.kwargs["BLOCK_M"] * 4 >= 64 and config.num_warps in (4, 8)
 
 
 @pytest.mark.parametrize("kernel", ["mlp_forward", "layer_forward"])
 def test_pruning_through_triton_autotune(kernel, monkeypatch):
     """triton.autotune hands the launch's keyword arguments to the pruning function as **kwargs
     (named_args holds only positional ones): the real Autotuner must find SLOTS and friends."""
-    if triton_ops.interpreting():
-        # the interpreter replaces @triton.jit functions; build the autotuner on a plain jit kernel
-        monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
     monkeypatch.setattr(tuning, "current_arch", lambda: 90)
-    _, tuned = triton_ops._kernels.__wrapped__()[kernel]
+    tuned = launch.triton_autotuner(kernel, registry.KERNELS[kernel].jit_function())
     tuned.nargs = {}  # what Autotuner.run sets when every argument is passed by keyword
     kwargs = {"SLOTS": 4, "WIDTH_PAD": 64, "PRECISION": "tf32"}
     kept = tuned.prune_configs(kwargs)
@@ -162,14 +157,14 @@ def one_candidate_autotuning(monkeypatch, gpu_name: str) -> None:
     one = triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=2)
     monkeypatch.setattr(tuning, "network_configs", lambda: [one])
     monkeypatch.setattr(tuning, "current_arch", lambda: 80)  # 16-row blocks are allowed there
-    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
-    monkeypatch.setattr(triton_ops, "check_device", lambda x: None)
-    monkeypatch.setattr(triton_ops, "_device_name", lambda index: gpu_name)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "check_device", lambda x: None)
+    monkeypatch.setattr(launch, "device_name", lambda index: gpu_name)
     monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
-    triton_ops._kernels.cache_clear()
+    launch.reset_autotuners()
 
 
-@pytest.mark.skipif(not triton_ops.interpreting(), reason="drives the interpreter through the autotuned path")
+@pytest.mark.skipif(not tuning.interpreting(), reason="drives the interpreter through the autotuned path")
 def test_autotuned_launch_path_runs(monkeypatch):
     """The launch path a GPU takes without a shipped table, through the real triton.autotune
     wrapper: with one candidate left after pruning the autotuner runs it without timing, which the
@@ -185,13 +180,13 @@ def test_autotuned_launch_path_runs(monkeypatch):
             model.backend = "torch"
             y_ref, J_ref = model(x)
     finally:
-        triton_ops._kernels.cache_clear()
+        launch.reset_autotuners()
     assert torch.allclose(y, y_ref, atol=1e-5) and torch.allclose(J, J_ref, atol=1e-5)
     (entry,) = tuning.tuned_table("Interpreter GPU")["mlp_forward"].values()
     assert entry == {"kwargs": {"BLOCK_M": 16}, "num_warps": 4, "num_stages": 2}
 
 
-@pytest.mark.skipif(not triton_ops.interpreting(), reason="drives the interpreter through the autotuned path")
+@pytest.mark.skipif(not tuning.interpreting(), reason="drives the interpreter through the autotuned path")
 def test_depth_keys_the_tuned_choice(monkeypatch):
     """Networks of 2 and 8 hidden layers get a tuning each (the best block depends on the depth),
     in the autotuner's key and in the shipped table's."""
@@ -202,17 +197,19 @@ def test_depth_keys_the_tuned_choice(monkeypatch):
         for depth in (2, 8):
             with torch.no_grad():
                 tritonjac.JacobianMLP(3, [32] * depth, 3, "tanh", backend="triton")(torch.randn(20, 3))
-        assert "num_hidden" in triton_ops._kernels()["mlp_forward"][1].keys
+        assert "num_hidden" in launch.triton_autotuner("mlp_forward", registry.KERNELS["mlp_forward"].jit_function()).keys
     finally:
-        triton_ops._kernels.cache_clear()
+        launch.reset_autotuners()
     keys = sorted(tuning.tuned_table("Depth GPU")["mlp_forward"])
     assert len(keys) == 2 and keys[0].endswith(",depth=1") and keys[1].endswith(",depth=7")
 
 
-def test_kernel_activation_ids_follow_the_names():
+def test_kernel_activation_ids_follow_the_registry():
+    from tritonjac.activations import KERNEL_IDS
     from tritonjac.kernels import activations as kernel_activations
 
-    for name, i in triton_ops.ACTIVATION_IDS.items():
+    assert sorted(KERNEL_IDS.values()) == list(range(len(KERNEL_IDS)))
+    for name, i in KERNEL_IDS.items():
         assert getattr(kernel_activations, name.upper()).value == i
 
 
@@ -221,21 +218,16 @@ def test_traced_launches_reuse_what_autotuning_chose(monkeypatch):
     autotuning recorded for the same key, before falling back to the first fitting candidate."""
     calls = []
 
-    class Raw:
-        def __getitem__(self, grid):
-            return lambda **kwargs: calls.append(kwargs)
-
     chosen = triton.Config({"BLOCK_M": 128}, num_warps=8, num_stages=2)
-    monkeypatch.setattr(triton_ops, "_kernels", lambda: {"mlp_forward": (Raw(), None)})
-    monkeypatch.setattr(triton_ops, "interpreting", lambda: False)
-    monkeypatch.setattr(triton_ops, "_device_name", lambda index: "Traced GPU")
-    monkeypatch.setattr(triton_ops, "_launchable", lambda kernel, is_traced: kernel)
+    monkeypatch.setattr(launch, "run_kernel", lambda name, grid, config, args, is_traced=False: calls.append(config))
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
+    monkeypatch.setattr(launch, "device_name", lambda index: "Traced GPU")
     monkeypatch.setattr(tuning, "current_arch", lambda: 90)
     monkeypatch.setenv("TRITONJAC_AUTOTUNE", "1")
     args = {"SLOTS": 4, "WIDTH_PAD": 64, "PRECISION": "tf32"}
     tuning.record_tuned("mlp_forward", "tuned key", "Traced GPU", chosen)
-    triton_ops._launch("mlp_forward", lambda meta: (1,), args, "tuned key", torch.device("cpu"), True)
-    triton_ops._launch("mlp_forward", lambda meta: (1,), args, "other key", torch.device("cpu"), True)
+    launch.launch_autotuned("mlp_forward", lambda meta: (1,), args, "tuned key", torch.device("cpu"), True)
+    launch.launch_autotuned("mlp_forward", lambda meta: (1,), args, "other key", torch.device("cpu"), True)
     first_fitting = tuning.prune_network_configs(tuning.network_configs(), args)[0]
-    assert (calls[0]["BLOCK_M"], calls[0]["num_warps"]) == (128, 8)
-    assert (calls[1]["BLOCK_M"], calls[1]["num_warps"]) == (first_fitting.kwargs["BLOCK_M"], first_fitting.num_warps)
+    assert (calls[0].kwargs["BLOCK_M"], calls[0].num_warps) == (128, 8)
+    assert (calls[1].kwargs["BLOCK_M"], calls[1].num_warps) == (first_fitting.kwargs["BLOCK_M"], first_fitting.num_warps)

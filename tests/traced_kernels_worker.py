@@ -38,7 +38,8 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime.jit import JITFunction
 
 import tritonjac
-from tritonjac import functional, triton_ops
+from tritonjac import functional
+from tritonjac.triton_engine import launch
 
 
 class CompileOnlyDriver:
@@ -103,7 +104,7 @@ CASES = {
 def main(case: str) -> None:
     widths, act, precision, dynamic, train, with_jacobian = CASES[case]
     triton.runtime.driver.set_active(CompileOnlyDriver())
-    triton_ops.check_device = lambda x: None  # CPU tensors, though not interpreted while traced
+    launch.check_device = lambda x: None  # CPU tensors, though not interpreted while traced
     functional.compiler_sees_kernels = lambda engine, x: engine == "triton"  # the CUDA choice, on CPU
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(0)
@@ -173,7 +174,7 @@ def inductor(precision: str) -> None:
     torch._inductor.config.compile_threads = 1  # compile here, where precompile is replaced
     torch._functorch.config.force_non_lazy_backward_lowering = True  # the backward graph too, now
     triton.runtime.driver.set_active(CompileOnlyDriver())
-    triton_ops.check_device = lambda x: None
+    launch.check_device = lambda x: None
     functional.compiler_sees_kernels = lambda engine, x: engine == "triton"
     torch.set_float32_matmul_precision(precision)
     model = tritonjac.JacobianMLP(3, [32, 32], 3, "softplus", backend="triton")

@@ -1,20 +1,30 @@
-"""Activations: their names, their torch modules, and s, s', s'' in PyTorch (DESIGN.md section 2).
+"""The activation registry: one record per activation, everything else derived from it.
 
-An `Activation` is a small frozen value: the canonical name plus the one parameter some activations
-carry (softplus beta, leaky_relu slope, sine w0). The engines dispatch on it; the modules users pass
-(`nn.Softplus(beta=100)`, `tritonjac.Sine(30.0)`, ...) are parsed into it by `as_activation`.
+A record (`ActivationKind`) says what an activation is called, its parameter and default, which
+torch modules it accepts and how to build one, s, s' and s'' in PyTorch, whether it is piecewise
+linear (s'' = 0), and the integer that selects it in the Triton kernels (`kernels/activations.py`
+reads `KERNEL_IDS`). The names, the supported-module lists in error messages, the kernels' ids and
+the op arguments all come from `REGISTRY`.
+
+Adding an activation: one `_register(...)` call below, plus its branch in the three kernel helpers
+of `kernels/activations.py` (the tests run every registered activation through both engines).
+
+An `Activation` is the small frozen value the engines dispatch on: a registered name plus the one
+parameter some activations carry (softplus beta, leaky_relu slope, sine w0) and softplus's
+threshold. `as_activation` parses what users pass (names, modules, None) into it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Activation", "Sine", "as_activation", "ACTIVATION_NAMES"]
+__all__ = ["Activation", "ActivationKind", "Sine", "as_activation", "REGISTRY", "ACTIVATION_NAMES", "KERNEL_IDS"]
 
 
 class Sine(nn.Module):
@@ -31,26 +41,34 @@ class Sine(nn.Module):
         return f"w0={self.w0}"
 
 
-# name -> default parameter (None: the activation has no parameter)
-_DEFAULT_PARAM = {
-    "identity": None,
-    "relu": None,
-    "leaky_relu": 0.01,  # nn.LeakyReLU's default negative_slope
-    "softplus": 1.0,  # nn.Softplus's default beta
-    "tanh": None,
-    "sigmoid": None,
-    "silu": None,
-    "gelu": None,
-    "gelu_tanh": None,
-    "sine": 30.0,
-}
-ACTIVATION_NAMES = tuple(_DEFAULT_PARAM)
-_PIECEWISE_LINEAR = frozenset({"identity", "relu", "leaky_relu"})  # s'' == 0 almost everywhere
+# (s'(z), s''(z) or None) from (activation, z, whether s'' is wanted)
+Derivatives = Callable[["Activation", torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
 
-_SQRT_HALF = math.sqrt(0.5)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-_GELU_TANH_C = math.sqrt(2.0 / math.pi)
-_GELU_TANH_A = 0.044715
+
+@dataclass(frozen=True)
+class ActivationKind:
+    """Everything tritonjac knows about one activation function."""
+
+    name: str
+    kernel_id: int  # the kernels' constexpr selector (its position in the registry)
+    value: Callable[["Activation", torch.Tensor], torch.Tensor]  # s(z)
+    derivatives: Derivatives  # (s', s'' if asked); s'' only in the backward pass
+    to_module: Callable[["Activation"], nn.Module]
+    modules: tuple[type, ...] = ()  # exact torch module types parsed into this kind
+    from_module: Callable[[nn.Module], "Activation"] | None = None
+    default_param: float | None = None  # None: the activation has no parameter
+    piecewise_linear: bool = False  # s'' is zero wherever it is defined
+
+
+REGISTRY: dict[str, ActivationKind] = {}
+
+
+def _register(name, value, derivatives, to_module, *, modules=(), from_module=None, default_param=None,
+              piecewise_linear=False) -> None:  # fmt: skip
+    REGISTRY[name] = ActivationKind(
+        name, len(REGISTRY), value, derivatives, to_module, tuple(modules),
+        from_module, default_param, piecewise_linear,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,8 +84,12 @@ class Activation:
     threshold: float = 20.0
 
     def __post_init__(self):
-        if self.name not in _DEFAULT_PARAM:
-            raise ValueError(f"unknown activation {self.name!r}; supported: {', '.join(ACTIVATION_NAMES)}")
+        if self.name not in REGISTRY:
+            raise ValueError(f"unknown activation {self.name!r}; supported: {', '.join(REGISTRY)}")
+
+    @property
+    def kind(self) -> ActivationKind:
+        return REGISTRY[self.name]
 
     @property
     def is_identity(self) -> bool:
@@ -76,12 +98,11 @@ class Activation:
     @property
     def has_curvature(self) -> bool:
         """False where s'' is zero everywhere it is defined (identity, relu, leaky_relu)."""
-        return self.name not in _PIECEWISE_LINEAR
+        return not self.kind.piecewise_linear
 
-    # ---- PyTorch formulas -------------------------------------------------------------------
     def value(self, z: torch.Tensor) -> torch.Tensor:
         """s(z)."""
-        return _VALUE[self.name](self, z)
+        return self.kind.value(self, z)
 
     def evaluate(self, z: torch.Tensor, *, value: bool = True, curvature: bool = False):
         """(s, s', s'') at z, with None in place of s (value=False) or s'' (curvature=False).
@@ -89,34 +110,24 @@ class Activation:
         s'' is also None for piecewise-linear activations, whose s'' is zero.
         """
         s = self.value(z) if value else None
-        slope, second = _DERIVATIVES[self.name](self, z, curvature and self.has_curvature)
+        slope, second = self.kind.derivatives(self, z, curvature and self.has_curvature)
         return s, slope, second
 
     def to_module(self) -> nn.Module:
         """The torch module computing this activation (used to build and to export nn.Sequential)."""
-        name, p = self.name, self.param
-        if name == "softplus":
-            return nn.Softplus(beta=p, threshold=self.threshold)
-        if name == "leaky_relu":
-            return nn.LeakyReLU(p)
-        if name == "sine":
-            return Sine(p)
-        if name == "gelu_tanh":
-            return nn.GELU(approximate="tanh")
-        return {
-            "identity": nn.Identity,
-            "relu": nn.ReLU,
-            "tanh": nn.Tanh,
-            "sigmoid": nn.Sigmoid,
-            "silu": nn.SiLU,
-            "gelu": nn.GELU,
-        }[name]()
+        return self.kind.to_module(self)
 
     def __str__(self) -> str:
-        if _DEFAULT_PARAM[self.name] is None:
+        if self.kind.default_param is None:
             return self.name
         extra = f", threshold={self.threshold:g}" if self.name == "softplus" else ""
         return f"{self.name}({self.param:g}{extra})"
+
+
+def supported_modules() -> str:
+    """The torch module types `as_activation` accepts, for error messages."""
+    names = [t.__name__ if t is not Sine else "tritonjac.Sine" for kind in REGISTRY.values() for t in kind.modules]
+    return ", ".join(n if n.startswith("tritonjac") else f"nn.{n}" for n in names)
 
 
 def as_activation(spec) -> Activation:
@@ -126,64 +137,28 @@ def as_activation(spec) -> Activation:
     if isinstance(spec, Activation):
         return spec
     if isinstance(spec, str):
-        name = spec.lower()
-        if name not in _DEFAULT_PARAM:
-            raise ValueError(f"unknown activation {spec!r}; supported: {', '.join(ACTIVATION_NAMES)}")
-        default = _DEFAULT_PARAM[name]
-        return Activation(name, 0.0 if default is None else default)
+        kind = REGISTRY.get(spec.lower())
+        if kind is None:
+            raise ValueError(f"unknown activation {spec!r}; supported: {', '.join(REGISTRY)}")
+        return Activation(kind.name, 0.0 if kind.default_param is None else kind.default_param)
     if isinstance(spec, nn.Module):
-        parsed = _from_module(spec)
-        if parsed is not None:
-            return parsed
-        raise ValueError(
-            f"unsupported activation module {type(spec).__name__}; supported: nn.ReLU, nn.LeakyReLU, "
-            "nn.Softplus, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.GELU, nn.Identity, tritonjac.Sine"
-        )
+        # exact types only: a subclass may override forward, and we would silently compute something else
+        for kind in REGISTRY.values():
+            if type(spec) in kind.modules:
+                return kind.from_module(spec) if kind.from_module else Activation(kind.name)
+        raise ValueError(f"unsupported activation module {type(spec).__name__}; supported: {supported_modules()}")
     raise TypeError(f"activation must be a name, an nn.Module or None, not {type(spec).__name__}")
 
 
-def _from_module(m: nn.Module) -> Activation | None:
-    # Exact types only: a subclass may override forward, and we would silently compute something else.
-    t = type(m)
-    if t is nn.Identity:
-        return Activation("identity")
-    if t is nn.ReLU:
-        return Activation("relu")
-    if t is nn.LeakyReLU:
-        return Activation("leaky_relu", float(m.negative_slope))
-    if t is nn.Softplus:
-        return Activation("softplus", float(m.beta), float(m.threshold))
-    if t is nn.Tanh:
-        return Activation("tanh")
-    if t is nn.Sigmoid:
-        return Activation("sigmoid")
-    if t is nn.SiLU:
-        return Activation("silu")
-    if t is nn.GELU:
-        return Activation("gelu_tanh" if m.approximate == "tanh" else "gelu")
-    if t is Sine:
-        return Activation("sine", m.w0)
-    return None
+# ---- the activations -------------------------------------------------------------------------------
+# Derivative formulas return s'' only when asked, and stay accurate in the tails: 1 - sigmoid(u) is
+# written sigmoid(-u), never as a difference.
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_GELU_TANH_C = math.sqrt(2.0 / math.pi)
+_GELU_TANH_A = 0.044715
 
 
-# ---- s(z) ----------------------------------------------------------------------------------------
-_VALUE = {
-    "identity": lambda a, z: z,
-    "relu": lambda a, z: torch.relu(z),
-    "leaky_relu": lambda a, z: F.leaky_relu(z, a.param),
-    "softplus": lambda a, z: F.softplus(z, a.param, a.threshold),
-    "tanh": lambda a, z: torch.tanh(z),
-    "sigmoid": lambda a, z: torch.sigmoid(z),
-    "silu": lambda a, z: F.silu(z),
-    "gelu": lambda a, z: F.gelu(z),
-    "gelu_tanh": lambda a, z: F.gelu(z, approximate="tanh"),
-    "sine": lambda a, z: torch.sin(a.param * z),
-}
-
-
-# ---- (s'(z), s''(z) or None) -----------------------------------------------------------------------
-# Each returns s'' only when asked (it is needed in the backward pass alone). Formulas are chosen to
-# stay accurate in the tails: 1 - sigmoid(u) is written sigmoid(-u), never as a difference.
 def _identity(a, z, curvature):
     return torch.ones_like(z), None
 
@@ -254,15 +229,32 @@ def _sine(a, z, curvature):
     return slope, (-(a.param**2) * torch.sin(wz) if curvature else None)
 
 
-_DERIVATIVES = {
-    "identity": _identity,
-    "relu": _relu,
-    "leaky_relu": _leaky_relu,
-    "softplus": _softplus,
-    "tanh": _tanh,
-    "sigmoid": _sigmoid,
-    "silu": _silu,
-    "gelu": _gelu,
-    "gelu_tanh": _gelu_tanh,
-    "sine": _sine,
-}
+# The order fixes the kernels' ids: append new activations at the end.
+_register("identity", lambda a, z: z, _identity, lambda a: nn.Identity(), modules=[nn.Identity], piecewise_linear=True)
+_register("relu", lambda a, z: torch.relu(z), _relu, lambda a: nn.ReLU(), modules=[nn.ReLU], piecewise_linear=True)
+_register(
+    "leaky_relu", lambda a, z: F.leaky_relu(z, a.param), _leaky_relu, lambda a: nn.LeakyReLU(a.param),
+    modules=[nn.LeakyReLU], from_module=lambda m: Activation("leaky_relu", float(m.negative_slope)),
+    default_param=0.01, piecewise_linear=True,  # nn.LeakyReLU's default negative_slope
+)  # fmt: skip
+_register(
+    "softplus", lambda a, z: F.softplus(z, a.param, a.threshold), _softplus,
+    lambda a: nn.Softplus(beta=a.param, threshold=a.threshold),
+    modules=[nn.Softplus], from_module=lambda m: Activation("softplus", float(m.beta), float(m.threshold)),
+    default_param=1.0,  # nn.Softplus's default beta
+)  # fmt: skip
+_register("tanh", lambda a, z: torch.tanh(z), _tanh, lambda a: nn.Tanh(), modules=[nn.Tanh])
+_register("sigmoid", lambda a, z: torch.sigmoid(z), _sigmoid, lambda a: nn.Sigmoid(), modules=[nn.Sigmoid])
+_register("silu", lambda a, z: F.silu(z), _silu, lambda a: nn.SiLU(), modules=[nn.SiLU])
+_register(
+    "gelu", lambda a, z: F.gelu(z), _gelu, lambda a: nn.GELU(),
+    modules=[nn.GELU], from_module=lambda m: Activation("gelu_tanh" if m.approximate == "tanh" else "gelu"),
+)  # fmt: skip
+_register("gelu_tanh", lambda a, z: F.gelu(z, approximate="tanh"), _gelu_tanh, lambda a: nn.GELU(approximate="tanh"))
+_register(
+    "sine", lambda a, z: torch.sin(a.param * z), _sine, lambda a: Sine(a.param),
+    modules=[Sine], from_module=lambda m: Activation("sine", m.w0), default_param=30.0,
+)  # fmt: skip
+
+ACTIVATION_NAMES = tuple(REGISTRY)
+KERNEL_IDS = {name: kind.kernel_id for name, kind in REGISTRY.items()}

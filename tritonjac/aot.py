@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the kernels for real GPUs, without one (DESIGN.md section 4).
+"""Ahead-of-time compilation of the kernels for real GPUs, without one (docs/design.md, section 6).
 
 `compile_config` compiles one kernel for one configuration and target and reads what the compiler
 made of it: registers, spilled bytes (cuobjdump's STACK), local memory, shared memory and whether
@@ -26,20 +26,6 @@ from pathlib import Path
 
 __all__ = ["Case", "CompileReport", "compile_config", "shipped_cases", "main"]
 
-# Pointer arguments and their role, per kernel (the dtype of "data" pointers follows the case).
-_POINTERS = {
-    "mlp_forward": ("x_ptr", "w_first_ptr", "b_first_ptr", "w_hidden_ptr", "b_hidden_ptr", "w_last_ptr", "b_last_ptr", "y_ptr", "j_ptr"),
-    "layer_forward": ("a_ptr", "w_ptr", "b_ptr", "h_ptr", "t_ptr", "z_ptr"),
-    "layer_backward": ("gz_ptr", "w_ptr", "z_prev_ptr", "out_ptr"),
-    "layer_weight_grad": ("gz_ptr", "a_ptr", "gw_ptr", "gb_ptr"),
-    "mlp_backward": ("x_ptr", "w_first_ptr", "b_first_ptr", "w_hidden_ptr", "b_hidden_ptr", "w_last_ptr", "b_last_ptr",
-                     "gy_ptr", "gj_ptr", "gx_ptr", "gw_first_ptr", "gb_first_ptr", "gw_hidden_ptr", "gb_hidden_ptr",
-                     "gw_last_ptr", "gb_last_ptr", "ws_ptr"),
-}
-# Pointers that are fp32 whatever the data dtype (the backward's partial sums and workspace).
-_FP32_POINTERS = {"z_ptr", "gz_ptr", "z_prev_ptr", "gw_ptr", "gb_ptr", "gw_first_ptr", "gb_first_ptr", "gw_hidden_ptr", "gb_hidden_ptr", "gw_last_ptr", "gb_last_ptr", "ws_ptr"}
-
-
 # Largest dynamic shared memory one block may use (CUDA occupancy tables: 163 KB on sm_80, 227 KB on sm_90).
 SHARED_LIMIT = {80: 166_912, 90: 232_448}
 
@@ -62,14 +48,14 @@ class Case:
         if self.kernel == "layer_forward":
             shape = f"first={int(c['FIRST'])}" + (" +Z" if c.get("STORE_Z") else "")
         elif self.kernel.startswith("layer_"):
-            shape = f"rows={c.get('ROWS', c.get('ROWS_A'))}" + (" last" if c.get("LAST_STEP") else "")
+            shape = f"rows={c.get('LIVE_SLOTS', c.get('LIVE_SLOTS_A'))}" + (" last" if c.get("LAST_STEP") else "")
         else:
             shape = f"W{c.get('WIDTH', '-')}"
         cfg = dict(self.config)
         blocks = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_P", "BLOCK_N", "BLOCK_K") if k in cfg)
         tangents = int(c.get("JACOBIAN", c.get("HAS_GJ", c.get("SLOTS", 1) > 1)))
         return (
-            f"sm_{self.arch} {self.kernel} {shape} K={c.get('K', '-')} act={c.get('ACT', '-')} "
+            f"sm_{self.arch} {self.kernel} {shape} K={c.get('NUM_TANGENTS', '-')} act={c.get('ACT', '-')} "
             f"{self.dtype}/{c['PRECISION']} jac={tangents} blocks={blocks} w{self.num_warps} s{self.num_stages}"
         )
 
@@ -99,18 +85,6 @@ class CompileReport:
         return out
 
 
-def _jit_function(kernel: str):
-    from .kernels import backward, forward
-
-    return {
-        "mlp_forward": forward._mlp_forward_kernel,
-        "layer_forward": forward._layer_forward_kernel,
-        "mlp_backward": backward._mlp_backward_kernel,
-        "layer_backward": backward._layer_backward_kernel,
-        "layer_weight_grad": backward._layer_weight_grad_kernel,
-    }[kernel]
-
-
 def _cuobjdump() -> str:
     import triton
 
@@ -125,16 +99,19 @@ def compile_config(case: Case) -> CompileReport:
 
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
-    fn = _jit_function(case.kernel)
+    from .triton_engine.registry import KERNELS
+
+    info = KERNELS[case.kernel]
+    fn = info.jit_function()
     constexprs = {"STORE_Z": False} | dict(case.constexprs) | dict(case.config) | {"INTERPRET_BF16": False}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    pointers = _POINTERS[case.kernel]
+    pointers = info.pointers
     signature = {}
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
         elif name in pointers:
-            signature[name] = "*fp32" if name in _FP32_POINTERS else f"*{case.dtype}"
+            signature[name] = "*fp32" if name in info.fp32_pointers else f"*{case.dtype}"
         else:
             signature[name] = "i32"
     # pointers from torch's allocator are 16-byte aligned, as the JIT would find at launch
@@ -196,24 +173,24 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
     """
     import torch
 
-    from . import triton_ops, tuning
     from .activations import as_activation
-    from .reference import MLPSpec
+    from .network import NetworkSpec
+    from .triton_engine import forward, launch, plans, tuning
 
     cases = []
     softplus = as_activation(torch.nn.Softplus(beta=100.0))
     for arch in archs:
         for width in (64, 128):
             W = [torch.empty(width, 3), torch.empty(width, width), torch.empty(3, width)]
-            spec = MLPSpec((softplus, softplus, as_activation(None)), 3)
+            spec = NetworkSpec((softplus, softplus, as_activation(None)), 3)
             for dtype, precision in (("fp32", "tf32"), ("fp32", "tf32x3"), ("bf16", "ieee")):
                 for jacobian in (True, False):
-                    cx = triton_ops._rename_last(triton_ops.network_constexprs(W, [None] * 3, spec, jacobian, precision))
+                    cx = forward.network_constexprs(W, [None] * 3, spec, jacobian, precision)
                     cx["HAS_BIAS"] = True
                     named = dict(cx)
                     for config in tuning.prune_network_configs(tuning.network_configs(), named, arch=arch):
                         cases.append(_case("mlp_forward", cx, config, dtype, arch))
-                    if not triton_ops.network_fits(width, cx["SLOTS"], precision, arch):
+                    if not plans.network_fits(width, cx["SLOTS"], precision, arch):
                         continue  # this plan runs per layer, forward and backward
                     bx = {k: v for k, v in cx.items() if k != "JACOBIAN"}
                     bx |= {"HAS_GY": True, "HAS_GJ": jacobian, "NEED_X": True}
@@ -221,24 +198,24 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                         cases.append(_case("mlp_backward", bx, config, dtype, arch))
         for first, jacobian in ((True, True), (False, True), (False, False)):
             for dtype, precision in (("fp32", "tf32"), ("fp32", "tf32x3"), ("bf16", "ieee")):
-                cx = triton_ops.layer_constexprs(softplus, 3, first, True, jacobian, precision)
+                cx = forward.layer_constexprs(softplus, 3, first, True, jacobian, precision)
                 for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
                     cases.append(_case("layer_forward", cx, config, dtype, arch))
                 # the per-layer backward: its recompute (storing Z) and its two kernels
-                recompute = triton_ops._recompute_config(cx["SLOTS"], arch)
+                recompute = tuning.recompute_config(cx["SLOTS"], arch)
                 cases.append(_case("layer_forward", cx | {"STORE_Z": True}, recompute, dtype, arch))
                 if first:
                     continue
                 slots, rows = cx["SLOTS"], 4 if jacobian else 1
-                backward_config, _ = triton_ops._layer_backward_configs(arch, precision, slots)
+                backward_config, _ = tuning.layer_backward_configs(arch, precision, slots)
                 for last_step in (False, True):
-                    bx = {"ROWS": rows, "LAST_STEP": last_step, **triton_ops._activation_constexprs(softplus, "ACT"),
+                    bx = {"LIVE_SLOTS": rows, "LAST_STEP": last_step, **launch.activation_constexprs(softplus, "ACT"),
                           "PRECISION": precision, "SLOTS": slots}  # fmt: skip
                     cases.append(_case("layer_backward", bx, backward_config, dtype, arch))
                 for rows_a in ((rows, 1) if jacobian else (1,)):
                     slots_a = slots if rows_a > 1 else 1
-                    wx = {"ROWS_A": rows_a, "HAS_BIAS": True, "PRECISION": precision, "SLOTS": slots_a}
-                    _, weight_grad_config = triton_ops._layer_backward_configs(arch, precision, slots, slots_a)
+                    wx = {"LIVE_SLOTS_A": rows_a, "HAS_BIAS": True, "PRECISION": precision, "SLOTS": slots_a}
+                    _, weight_grad_config = tuning.layer_backward_configs(arch, precision, slots, slots_a)
                     cases.append(_case("layer_weight_grad", wx, weight_grad_config, dtype, arch))
     return cases
 

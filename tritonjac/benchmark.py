@@ -1,4 +1,4 @@
-"""Side-by-side timing of tritonjac against its peers (DESIGN.md section 6).
+"""Side-by-side timing of tritonjac against its peers (docs/design.md, section 7).
 
 One case = one MLP shape, one point count, one dtype, one device. Every method of a mode is timed in
 interleaved rounds (A B C A B C ...), so that a noisy machine slows all of them alike, and the
@@ -59,7 +59,7 @@ class Case:
         return as_activation(name).to_module()
 
     def useful_flops(self, mode: str) -> float:
-        """Matmul flops of forward + tangents (DESIGN.md section 2); x3 for a training step."""
+        """Matmul flops of forward + tangents (docs/design.md, section 2); x3 for a training step."""
         widths = [self.in_features] + [self.width] * self.depth + [self.out_features]
         k = self.in_features
         forward = sum(2 * a * b for a, b in zip(widths, widths[1:]))
@@ -471,7 +471,7 @@ def format_table(rows: list[dict]) -> str:
 
 def write_tuned_configs(directory: str, device: str) -> None:
     """Write what autotuning chose in this process on `device` to directory/<GPU name>.json."""
-    from . import tuning  # imports triton: only when asked
+    from .triton_engine import tuning  # imports triton: only when asked
 
     name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
     path = tuning.write_tuned_table(directory, name)

@@ -9,8 +9,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .activations import Activation, as_activation
-from .functional import SUPPORTED_DTYPES, apply_spec, check_backend, check_tensors, make_spec, resolve_backend
+from .activations import Activation, as_activation, supported_modules
+from .functional import apply_spec, resolve_backend
+from .network import SUPPORTED_DTYPES, check_backend, check_tensors, make_spec
 
 __all__ = ["JacobianMLP", "jacobian"]
 
@@ -87,8 +88,7 @@ class JacobianMLP(nn.Module):
                 except ValueError:
                     raise ValueError(
                         f"{where} is not supported: expected nn.Linear, nn.Conv1d(kernel_size=1) or a "
-                        "supported activation (ReLU, LeakyReLU, Softplus, Tanh, Sigmoid, SiLU, GELU, "
-                        "tritonjac.Sine)"
+                        f"supported activation ({supported_modules()})"
                     ) from None
                 if not linear_names:
                     raise ValueError(f"{where}: the stack must start with a Linear or Conv1d layer")

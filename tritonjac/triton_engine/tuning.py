@@ -1,4 +1,9 @@
-"""Kernel configurations: the candidates, the shipped per-GPU tables, the interpreter's fixed choice.
+"""Every configuration choice of the Triton engine, in one module.
+
+Block sizes, warps and stages of every kernel (the autotuner's candidates and their pruning by
+register budget, the fixed choices of the backward kernels, the interpreter's small blocks), the
+shipped per-GPU tables, and the sizes that follow from memory (the per-layer backward's chunks,
+the fused backward's number of programs, the weight-gradient splits).
 
 How a launch picks its configuration (block sizes, warps, stages):
 1. Under the Triton interpreter, one fixed configuration (the interpreter cannot time anything); with
@@ -25,6 +30,13 @@ from pathlib import Path
 import triton
 
 __all__ = [
+    "INTERPRETER_CONFIGS",
+    "fused_backward_config",
+    "fused_backward_programs",
+    "layer_backward_configs",
+    "recompute_config",
+    "layers_backward_chunk",
+    "weight_grad_splits",
     "interpreting",
     "autotuning_enabled",
     "current_arch",
@@ -43,7 +55,7 @@ __all__ = [
     "SHIPPED_DIR",
 ]
 
-SHIPPED_DIR = Path(__file__).parent / "configs"
+SHIPPED_DIR = Path(__file__).parent.parent / "configs"
 
 # Register budgets below which ahead-of-time compilation showed no spills (tests/test_aot.py checks
 # every candidate the pruning keeps), in fp32 elements per thread:
@@ -269,3 +281,86 @@ def write_tuned_table(directory, device_name: str) -> Path | None:
         merged.setdefault(kernel, {}).update(entries)
     path.write_text(json.dumps(merged, indent=1, sort_keys=True))
     return path
+
+
+# ---- fixed choices ---------------------------------------------------------------------------------
+# Under the interpreter: one fixed configuration per forward kernel, small enough that the tests'
+# shapes exercise partial blocks in every dimension.
+INTERPRETER_CONFIGS = {
+    "mlp_forward": triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1),
+    "layer_forward": triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1),
+}
+
+
+def fused_backward_config(slots: int, width_pad: int, precision: str, arch: int) -> triton.Config | None:
+    """The fused backward's configuration (the largest block that fits), or None if none fits.
+    The interpreter takes the fused path exactly where an sm_90 GPU would, with its own block."""
+    named = {"SLOTS": slots, "WIDTH_PAD": width_pad, "PRECISION": precision}
+    configs = backward_configs(named, arch)
+    if configs and interpreting():
+        return triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
+    return configs[0] if configs else None
+
+
+def fused_backward_programs(num_blocks: int, sm_count: int) -> int:
+    """Persistent programs of the fused backward: two per SM (a few under the interpreter, so that
+    programs loop over several blocks)."""
+    limit = 3 if interpreting() else 2 * sm_count
+    return max(1, min(num_blocks, limit))
+
+
+def layer_backward_configs(arch: int = 90, precision: str = "tf32", slots: int = 4, weight_grad_slots: int = 4):
+    """(propagation, weight-gradient) configurations of the per-layer backward: fixed choices that
+    compile without spills (tests/test_aot.py); 3xTF32 on sm_80 needs smaller tiles. Dots need at
+    least 16 rows (64 for a wgmma on sm_90): BLOCK_M * slots and BLOCK_P * weight_grad_slots."""
+    propagation, weight_grad = _layer_backward_tiles(arch, precision)
+    min_rows = WGMMA_ROWS if arch >= 90 and not interpreting() else 16
+    kw_p = dict(propagation.kwargs)
+    kw_p["BLOCK_M"] = max(kw_p["BLOCK_M"], min_rows // slots)
+    kw_w = dict(weight_grad.kwargs)
+    kw_w["BLOCK_P"] = max(kw_w["BLOCK_P"], 16 // weight_grad_slots)
+    return (triton.Config(kw_p, num_warps=propagation.num_warps, num_stages=propagation.num_stages),
+            triton.Config(kw_w, num_warps=weight_grad.num_warps, num_stages=weight_grad.num_stages))  # fmt: skip
+
+
+def _layer_backward_tiles(arch: int, precision: str):
+    if interpreting():  # small, so the tests' shapes leave partial blocks in every dimension
+        return (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+                triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1))  # fmt: skip
+    if arch < 90 and precision == "tf32x3":
+        return (triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+                triton.Config({"BLOCK_P": 8, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2))  # fmt: skip
+    return (triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+            triton.Config({"BLOCK_P": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2))  # fmt: skip
+
+
+def recompute_config(slots: int, arch: int) -> triton.Config:
+    """The per-layer backward's forward recompute: the first forward candidate that fits."""
+    if interpreting():
+        return INTERPRETER_CONFIGS["layer_forward"]
+    return prune_layer_configs(layer_configs(), {"SLOTS": slots}, arch=arch)[0]
+
+
+# The per-layer backward recomputes chunks of points, keeping every layer's [h; T] and [z; U] for
+# the chunk. Each chunk costs about three launches per layer, so chunks are as large as memory
+# allows: at most this many bytes of saved state, and at most an eighth of the GPU's free memory
+# (2^20 points of 3 -> 4x64 -> 3 with 3 tangents in fp32 save 10.8 GB: 6 chunks).
+LAYERS_BACKWARD_CHUNK_BYTES = 2 << 30
+LAYERS_BACKWARD_MIN_CHUNK_BYTES = 64 << 20
+
+
+def layers_backward_chunk(num_points: int, bytes_per_point: int, free_bytes: int | None = None) -> int:
+    """Points per chunk of the per-layer backward: equal chunks within the memory budget above."""
+    budget = LAYERS_BACKWARD_CHUNK_BYTES
+    if free_bytes is not None:
+        budget = min(budget, max(free_bytes // 8, LAYERS_BACKWARD_MIN_CHUNK_BYTES))
+    chunks = max(1, triton.cdiv(num_points * bytes_per_point, budget))
+    return max(1, triton.cdiv(num_points, chunks))
+
+
+def weight_grad_splits(num_points: int, block_p: int) -> tuple[int, int]:
+    """(splits, points per split) of the per-layer weight gradient: at most 64 fp32 partial sums,
+    each over a whole number of blocks of at least 8 blocks' worth of points."""
+    splits = max(1, min(64, triton.cdiv(num_points, 8 * block_p)))
+    per_split = triton.cdiv(triton.cdiv(num_points, splits), block_p) * block_p
+    return triton.cdiv(num_points, per_split), per_split

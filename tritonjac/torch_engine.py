@@ -1,6 +1,7 @@
-"""The analytic PyTorch engine: forward tangents and a first-order backward (DESIGN.md section 2).
+"""The PyTorch engine: forward tangents and a first-order backward (docs/design.md, sections 2-3).
 
-This is the CPU path users run and the oracle the Triton kernels are tested against.
+It runs on any device and dtype (float64 included), and is the CPU path users run; the tests use
+its float64 results as one of their oracles for the Triton kernels.
 
 Layout: a layer's input is one stacked tensor A = [h; T] of shape (1+k, P, d): row 0 the values,
 rows 1..k the tangents (tangent-major). So each layer is one GEMM over (1+k)*P rows giving
@@ -8,36 +9,28 @@ Z = [z; U], and the backward needs two GEMMs per layer (weight gradient, propaga
 alone uses row 0 only. The first layer is special: its tangent U_1 is the first k columns of W_1 for
 every point (no matmul, nothing saved).
 
-Points are processed in chunks of about 1.5 MB each. Besides bounding temporary memory for huge
-inputs, this keeps temporaries in cache and lets the allocator reuse them from chunk to chunk instead
-of touching fresh pages (measured on the 2-core CI machine: first-touch of fresh memory costs ~7x
-the arithmetic that fills it; 1-2 MB chunks were fastest for forward and training, 1.5 MB by a few percent).
+Points are processed in chunks of about 1.5 MB each, which bounds temporary memory and keeps the
+temporaries in cache, reused from chunk to chunk (see `CHUNK_BYTES`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .activations import Activation
+from .grad_mode import records_autograd, refuse_double_backward
+from .network import NetworkSpec
 
-__all__ = ["MLPSpec", "mlp_jacobian_reference"]
+__all__ = ["mlp_jacobian", "forward_points", "backward_by_recompute"]
 
-# Bytes of one chunk's stacked (1+k, P, width) tensor at the widest layer; see the module docstring.
+# Bytes of one chunk's stacked (1+k, P, width) tensor at the widest layer. On CPU, touching fresh
+# memory costs about 7x the arithmetic that fills it; 1-2 MB chunks were fastest for forward and
+# training on a 2-core VM, 1.5 MB by a few percent.
 CHUNK_BYTES = 3 << 19  # 1.5 MB
 
 
-@dataclass(frozen=True)
-class MLPSpec:
-    """What the engines need besides tensors: one activation per layer and the tangent count k."""
-
-    activations: tuple[Activation, ...]
-    jacobian_inputs: int
-
-
-def chunk_points(num_points: int, weights, spec: MLPSpec, itemsize: int) -> int:
+def chunk_points(num_points: int, weights, spec: NetworkSpec, itemsize: int) -> int:
     widest = max(w.shape[0] for w in weights)
     per_point = (1 + spec.jacobian_inputs) * widest * itemsize
     return max(1, min(num_points, CHUNK_BYTES // per_point))
@@ -114,7 +107,7 @@ def _linear(A, weight, bias):
 
 
 # ---- forward ---------------------------------------------------------------------------------------
-def _forward_chunk(x, weights, biases, spec: MLPSpec, saved: list | None, scratch: _Scratch):
+def _forward_chunk(x, weights, biases, spec: NetworkSpec, saved: list | None, scratch: _Scratch):
     """The stacked [y; T_L] (1+k, P, d_L) for one chunk of points x (P, d_0).
 
     With `saved`, appends per layer what the backward needs: z_1 for the first layer, the stacked
@@ -138,7 +131,7 @@ def _forward_chunk(x, weights, biases, spec: MLPSpec, saved: list | None, scratc
     return A
 
 
-def _forward(x2d, weights, biases, spec: MLPSpec, saved: list | None):
+def forward_points(x2d, weights, biases, spec: NetworkSpec, saved: list | None):
     """Chunked forward over (P, d_0) points -> y (P, d_L), J (P, d_L, k)."""
     P = x2d.shape[0]
     d_out, k = weights[-1].shape[0], spec.jacobian_inputs
@@ -158,7 +151,7 @@ def _forward(x2d, weights, biases, spec: MLPSpec, saved: list | None):
 
 
 # ---- backward --------------------------------------------------------------------------------------
-def _backward_chunk(x, layer_saved, weights, spec: MLPSpec, G, grad_W, grad_b, need_x: bool, scratch: _Scratch):
+def _backward_chunk(x, layer_saved, weights, spec: NetworkSpec, G, grad_W, grad_b, need_x: bool, scratch: _Scratch):
     """Accumulate one chunk's weight and bias gradients into grad_W / grad_b; return the grad of x.
 
     G is dLoss/d[y; T_L], (1+k, P, d_L), or (1, P, d_L) when there is no loss on J.
@@ -214,7 +207,7 @@ def _backward_chunk(x, layer_saved, weights, spec: MLPSpec, G, grad_W, grad_b, n
     return GZ[0] @ weights[0] if need_x else None
 
 
-def _stack_output_grads(gy, gJ, start, stop, d_out, spec: MLPSpec, scratch: _Scratch):
+def _stack_output_grads(gy, gJ, start, stop, d_out, spec: NetworkSpec, scratch: _Scratch):
     """dLoss/d[y; T_L] for points start:stop as (1+k, P, d_L), or (1, P, d_L) without a loss on J."""
     rows = 1 if gJ is None else 1 + spec.jacobian_inputs
     G = scratch.get("G_out", rows, stop - start, d_out)
@@ -227,25 +220,15 @@ def _stack_output_grads(gy, gJ, start, stop, d_out, spec: MLPSpec, scratch: _Scr
     return G
 
 
-def refuse_double_backward():
-    """Called first in a backward: with grad mode on (create_graph=True) the gradient would itself be
-    differentiated. Refuse loudly rather than return a gradient that silently carries no graph."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "tritonjac's backward is first-order: differentiating its gradients (create_graph=True, "
-            "double backward) is not supported. J is already an output: put the loss on J instead."
-        )
-
-
 class _AnalyticJacobian(torch.autograd.Function):
     """(y, J) with an analytic first-order backward that saves x and, per layer, z_l and U_l."""
 
     @staticmethod
-    def forward(ctx, spec: MLPSpec, x2d, *params):
+    def forward(ctx, spec: NetworkSpec, x2d, *params):
         L = len(spec.activations)
         weights, biases = list(params[:L]), list(params[L:])
         saved = []
-        y, J = _forward(x2d, weights, biases, spec, saved)
+        y, J = forward_points(x2d, weights, biases, spec, saved)
         ctx.set_materialize_grads(False)  # a loss on y alone or J alone gives None for the other
         ctx.spec = spec
         ctx.has_bias = [b is not None for b in biases]
@@ -267,7 +250,7 @@ class _AnalyticJacobian(torch.autograd.Function):
         return (None, gx, *grad_W, *grad_b)
 
 
-def _backward(x2d, weights, spec: MLPSpec, gy, gJ, need_x, need_W, need_b, layer_saved):
+def _backward(x2d, weights, spec: NetworkSpec, gy, gJ, need_x, need_W, need_b, layer_saved):
     """Chunked backward: gradients of x, the weights and the biases (None where not needed).
 
     `layer_saved(c, start, stop)` gives chunk c's per-layer saved tensors (see `_forward_chunk`).
@@ -290,7 +273,7 @@ def _backward(x2d, weights, spec: MLPSpec, gy, gJ, need_x, need_W, need_b, layer
     return gx, grad_W, grad_b
 
 
-def backward_by_recompute(x2d, weights, biases, spec: MLPSpec, gy, gJ, need_x, need_W, need_b):
+def backward_by_recompute(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x, need_W, need_b):
     """The analytic backward for a forward that kept nothing but its inputs (the torch.compile op):
     each chunk's forward is recomputed before its backward."""
     scratch = _Scratch(x2d)
@@ -304,17 +287,14 @@ def backward_by_recompute(x2d, weights, biases, spec: MLPSpec, gy, gJ, need_x, n
         return _backward(x2d, weights, spec, gy, gJ, need_x, need_W, need_b, recompute)
 
 
-def mlp_jacobian_reference(x2d, weights, biases, spec: MLPSpec):
+def mlp_jacobian(x2d, weights, biases, spec: NetworkSpec):
     """y (P, d_L) and J (P, d_L, k) of the MLP at the points x2d (P, d_0), differentiable.
 
-    Inputs are assumed validated (see `tritonjac.functional`). Autograd is recorded only when some
-    input requires a gradient; otherwise nothing is saved and memory stays at one chunk's worth.
+    Inputs are assumed validated (`tritonjac.network`). Autograd is recorded only when some input
+    requires a gradient; otherwise nothing is saved and memory stays at one chunk's worth.
     """
     params = [*weights, *biases]
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x2d, *params)
-    )
-    if not tracked:
+    if not records_autograd(x2d, *params):
         with torch.no_grad():
-            return _forward(x2d, weights, biases, spec, None)
+            return forward_points(x2d, weights, biases, spec, None)
     return _AnalyticJacobian.apply(spec, x2d, *params)

@@ -1,0 +1,92 @@
+"""What the tests share: the torch.func oracle, one tolerance table, one assertion, model builders.
+
+The oracle is the tests' own (not the benchmark's): `torch.func.vmap(jacfwd)` of the per-point
+function, independent of both engines.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import tritonjac
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# The device the Triton backend runs on in this test session: a real GPU, or the interpreter on CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
+
+# Largest accepted max |error| / max |reference| against float64, per computation. Each figure is
+# tied to what the computation can reach:
+# - "float64": either engine in float64 against torch.func (a few roundings per layer);
+# - "float32": y and J from the kernels with fp32-accurate matmuls (3xTF32, or the interpreter's
+#   exact fp32 dots): unit roundoff 6e-8, a few layers of accumulation;
+# - "float32-gradient": the same for gradients (one more pass through every layer);
+# - "tf32": the kernels with TF32 matmuls on a GPU (10-bit mantissa: unit roundoff 4.9e-4).
+# Half precision is judged against PyTorch's own error in that dtype (at most twice it), not here.
+TOLERANCE = {
+    "float64": 1e-10,
+    "float32": 2e-5,
+    "float32-gradient": 5e-5,
+    "tf32": 1e-2,
+}
+
+
+def triton_gradient_tolerance() -> float:
+    """The kernels' float32 gradient tolerance in this session: TF32 on a GPU at the tests' setting,
+    fp32 in the interpreter (which computes TF32 dots in fp32)."""
+    return TOLERANCE["float32-gradient"] if INTERPRETING else TOLERANCE["tf32"]
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b| (0 when both are empty)."""
+    if b.numel() == 0:
+        assert a.numel() == 0
+        return 0.0
+    scale = b.abs().max().clamp_min(1e-300)
+    return ((a - b).abs().max() / scale).item()
+
+
+def assert_close(actual, expected, tolerance, what: str = "") -> None:
+    """rel_err(actual, expected) below tolerance (a number or a TOLERANCE key), comparing in
+    float64 on the CPU; the message names what differs and by how much."""
+    tol = TOLERANCE[tolerance] if isinstance(tolerance, str) else tolerance
+    assert actual is not None, f"{what}: missing"
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual.detach().cpu().double(), expected.detach().cpu().double())
+    assert err < tol, f"{what}: relative error {err:.3g} >= {tol:g}"
+
+
+def func_jacobian(f, x2d):
+    """y and J of a per-point function f: (d_in,) -> (d_out,) at every row of x2d, by torch.func."""
+
+    def with_aux(p):
+        y = f(p)
+        return y, y
+
+    J, y = torch.func.vmap(torch.func.jacfwd(with_aux, has_aux=True))(x2d)
+    return y, J
+
+
+def func_reference(f, x2d, k):
+    """torch.func's y and J of f at the rows of x2d, J restricted to the first k inputs."""
+    y, J = func_jacobian(f, x2d)
+    return y, J[..., :k]
+
+
+def sequential_reference(seq, x, k):
+    """torch.func oracle for an nn.Sequential of Linear layers at x (..., d_in)."""
+    x2d = x.reshape(-1, x.shape[-1])
+    y, J = func_reference(seq, x2d, k)
+    lead = x.shape[:-1]
+    return y.reshape(*lead, y.shape[-1]), J.reshape(*lead, *J.shape[-2:])
+
+
+def make_mlp(d_in, hidden, d_out, activation="softplus", **kw):
+    kw.setdefault("dtype", torch.float64)
+    model = tritonjac.JacobianMLP(d_in, hidden, d_out, activation, **kw)
+    if "sine" in str(activation).lower():  # keep sin(30 z) well conditioned, as SIREN's init does
+        with torch.no_grad():
+            for layer in model.linear_layers:
+                layer.weight.mul_(1.0 / 30.0)
+    return model

@@ -1,0 +1,42 @@
+"""Argument conventions and autograd plumbing shared by both operator families."""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["bias_arguments", "optional_biases", "no_jacobian", "loss_on_jacobian", "setup_context", "saved_inputs"]
+
+
+def bias_arguments(biases, like: torch.Tensor) -> list[torch.Tensor]:
+    """Biases for the ops: an empty tensor where a layer has none (a list holding None is not
+    differentiable through aot_autograd)."""
+    return [b if b is not None else like.new_empty(0) for b in biases]
+
+
+def optional_biases(biases: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The ops' biases back as the engines take them (None for an empty tensor)."""
+    return [b if b.numel() else None for b in biases]
+
+
+def no_jacobian(x: torch.Tensor) -> torch.Tensor:
+    """J's place in the forward ops' outputs when it is not asked for: a 1-D empty tensor (a real J
+    is 3-D), whose gradient tells the backward op that there is no loss on J."""
+    return x.new_empty(0)
+
+
+def loss_on_jacobian(dJ: torch.Tensor) -> torch.Tensor | None:
+    return dJ if dJ.dim() == 3 else None
+
+
+def setup_context(ctx, inputs, output):
+    """Each forward op saves its inputs; the spec arguments (and the backend) travel to the backward."""
+    x, weights, biases, activation_ids, params, thresholds, k, _jacobian, *backend = inputs
+    ctx.save_for_backward(x, *weights, *biases)
+    ctx.spec_args = (activation_ids, params, thresholds, k, *backend)
+
+
+def saved_inputs(ctx):
+    """(x, weights, biases) as `setup_context` saved them."""
+    x, *rest = ctx.saved_tensors
+    L = len(rest) // 2
+    return x, list(rest[:L]), list(rest[L:])

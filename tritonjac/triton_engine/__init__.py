@@ -1,0 +1,84 @@
+"""The Triton engine: launchers for the kernels of `tritonjac.kernels`, and its eager autograd.
+
+Files, in the order a call meets them:
+    plans.py      which kernels run a call (whole network or per layer), and why
+    tuning.py     every configuration choice: candidates, pruning, fixed choices, shipped tables
+    registry.py   every kernel with its pointer arguments and autotune key (also read by aot.py)
+    launch.py     buffers, checks, configuration resolution and the one place kernels launch
+    forward.py    y and J
+    backward.py   the gradients: fused whole-network kernel or per-layer kernels
+
+Importing this package imports triton; `tritonjac.functional` imports it only when the Triton
+backend is asked for.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..grad_mode import records_autograd, refuse_double_backward
+from ..network import NetworkSpec
+from .backward import mlp_backward
+from .forward import mlp_forward
+from . import launch
+from .plans import Plan, fused_backward_available, plan_for, planned_kind
+
+__all__ = [
+    "mlp_jacobian",
+    "mlp_forward",
+    "mlp_backward",
+    "plan_for",
+    "planned_kind",
+    "fused_backward_available",
+    "Plan",
+    "launch",
+]
+
+
+def mlp_jacobian(x2d, weights, biases, spec: NetworkSpec, jacobian: bool = True):
+    """y (P, d_L) and J (P, d_L, k) (None without `jacobian`) from the kernels, differentiable
+    with respect to x2d, the weights and the biases when any of them requires a gradient."""
+    params = [*weights, *biases]
+    if not records_autograd(x2d, *params):
+        return mlp_forward(x2d, weights, biases, spec, jacobian=jacobian)
+    out = _TritonMLP.apply(spec, jacobian, x2d, *params)
+    return out if jacobian else (out, None)
+
+
+class _TritonMLP(torch.autograd.Function):
+    """The kernels' forward and backward for eager calls.
+
+    Saves only x and the parameters: the backward recomputes the forward. Unlike the `torch.library`
+    operators (used under torch.compile), it knows when there is no loss on J (its gradient is None,
+    not a tensor of zeros), and then runs the backward without tangents.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: NetworkSpec, jacobian: bool, x2d, *params):
+        L = spec.num_layers
+        weights, biases = list(params[:L]), list(params[L:])
+        y, J = mlp_forward(x2d, weights, biases, spec, jacobian=jacobian)
+        ctx.set_materialize_grads(False)
+        ctx.spec = spec
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x2d, *weights, *(b for b in biases if b is not None))
+        if J is None:
+            return y
+        return y, J
+
+    @staticmethod
+    def backward(ctx, gy, gJ=None):
+        refuse_double_backward()
+        spec = ctx.spec
+        L = spec.num_layers
+        x2d, *rest = ctx.saved_tensors
+        weights, present = rest[:L], iter(rest[L:])
+        biases = [next(present) if has else None for has in ctx.has_bias]
+        needs = ctx.needs_input_grad  # (spec, jacobian, x, W_1..W_L, b_1..b_L)
+        need_W, need_b = needs[3 : 3 + L], [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])]
+        if gy is None and gJ is None:
+            return (None,) * len(needs)
+        gx, grad_W, grad_b = mlp_backward(x2d, weights, biases, spec, gy, gJ, needs[2])
+        grad_W = [g if need else None for g, need in zip(grad_W, need_W)]
+        grad_b = [g if need else None for g, need in zip(grad_b, need_b)]
+        return (None, None, gx, *grad_W, *grad_b)

@@ -1,0 +1,96 @@
+"""Which kernels run a call: the whole network in one launch, or one launch per layer.
+
+- "network": one launch of `mlp_forward_kernel` for the whole MLP, when the hidden layers share
+  one width whose stacked tile fits the registers (`network_fits`), in/out features are at most 16
+  and every layer but the last has the same activation. Its backward is the fused
+  `mlp_backward_kernel` where a configuration fits (`fused_backward_available`).
+- "layers": one launch of `layer_forward_kernel` per layer otherwise (wide layers such as IDR's
+  512, mixed widths or activations, single-layer nets), with [h; T] between layers in global memory
+  in the compute dtype, and the per-layer backward kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ..network import NetworkSpec
+from ..precision import matmul_precision
+from . import tuning
+from .launch import device_arch
+
+__all__ = ["Plan", "plan_for", "planned_kind", "network_fits", "fused_backward_available", "slots", "pad_width"]
+
+MAX_NETWORK_FEATURES = 16  # in_features and out_features of the whole-network kernel
+MAX_NETWORK_WIDTH = 128
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str  # "network" or "layers"
+    reason: str  # why "layers" was chosen, for users asking `plan_for`
+
+
+def slots(k: int, jacobian: bool) -> int:
+    """Stacked rows per point: the value and k tangents, padded to a power of two (1 without tangents)."""
+    return triton.next_power_of_2(1 + k) if jacobian else 1
+
+
+def pad_width(width: int) -> int:
+    """The whole-network kernels' tile width: a power of two, at least 16 (a `tl.dot` minimum)."""
+    return max(16, triton.next_power_of_2(width))
+
+
+def network_fits(width: int, num_slots: int, precision: str, arch: int) -> bool:
+    """Whether some whole-network configuration fits the registers at this width and slot count."""
+    named = {"SLOTS": num_slots, "WIDTH_PAD": pad_width(width), "PRECISION": precision}
+    return bool(tuning.prune_network_configs(tuning.network_configs(), named, arch=arch))
+
+
+def plan_for(weights, spec: NetworkSpec, jacobian: bool = True, precision: str = "tf32", arch: int = 90) -> Plan:
+    """The forward plan for these weights and spec on a GPU of compute capability `arch`.
+
+    Args:
+        weights: one (out, in) tensor (or anything with `.shape`) per layer.
+        spec: the network's activations and tangent count.
+        jacobian: whether the call computes J (tangents take registers).
+        precision: the `tl.dot` input precision, see `tritonjac.precision.matmul_precision`.
+        arch: compute capability as 80, 90, ...
+    Returns:
+        A `Plan`: kind "network" or "layers", and the reason for "layers".
+    """
+    L = len(weights)
+    d_in, d_out = weights[0].shape[1], weights[-1].shape[0]
+    hidden = {w.shape[0] for w in weights[:-1]}
+    if L < 2:
+        return Plan("layers", "a single layer")
+    if len(hidden) > 1:
+        return Plan("layers", f"hidden widths differ ({sorted(hidden)})")
+    (width,) = hidden
+    if width > MAX_NETWORK_WIDTH:
+        return Plan("layers", f"hidden width {width} > {MAX_NETWORK_WIDTH}")
+    if d_in > MAX_NETWORK_FEATURES or d_out > MAX_NETWORK_FEATURES:
+        return Plan("layers", f"in/out features {d_in}/{d_out} > {MAX_NETWORK_FEATURES}")
+    if len(set(spec.activations[:-1])) > 1:
+        return Plan("layers", "hidden activations differ")
+    if not network_fits(width, slots(spec.jacobian_inputs, jacobian), precision, arch):
+        return Plan("layers", f"width {width} with {spec.jacobian_inputs} tangents in {precision} does not fit the registers")
+    return Plan("network", "")
+
+
+def planned_kind(x2d: torch.Tensor, weights, spec: NetworkSpec, jacobian: bool) -> str:
+    """"network" or "layers": the plan the forward takes for these inputs on x2d's device."""
+    return plan_for(weights, spec, jacobian, matmul_precision(x2d.dtype), device_arch(x2d)).kind
+
+
+def fused_backward_available(x2d: torch.Tensor, weights, spec: NetworkSpec, jacobian: bool) -> bool:
+    """Whether a call with these inputs is differentiated by the fused backward kernel (else the
+    per-layer backward runs). Without a loss on J (`jacobian=False`) it needs no tangents, which
+    fits more often."""
+    if planned_kind(x2d, weights, spec, jacobian) != "network":
+        return False
+    num_slots = slots(spec.jacobian_inputs, jacobian)
+    precision = matmul_precision(x2d.dtype)
+    return tuning.fused_backward_config(num_slots, pad_width(weights[0].shape[0]), precision, device_arch(x2d)) is not None
