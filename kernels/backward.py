@@ -69,7 +69,7 @@ def mlp_backward_kernel(
     (WIDTH), gw_hidden (num_hidden, WIDTH, WIDTH), gb_hidden (num_hidden, WIDTH), gw_last (OUT, WIDTH),
     gb_last (OUT). ws: (num_hidden + 1, BLOCK_M * SLOTS, WIDTH_PAD) fp32 per program.
     """
-    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not HAS_GJ, "SLOTS must hold the value and NUM_TANGENTS tangents")
+    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not HAS_GJ, "SLOTS must hold the value and the tangents")
     TILE_ROWS: tl.constexpr = BLOCK_M * SLOTS
     pid = tl.program_id(0)
     pid64 = pid.to(tl.int64)
@@ -99,13 +99,29 @@ def mlp_backward_kernel(
         first_point += num_programs.to(tl.int64) * BLOCK_M
 
         # ---- forward again, keeping each layer's Z in the workspace -----------------------------
-        Z = first_layer(x_ptr, w_first_ptr, b_first_ptr, o_p, m_p, stride_xp, stride_xf,
-                         IN, NUM_TANGENTS, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, HAS_GJ)  # fmt: skip
+        Z = first_layer(
+            x_ptr,
+            w_first_ptr,
+            b_first_ptr,
+            o_p,
+            m_p,
+            stride_xp,
+            stride_xf,
+            IN,
+            NUM_TANGENTS,
+            WIDTH,
+            WIDTH_PAD,
+            SLOTS,
+            BLOCK_M,
+            HAS_BIAS,
+            HAS_GJ,
+        )
         tl.store(ws + p_ws_tile, tl.reshape(Z, (TILE_ROWS, WIDTH_PAD)))
         A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         for l in range(num_hidden):
-            Z = hidden_layer(A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS,
-                              PRECISION, INTERPRET_BF16)  # fmt: skip
+            Z = hidden_layer(
+                A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, PRECISION, INTERPRET_BF16
+            )
             tl.store(ws + (l + 1) * TILE_ROWS * WIDTH_PAD + p_ws_tile, tl.reshape(Z, (TILE_ROWS, WIDTH_PAD)))
             A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         tl.debug_barrier()  # the workspace is read back below in other threads' layouts
@@ -206,7 +222,9 @@ def layer_backward_kernel(
         m_n = o_n < d_out
         p_g = gz_ptr + o_p[:, None, None] * stride_gp + o_s[None, :, None] * stride_gs + o_n[None, None, :]
         b_g = tl.load(p_g, mask=m_p[:, None, None] & m_s[None, :, None] & m_n[None, None, :], other=0.0)
-        b_w = tl.load(w_ptr + o_n[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_n[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(
+            w_ptr + o_n[:, None] * stride_wn + o_k[None, :] * stride_wk, mask=m_n[:, None] & m_k[None, :], other=0.0
+        )
         b_g = to_operand(tl.reshape(b_g, (BLOCK_M * SLOTS, BLOCK_N)), operand_ty, INTERPRET_BF16)
         acc = dot_f32(b_g, b_w.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
     G = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_K))
@@ -218,7 +236,9 @@ def layer_backward_kernel(
         p_z = z_prev_ptr + o_p[:, None, None] * stride_zp + o_s[None, :, None] * stride_zs + o_k[None, None, :]
         Z = tl.load(p_z, mask=m_pk & m_s[None, :, None], other=0.0)
         G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
-        p_out = out_ptr + o_p[:, None, None] * stride_op + o_s[None, :, None] * stride_os + o_k[None, None, :] * stride_of
+        p_out = (
+            out_ptr + o_p[:, None, None] * stride_op + o_s[None, :, None] * stride_os + o_k[None, None, :] * stride_of
+        )
         tl.store(p_out, G_Z, mask=m_pk & m_s[None, :, None])
 
 

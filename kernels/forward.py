@@ -1,18 +1,18 @@
 """Fused forward kernels: outputs and Jacobians of a point-wise MLP (docs/design.md, section 2).
 
-Both kernels keep a layer's input as one stacked tile A of shape (BLOCK_M, SLOTS, width): slot 0
-holds the values h, slots 1..NUM_TANGENTS the NUM_TANGENTS tangents T, and padding slots up to the next power of two hold
-zeros. Reshaped to (BLOCK_M * SLOTS, width) it is the left operand of one `tl.dot` per layer
-(4 x BLOCK_M rows for the common NUM_TANGENTS = 3, no padding), which gives Z = [z; U] at once; then
+Both kernels keep a layer's input as one stacked tile (the contract in kernels/__init__.py): slot 0
+the values h, slots 1..NUM_TANGENTS the tangents T, padding slots zero. Reshaped to
+(BLOCK_M * SLOTS, width) it is the left operand of one `tl.dot` per layer (4 x BLOCK_M rows for
+three tangents, no padding), which gives Z = [z; U] at once; then
 
     h = s(z),  T = s'(z) * U            (slot 0 of Z is z; the activation is evaluated once per point)
 
 - `mlp_forward_kernel` runs the whole network for a block of points: nothing but x, y and J touches
   global memory. The first layer (in_features <= 16) is a loop of outer-product FMAs and its tangent
-  is W_1's first NUM_TANGENTS columns (no matmul); the last layer (out_features <= 16) is one reduction over the
-  width per output, so tiny dimensions never become 16-wide matmuls.
-- `layer_forward_kernel` runs one layer (the design card's chained form) for layers too wide or
-  too unequal for the first kernel: it reads [h; T] and writes the next [h; T].
+  is W_1's first NUM_TANGENTS columns (no matmul); the last layer (out_features <= 16) is one
+  reduction over the width per output, so tiny dimensions never become 16-wide matmuls.
+- `layer_forward_kernel` runs one layer, for layers too wide or too unequal for the first kernel:
+  it reads [h; T] and writes the next [h; T].
 
 With JACOBIAN=False, SLOTS is 1 and the same code is a plain fused MLP forward.
 """
@@ -72,9 +72,23 @@ def activate_stacked(Z, o_slot, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: t
 
 
 @triton.jit
-def first_layer(x_ptr, w_ptr, b_ptr, o_p, m_p, stride_xp, stride_xf,
-                 IN: tl.constexpr, NUM_TANGENTS: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
-                 SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr):  # fmt: skip
+def first_layer(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    o_p,
+    m_p,
+    stride_xp,
+    stride_xf,
+    IN: tl.constexpr,
+    NUM_TANGENTS: tl.constexpr,
+    WIDTH: tl.constexpr,
+    WIDTH_PAD: tl.constexpr,
+    SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    JACOBIAN: tl.constexpr,
+):
     """Z_1 = [x W^T + b; U_1] for the points o_p, (BLOCK_M, SLOTS, WIDTH_PAD).
 
     z is IN outer products (no matmul for 1..16 inputs); U_1 is W's first NUM_TANGENTS columns, the same for
@@ -98,9 +112,19 @@ def first_layer(x_ptr, w_ptr, b_ptr, o_p, m_p, stride_xp, stride_xf,
 
 
 @triton.jit
-def hidden_layer(A, w_ptr, b_ptr, l, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-                  INTERPRET_BF16: tl.constexpr):  # fmt: skip
+def hidden_layer(
+    A,
+    w_ptr,
+    b_ptr,
+    l,
+    WIDTH: tl.constexpr,
+    WIDTH_PAD: tl.constexpr,
+    SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+):
     """Z = [h W_l^T + b_l; T W_l^T] from A = [h; T]: one dot over the BLOCK_M * SLOTS stacked rows.
 
     w_ptr / b_ptr hold the hidden layers contiguously, (num_hidden, WIDTH, WIDTH) / (num_hidden, WIDTH).
@@ -120,8 +144,9 @@ def hidden_layer(A, w_ptr, b_ptr, l, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexp
 
 
 @triton.jit
-def last_layer_output(A, w_ptr, b_ptr, o, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr,
-                       HAS_BIAS: tl.constexpr):  # fmt: skip
+def last_layer_output(
+    A, w_ptr, b_ptr, o, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr
+):
     """[z; U] of output o, (BLOCK_M, SLOTS): one reduction of A over the width (no 16-wide matmul)."""
     o_w = tl.arange(0, WIDTH_PAD)
     b_row = tl.load(w_ptr + o * WIDTH + o_w, mask=o_w < WIDTH, other=0.0).to(tl.float32)
@@ -148,18 +173,34 @@ def mlp_forward_kernel(
     (OUT, WIDTH); biases likewise (zeros where a layer has none). Layers 1..L-1 use ACT, layer L
     uses LAST_ACT. points_bucket only keys the autotuner.
     """
-    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not JACOBIAN, "SLOTS must hold the value and NUM_TANGENTS tangents")
+    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not JACOBIAN, "SLOTS must hold the value and the tangents")
     tl.static_assert(WIDTH_PAD >= 16, "tl.dot needs every dimension >= 16")
     i_m = tl.program_id(0).to(tl.int64)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_p = o_p < num_points
     o_s = tl.arange(0, SLOTS)
-    Z = first_layer(x_ptr, w_first_ptr, b_first_ptr, o_p, m_p, stride_xp, stride_xf,
-                     IN, NUM_TANGENTS, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, JACOBIAN)  # fmt: skip
+    Z = first_layer(
+        x_ptr,
+        w_first_ptr,
+        b_first_ptr,
+        o_p,
+        m_p,
+        stride_xp,
+        stride_xf,
+        IN,
+        NUM_TANGENTS,
+        WIDTH,
+        WIDTH_PAD,
+        SLOTS,
+        BLOCK_M,
+        HAS_BIAS,
+        JACOBIAN,
+    )
     A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
     for l in range(num_hidden):
-        Z = hidden_layer(A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS,
-                          PRECISION, INTERPRET_BF16)  # fmt: skip
+        Z = hidden_layer(
+            A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, PRECISION, INTERPRET_BF16
+        )
         A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
 
     is_value = o_s[None, :] == 0
@@ -200,7 +241,7 @@ def layer_forward_kernel(
     With STORE_Z (the backward's recompute) the stacked pre-activation Z is also written, in fp32,
     to z[p, slot, n].
     """
-    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not JACOBIAN, "SLOTS must hold the value and NUM_TANGENTS tangents")
+    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not JACOBIAN, "SLOTS must hold the value and the tangents")
     i_m = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -216,14 +257,20 @@ def layer_forward_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < d_in
         if FIRST:
-            b_x = tl.load(a_ptr + o_p[:, None] * stride_ap + o_k[None, :] * stride_af, mask=m_p[:, None] & m_k[None, :], other=0.0)
+            b_x = tl.load(
+                a_ptr + o_p[:, None] * stride_ap + o_k[None, :] * stride_af, mask=m_p[:, None] & m_k[None, :], other=0.0
+            )
             identity = tl.where(o_k[None, None, :] == o_s[None, :, None] - 1, 1.0, 0.0)
             b_a = tl.where(o_s[None, :, None] == 0, b_x.to(tl.float32)[:, None, :], identity)
         else:
-            p_a = a_ptr + o_p[:, None, None] * stride_ap + o_s[None, :, None] * stride_as + o_k[None, None, :] * stride_af
+            p_a = (
+                a_ptr + o_p[:, None, None] * stride_ap + o_s[None, :, None] * stride_as + o_k[None, None, :] * stride_af
+            )
             m_a = m_p[:, None, None] & m_s[None, :, None] & m_k[None, None, :]
             b_a = tl.load(p_a, mask=m_a, other=0.0)
-        b_wt = tl.load(w_ptr + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        b_wt = tl.load(
+            w_ptr + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk, mask=m_k[:, None] & m_n[None, :], other=0.0
+        )
         b_a = to_operand(tl.reshape(b_a, (BLOCK_M * SLOTS, BLOCK_K)), operand_ty, INTERPRET_BF16)
         acc = dot_f32(b_a, b_wt.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
 
@@ -240,6 +287,11 @@ def layer_forward_kernel(
     p_h = h_ptr + o_p[:, None, None] * stride_hp + o_n[None, None, :] * stride_hf + o_s[None, :, None] * 0
     tl.store(p_h, to_storage(A, h_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_pn & (o_s[None, :, None] == 0))
     if JACOBIAN:
-        p_t = t_ptr + o_p[:, None, None] * stride_tp + (o_s[None, :, None] - 1) * stride_ts + o_n[None, None, :] * stride_tf
+        p_t = (
+            t_ptr
+            + o_p[:, None, None] * stride_tp
+            + (o_s[None, :, None] - 1) * stride_ts
+            + o_n[None, None, :] * stride_tf
+        )
         m_t = m_pn & (o_s[None, :, None] >= 1) & m_s[None, :, None]
         tl.store(p_t, to_storage(A, t_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_t)

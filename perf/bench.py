@@ -34,10 +34,15 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--quick", action="store_true", help="N in {1024, 16384}, no torch.compile, 5 rounds")
     p.add_argument("--max-seconds", type=float, default=60.0, help="per case and mode, after 3 rounds")
-    p.add_argument("--tuned-configs", metavar="DIR",
-                        help="write the configurations autotuning chose (GPU) to DIR/<GPU name>.json")
-    p.add_argument("--precision", choices=["highest", "high"], default=None,
-                        help="torch.set_float32_matmul_precision (default: high, i.e. TF32, on GPUs)")
+    p.add_argument(
+        "--tuned-configs", metavar="DIR", help="write the configurations autotuning chose (GPU) to DIR/<GPU name>.json"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["highest", "high"],
+        default=None,
+        help="torch.set_float32_matmul_precision (default: high, i.e. TF32, on GPUs)",
+    )
     p.add_argument("--out", default=None, help="JSON path (default perf/results/<device>-<date>.json)")
     args = p.parse_args(argv)
 
@@ -53,17 +58,24 @@ def main(argv=None):
     for depth in args.depths:
         for width in args.widths:
             for n in points:
-                case = benchmark.Case(n_points=n, width=width, depth=depth, activation=args.activation,
-                                      dtype=args.dtype, device=args.device)  # fmt: skip
-                case_rows = benchmark.run_case(case, rounds=args.rounds, include_compile=not args.no_compile,
-                                               max_seconds=args.max_seconds)  # fmt: skip
+                case = benchmark.Case(
+                    n_points=n,
+                    width=width,
+                    depth=depth,
+                    activation=args.activation,
+                    dtype=args.dtype,
+                    device=args.device,
+                )
+                case_rows = benchmark.run_case(
+                    case, rounds=args.rounds, include_compile=not args.no_compile, max_seconds=args.max_seconds
+                )
                 print(benchmark.format_table(case_rows), flush=True)
                 rows += case_rows
                 if args.tuned_configs:  # after every case: a later case that fails or times out loses nothing
                     benchmark.write_tuned_configs(args.tuned_configs, args.device)
     out = args.out or os.path.join(
-        os.path.dirname(__file__), "results",
-        f"{'gpu' if gpu else 'cpu'}-{datetime.date.today().isoformat()}.json")  # fmt: skip
+        os.path.dirname(__file__), "results", f"{'gpu' if gpu else 'cpu'}-{datetime.date.today().isoformat()}.json"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(rows, f, indent=1)

@@ -42,8 +42,13 @@ MAX_PRINTED_SUMMARY = 5000  # with two lines per step, the printed output stays 
 GPU_BUDGET_S = 235
 
 # ---- the steps of each mode: (name, time limit in seconds on a GPU, in a dry run) ------------------------
-QUICK_STEPS = (("environment", 30, 60), ("correctness", 75, 300), ("main-tf32", 60, 240),
-               ("main-tf32-compiled", 75, 300), ("main-bf16", 35, 120))  # fmt: skip
+QUICK_STEPS = (
+    ("environment", 30, 60),
+    ("correctness", 75, 300),
+    ("main-tf32", 60, 240),
+    ("main-tf32-compiled", 75, 300),
+    ("main-bf16", 35, 120),
+)
 TUNE_STEPS = (("environment", 30, 60), ("tune", 200, 400))
 TESTS_STEPS = (("environment", 30, 60), ("gpu-tests", 400, 400))
 MODES = {"quick": QUICK_STEPS, "tune": TUNE_STEPS, "tests": TESTS_STEPS}
@@ -139,8 +144,10 @@ class Precompiler:
         except Exception as err:  # then the timed process compiles for itself: slower, still right
             print(f"  precompiling failed ({type(err).__name__}: {err}); compiling in the timed process", flush=True)
             return
-        print(f"  precompiled {sum(done)} candidate launches in {n} processes: {time.perf_counter() - start:.1f} s",
-              flush=True)  # fmt: skip
+        print(
+            f"  precompiled {sum(done)} candidate launches in {n} processes: {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.pool is not None:
@@ -200,11 +207,23 @@ def step_environment(work: Path, dry_run: bool) -> None:
     }
     if torch.cuda.is_available() and not dry_run:
         props = torch.cuda.get_device_properties(0)
-        info.update(card=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1))  # fmt: skip
+        info.update(
+            card=props.name,
+            capability=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,power.limit,persistence_mode",
-                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)  # fmt: skip
+            smi = subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=driver_version,clocks.max.sm,power.limit,persistence_mode",
+                    "--format=csv,noheader",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             info["nvidia_smi"] = smi.stdout.strip()
             info["driver"] = smi.stdout.split(",")[0].strip()
         except (OSError, subprocess.TimeoutExpired) as err:
@@ -220,16 +239,17 @@ def step_environment(work: Path, dry_run: bool) -> None:
 # for y, J and every gradient: TF32 has a 10-bit mantissa, bf16 an 8-bit one, fp16 10 bits, 3xTF32
 # is fp32-accurate. The interpreter runs "tf32" as exact fp32.
 TOLERANCE = {"tf32": 1e-2, "tf32x3": 5e-5, "bfloat16": 5e-2, "float16": 1e-2}
-ACTIVATIONS = ("identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine")
 
 
 def correctness_cases(dry_run: bool) -> list[dict]:
     """The fewest cases that run every kernel path: both forward plans, both backward paths with and
     without tangents, every precision, every activation, y-only forward, k < in, odd point counts."""
+    from tritonjac.activations import ACTIVATION_NAMES  # the registry: every activation
+
     s = sizes(dry_run)
     w, wide, n = s["width"], s["wide"], s["check_points"]
     net = [w] * 3
-    cases = [dict(name=f"act-{a}", hidden=net, act=a, precision="tf32", loss="both") for a in ACTIVATIONS]
+    cases = [dict(name=f"act-{a}", hidden=net, act=a, precision="tf32", loss="both") for a in ACTIVATION_NAMES]
     cases += [
         dict(name="softplus100-tf32x3", hidden=net, act="softplus(100)", precision="tf32x3", loss="both"),
         dict(name="softplus100-tf32x3-y", hidden=net, act="softplus(100)", precision="tf32x3", loss="y"),
@@ -243,9 +263,10 @@ def correctness_cases(dry_run: bool) -> list[dict]:
         dict(name="layers-wide-bf16", hidden=[wide] * 2, act="softplus(100)", precision="bfloat16", loss="both"),
         dict(name="layers-mixed-tf32x3", hidden=[w, w // 2 + 3], act="gelu", precision="tf32x3", loss="both"),
         dict(name="latent-k3-of-11", hidden=net, act="softplus(100)", precision="tf32", loss="both", d_in=11, k=3),
-        dict(name="sdf-out1-no-bias", hidden=net, act="softplus(100)", precision="tf32", loss="both", d_out=1,
-             bias=False),
-    ]  # fmt: skip
+        dict(
+            name="sdf-out1-no-bias", hidden=net, act="softplus(100)", precision="tf32", loss="both", d_out=1, bias=False
+        ),
+    ]
     for c in cases:
         c.setdefault("points", n)
     return cases
@@ -262,13 +283,21 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
     device = "cpu" if dry_run else "cuda"
     torch.manual_seed(zlib.crc32(case["name"].encode()))
     # every output a kernel writes starts as NaN (the case runs in a process of its own)
-    triton_engine.launch._allocator = lambda like, *shape: like.new_full(shape, float("nan"))
+    triton_engine.launch.set_allocator(lambda like, *shape: like.new_full(shape, float("nan")))
     torch.set_float32_matmul_precision("highest" if case["precision"] == "tf32x3" else "high")
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(case["precision"], torch.float32)
     act = nn.Softplus(beta=100) if case["act"] == "softplus(100)" else case["act"]
     d_in, d_out = case.get("d_in", 3), case.get("d_out", 3)
-    reference = tritonjac.JacobianMLP(d_in, case["hidden"], d_out, act, bias=case.get("bias", True),
-                                      jacobian_inputs=case.get("k"), backend="torch", dtype=torch.float64)  # fmt: skip
+    reference = tritonjac.JacobianMLP(
+        d_in,
+        case["hidden"],
+        d_out,
+        act,
+        bias=case.get("bias", True),
+        jacobian_inputs=case.get("k"),
+        backend="torch",
+        dtype=torch.float64,
+    )
     if case["act"] == "sine":
         with torch.no_grad():
             for layer in reference.linear_layers:
@@ -286,7 +315,9 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
     x_ours = x.to(device=device, dtype=dtype).requires_grad_()
     plan = triton_engine.planned_kind(x_ours.detach(), weights, spec, jacobian)
     with_tangents = jacobian and case["loss"] != "y"
-    backward = "fused" if triton_engine.fused_backward_available(x_ours.detach(), weights, spec, with_tangents) else "layers"
+    backward = (
+        "fused" if triton_engine.fused_backward_available(x_ours.detach(), weights, spec, with_tangents) else "layers"
+    )
 
     def loss_and_grads(model, xin):
         for p in model.parameters():
@@ -297,7 +328,11 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
             y, J = model(xin, jacobian=False), None
         loss = y.new_zeros(())
         if case["loss"] in ("y", "both"):
-            loss = loss + (y.float() * torch.linspace(-1, 2, y.shape[-1], device=y.device)).sum() + 0.5 * y.float().square().sum()
+            loss = (
+                loss
+                + (y.float() * torch.linspace(-1, 2, y.shape[-1], device=y.device)).sum()
+                + 0.5 * y.float().square().sum()
+            )
         if case["loss"] in ("J", "both"):
             loss = loss + J.float().square().sum() + J[..., 0, :].float().sum()
         loss.backward()
@@ -315,8 +350,11 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
             return float("inf")
         return ((a - b.detach()).abs().max() / b.detach().abs().max().clamp_min(1e-300)).item()
 
-    errors = {"y": rel(y, y_ref), "J": rel(J, J_ref) if jacobian else None,
-              "grads": max(rel(g, r) for g, r in zip(grads, grads_ref))}  # fmt: skip
+    errors = {
+        "y": rel(y, y_ref),
+        "J": rel(J, J_ref) if jacobian else None,
+        "grads": max(rel(g, r) for g, r in zip(grads, grads_ref)),
+    }
     tolerance = TOLERANCE[case["precision"]]
     ok = all(e is not None and e < tolerance for k, e in errors.items() if not (k == "J" and not jacobian))
     return {**case, "plan": plan, "backward": backward, "errors": errors, "tolerance": tolerance, "ok": ok}
@@ -330,8 +368,9 @@ def step_correctness(work: Path, dry_run: bool) -> None:
     workers = max(1, min(len(cases), (os.cpu_count() or 2) - 2 if not dry_run else 2))
     print(f"{len(cases)} cases in {workers} processes (each compiles its own kernel variants)", flush=True)
     out = work / "correctness.jsonl"
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
-                             initargs=(dry_run,)) as pool:  # fmt: skip
+    with ProcessPoolExecutor(
+        workers, mp_context=mp.get_context("spawn"), initializer=_worker_init, initargs=(dry_run,)
+    ) as pool:
         futures = {pool.submit(_correctness_worker, c, dry_run): c for c in cases}
         for future in as_completed(futures):
             try:
@@ -339,8 +378,10 @@ def step_correctness(work: Path, dry_run: bool) -> None:
             except Exception as err:  # a crash in one case is a failed case, not a failed step
                 result = {**futures[future], "ok": False, "error": f"{type(err).__name__}: {str(err)[:300]}"}
             append_jsonl(out, result)
-            print(f"  {'ok  ' if result['ok'] else 'FAIL'} {result['name']}: {result.get('errors', result.get('error'))}",
-                  flush=True)  # fmt: skip
+            print(
+                f"  {'ok  ' if result['ok'] else 'FAIL'} {result['name']}: {result.get('errors', result.get('error'))}",
+                flush=True,
+            )
 
 
 def _worker_init(dry_run: bool) -> None:
@@ -373,8 +414,17 @@ def _case(dry_run, **kw):
     return benchmark.Case(device="cpu" if dry_run else "cuda", **kw)
 
 
-def _run_benchmark(work: Path, step: str, dry_run: bool, cases: list, *, include_compile: bool, methods=None,
-                   tuned_dir: Path | None = None, precompile: bool = True) -> None:  # fmt: skip
+def _run_benchmark(
+    work: Path,
+    step: str,
+    dry_run: bool,
+    cases: list,
+    *,
+    include_compile: bool,
+    methods=None,
+    tuned_dir: Path | None = None,
+    precompile: bool = True,
+) -> None:
     """Run each (label, case, float32 matmul precision) case, precompiling its autotune candidates
     in parallel first; append its rows and write the tuned configurations after each case."""
     import torch
@@ -391,13 +441,16 @@ def _run_benchmark(work: Path, step: str, dry_run: bool, cases: list, *, include
         start = time.perf_counter()
         torch.set_float32_matmul_precision(precision)
         precompiler.run(_Prewarm(case, precision))
-        rows = benchmark.run_case(case, rounds=s["rounds"], include_compile=include_compile, methods=methods,
-                                  max_seconds=10.0)  # fmt: skip
+        rows = benchmark.run_case(
+            case, rounds=s["rounds"], include_compile=include_compile, methods=methods, max_seconds=10.0
+        )
         print(benchmark.format_table(rows), flush=True)
         if tuned_dir is not None:
             benchmark.write_tuned_configs(str(tuned_dir), case.device)
-        append_jsonl(work / f"{step}.jsonl", {"label": label, "rows": rows, "seconds": time.perf_counter() - start,
-                                               "variants": len(counter.variants)})  # fmt: skip
+        append_jsonl(
+            work / f"{step}.jsonl",
+            {"label": label, "rows": rows, "seconds": time.perf_counter() - start, "variants": len(counter.variants)},
+        )
     precompiler.close()
 
 
@@ -434,8 +487,16 @@ def step_main(work: Path, dry_run: bool, step: str) -> None:
     if step == "main-tf32":  # ours against the eager peers
         _run_benchmark(work, step, dry_run, [("main TF32", main, "high")], include_compile=False, tuned_dir=configs)
     elif step == "main-tf32-compiled":  # the torch.compile peers (minutes of compiling), ours timed beside them
-        _run_benchmark(work, step, dry_run, [("main TF32, compiled peers", main, "high")], include_compile=True,
-                       methods=["tritonjac (triton)", "torch.compile"], tuned_dir=configs, precompile=False)  # fmt: skip
+        _run_benchmark(
+            work,
+            step,
+            dry_run,
+            [("main TF32, compiled peers", main, "high")],
+            include_compile=True,
+            methods=["tritonjac (triton)", "torch.compile"],
+            tuned_dir=configs,
+            precompile=False,
+        )
     elif step == "main-bf16":
         _run_benchmark(work, step, dry_run, [("main bf16", bf16, "high")], include_compile=False, tuned_dir=configs)
     elif step == "tune":
@@ -448,14 +509,27 @@ def step_main(work: Path, dry_run: bool, step: str) -> None:
         cases += [(f"width {w}", _case(dry_run, width=w), "high") for w in narrow]
         cases += [("main 3xTF32", main, "highest")]
         cases += [(f"width {w}", _case(dry_run, width=w), "high") for w in wide]
-        _run_benchmark(work, step, dry_run, cases, include_compile=False, tuned_dir=configs,
-                       methods=["tritonjac (triton)", "nn.Sequential forward"])  # fmt: skip
+        _run_benchmark(
+            work,
+            step,
+            dry_run,
+            cases,
+            include_compile=False,
+            tuned_dir=configs,
+            methods=["tritonjac (triton)", "nn.Sequential forward"],
+        )
 
 
 # The tests that run compiled kernels on a GPU (the CPU-side compile workers excepted); about 210
 # kernel variants, compiled by pytest-xdist's processes in parallel.
-GPU_TESTS = ["tests/test_triton_gpu.py", "tests/test_compile.py", "tests/test_triton_forward.py",
-             "tests/test_triton_backward.py", "-k", "not sees_the_kernels and not for_sm90"]  # fmt: skip
+GPU_TESTS = [
+    "tests/test_triton_gpu.py",
+    "tests/test_compile.py",
+    "tests/test_triton_forward.py",
+    "tests/test_triton_backward.py",
+    "-k",
+    "not sees_the_kernels and not for_sm90",
+]
 
 
 def step_gpu_tests(work: Path, dry_run: bool) -> None:
@@ -531,8 +605,9 @@ def collect(work: Path, mode: str, steps: dict) -> dict:
                 continue  # that run times ours beside the compiled peers only
             if label == "main bf16" and "matmul" not in text:
                 continue  # in bf16 the target is the fraction of the bf16 matmul rate
-            targets.append({"run": label, "target": text, "value": value, "sense": sense, "required": target,
-                            "met": met})  # fmt: skip
+            targets.append(
+                {"run": label, "target": text, "value": value, "sense": sense, "required": target, "met": met}
+            )
     summary["targets"] = targets
     tables = {}
     for path in sorted((work / "configs").glob("*.json")) if (work / "configs").exists() else []:
@@ -551,42 +626,53 @@ def format_summary(summary: dict) -> str:
     from tritonjac import benchmark
 
     env = summary["environment"]
-    lines = [f"tritonjac GPU check ({summary['mode']}{', dry run' if env.get('dry_run') else ''}) on "
-             f"{env.get('card', '?')} (sm {env.get('capability', '-')}, driver {env.get('driver', '-')}), "
-             f"torch {env.get('torch')}, triton {env.get('triton')}, {env.get('date')}"]  # fmt: skip
+    lines = [
+        f"tritonjac GPU check ({summary['mode']}{', dry run' if env.get('dry_run') else ''}) on "
+        f"{env.get('card', '?')} (sm {env.get('capability', '-')}, driver {env.get('driver', '-')}), "
+        f"torch {env.get('torch')}, triton {env.get('triton')}, {env.get('date')}"
+    ]
     lines.append("\nsteps:")
     for name, info in summary["steps"].items():
         extra = f", {info['variants']} kernel variants" if info.get("variants") is not None else ""
-        lines.append(f"  {name:20s} {info.get('status', '?'):28s} {info.get('seconds', 0):6.1f} s "
-                     f"(limit {info.get('limit_s', 0):.0f}), {info.get('cases_done', 0)} cases{extra}")  # fmt: skip
+        lines.append(
+            f"  {name:20s} {info.get('status', '?'):28s} {info.get('seconds', 0):6.1f} s "
+            f"(limit {info.get('limit_s', 0):.0f}), {info.get('cases_done', 0)} cases{extra}"
+        )
     for record in summary.get("gpu_tests", []):
         lines.append(f"\nGPU tests: {record['last_line']} (exit code {record['returncode']})")
     checks = summary.get("correctness", [])
     if checks:
         bad = [c for c in checks if not c["ok"]]
-        lines.append(f"\ncorrectness: {len(checks) - len(bad)} of {len(checks)} cases within tolerance "
-                     "(y, J, gradients vs float64; outputs poisoned with NaN)")  # fmt: skip
+        lines.append(
+            f"\ncorrectness: {len(checks) - len(bad)} of {len(checks)} cases within tolerance "
+            "(y, J, gradients vs float64; outputs poisoned with NaN)"
+        )
         by_precision = {}
         for c in checks:
             if "errors" in c:
                 worst = max(v for v in c["errors"].values() if v is not None)
                 by_precision[c["precision"]] = max(by_precision.get(c["precision"], 0.0), worst)
-        lines.append("  worst error per precision: " + ", ".join(f"{p} {e:.1e}" for p, e in sorted(by_precision.items())))
+        lines.append(
+            "  worst error per precision: " + ", ".join(f"{p} {e:.1e}" for p, e in sorted(by_precision.items()))
+        )
         paths = sorted({(c.get("plan"), c.get("backward")) for c in checks if "plan" in c})
         lines.append("  paths run (forward plan, backward): " + ", ".join(f"{p}/{b}" for p, b in paths))
         for c in bad:
             lines.append(f"  FAILED {c['name']}: {c.get('errors', c.get('error'))} (tolerance {c.get('tolerance')})")
     runs = summary.get("runs", {})
     tune = [r for label, r in runs.items() if not label.startswith("main")] + (
-        [runs[label] for label in runs if label.startswith("main") and summary["mode"] == "tune"])
+        [runs[label] for label in runs if label.startswith("main") and summary["mode"] == "tune"]
+    )
     if tune:
         lines.append("\nconfig sweep (tritonjac triton, median ms and fraction of the measured matmul peak):")
         for record in tune:
             for row in record["rows"]:
                 if row["method"] == "tritonjac (triton)" and row.get("median_ms"):
                     frac = row.get("fraction_of_matmul_peak")
-                    lines.append(f"  {record['label']:12s} {row['mode']:17s} {row['median_ms']:9.3f} ms "
-                                 f"{row['points_per_s'] / 1e6:9.1f} Mpoints/s" + (f" {frac:6.1%}" if frac else ""))  # fmt: skip
+                    lines.append(
+                        f"  {record['label']:12s} {row['mode']:17s} {row['median_ms']:9.3f} ms "
+                        f"{row['points_per_s'] / 1e6:9.1f} Mpoints/s" + (f" {frac:6.1%}" if frac else "")
+                    )
     for label in sorted(runs, key=lambda l: (l != "main bf16", l != "main TF32, compiled peers", l)):
         if label.startswith("main") and summary["mode"] == "quick":
             lines.append(f"\n== {label}")
@@ -640,8 +726,12 @@ def make_plots(summary: dict, work: Path) -> list[Path]:
 
         fig, ax = plt.subplots(figsize=(8, 4))
         for mode in benchmark.MODES:
-            pts = [(r["label"], row["points_per_s"] / 1e6) for r in sweep for row in r["rows"]
-                   if row["method"] == "tritonjac (triton)" and row["mode"] == mode and row.get("median_ms")]  # fmt: skip
+            pts = [
+                (r["label"], row["points_per_s"] / 1e6)
+                for r in sweep
+                for row in r["rows"]
+                if row["method"] == "tritonjac (triton)" and row["mode"] == mode and row.get("median_ms")
+            ]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode.replace("_", " "))
         ax.set_ylabel("Mpoints/s")
         ax.set_title(f"tritonjac config sweep on {summary['environment'].get('card')}")
@@ -670,8 +760,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="where the files to bring back go ($OUT)")
     p.add_argument("--skip", nargs="*", default=[], help="steps to leave out")
     p.add_argument("--limit", action="append", default=[], metavar="STEP=SECONDS", help="override a step's limit")
-    p.add_argument("--budget", type=float, default=None,
-                   help=f"seconds for the whole call (default {GPU_BUDGET_S} on a GPU, none in a dry run)")  # fmt: skip
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds for the whole call (default {GPU_BUDGET_S} on a GPU, none in a dry run)",
+    )
     p.add_argument("--step", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -60,8 +60,10 @@ def main(argv=None):
             groups[(r["mode"], r["width"], r["depth"])].append(r)
         for (mode, width, depth), sub in groups.items():
             r0 = sub[0]
-            title = (f"{mode.replace('_', ' ')}: {r0['in_features']} -> {depth}x{width} -> {r0['out_features']}, "
-                     f"{r0['activation']}, {r0['dtype']}\n{r0['device_name']}, torch {r0['torch']}")  # fmt: skip
+            title = (
+                f"{mode.replace('_', ' ')}: {r0['in_features']} -> {depth}x{width} -> {r0['out_features']}, "
+                f"{r0['activation']}, {r0['dtype']}\n{r0['device_name']}, torch {r0['torch']}"
+            )
             out = os.path.join(out_dir, f"{stem}-{mode}-w{width}-d{depth}.png")
             time_vs_points(sub, out, title)
             print("wrote", out)

@@ -24,8 +24,11 @@ def reports(tmp_path_factory):
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default; set to silence triton 3.9's notice
     proc = subprocess.run(
         [sys.executable, "-m", "tritonjac.aot", "--arch", "80", "90", "--json", str(out)],
-        env=env, capture_output=True, text=True, timeout=1200,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     if not out.exists():
         pytest.fail(f"the AOT compile run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     import triton
@@ -49,16 +52,24 @@ def test_no_compile_errors(reports):
 
 
 def test_no_spills_and_no_local_memory(reports):
-    spilled = [(r["label"], r["spill_bytes"], r["local_bytes"]) for r in reports if r["spill_bytes"] or r["local_bytes"]]
+    spilled = [
+        (r["label"], r["spill_bytes"], r["local_bytes"]) for r in reports if r["spill_bytes"] or r["local_bytes"]
+    ]
     assert not spilled
 
 
 def test_shared_memory_within_the_arch_limit(reports):
-    over = [(r["label"], r["shared_bytes"], r["shared_limit"]) for r in reports if r["shared_bytes"] > r["shared_limit"]]
+    over = [
+        (r["label"], r["shared_bytes"], r["shared_limit"]) for r in reports if r["shared_bytes"] > r["shared_limit"]
+    ]
     assert not over
 
 
 def test_tensor_core_instructions(reports):
     expected = {"sm_90": "wgmma", "sm_80": "mma"}
-    wrong = [(r["label"], r["matrix_instruction"]) for r in reports if r["matrix_instruction"] != expected[r["label"].split()[0]]]
+    wrong = [
+        (r["label"], r["matrix_instruction"])
+        for r in reports
+        if r["matrix_instruction"] != expected[r["label"].split()[0]]
+    ]
     assert not wrong

@@ -16,8 +16,14 @@ def rows():
 
 def test_rows_follow_the_schema(rows):
     methods = {r["method"] for r in rows}
-    assert {"tritonjac (torch)", "nn.Sequential forward (no J)", "3x autograd.grad (seed)", "vmap(jacfwd)",
-            "vmap(jacrev)", "autograd.functional.jacobian"} <= methods  # fmt: skip
+    assert {
+        "tritonjac (torch)",
+        "nn.Sequential forward (no J)",
+        "3x autograd.grad (seed)",
+        "vmap(jacfwd)",
+        "vmap(jacrev)",
+        "autograd.functional.jacobian",
+    } <= methods
     for r in rows:
         assert set(r) <= set(benchmark.ROW_FIELDS), set(r) - set(benchmark.ROW_FIELDS)
         assert r["status"] == "ok", r
@@ -62,8 +68,10 @@ def test_failing_peer_is_reported_not_fatal():
 
 def test_main_job(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    assert main(["--points", "256", "--width", "8", "--depth", "2", "--rounds", "2", "--no-compile",
-                 "--json", str(out)]) == 0  # fmt: skip
+    assert (
+        main(["--points", "256", "--width", "8", "--depth", "2", "--rounds", "2", "--no-compile", "--json", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "self-check against torch.func (float64)" in printed and "-> OK" in printed
     assert "targets:" in printed
@@ -81,8 +89,15 @@ def test_gpu_targets_from_rows():
     """The GPU targets read the right ratios (checked on synthetic rows: no GPU here)."""
 
     def row(mode, method, ms, mem=None, frac=None):
-        return {"device": "cuda", "dtype": "float32", "mode": mode, "method": method, "median_ms": ms,
-                "peak_mem_mb": mem, "fraction_of_matmul_peak": frac}  # fmt: skip
+        return {
+            "device": "cuda",
+            "dtype": "float32",
+            "mode": mode,
+            "method": method,
+            "median_ms": ms,
+            "peak_mem_mb": mem,
+            "fraction_of_matmul_peak": frac,
+        }
 
     rows = [
         row("forward_jacobian", "tritonjac (triton)", 0.5, frac=0.6),
@@ -159,8 +174,24 @@ def test_tuned_configurations_are_written_before_the_plot(tmp_path, monkeypatch)
     monkeypatch.setattr(benchmark, "plot_case", broken_plot)
     tuning.record_tuned("mlp_forward", "a key", "cpu", triton.Config({"BLOCK_M": 32}, num_warps=4, num_stages=2))
     with pytest.raises(RuntimeError, match="matplotlib"):
-        main(["--points", "64", "--width", "8", "--depth", "2", "--rounds", "1", "--no-compile", "--skip-check",
-              "--tuned-configs", str(tmp_path), "--plot", str(tmp_path / "plot.png")])  # fmt: skip
+        main(
+            [
+                "--points",
+                "64",
+                "--width",
+                "8",
+                "--depth",
+                "2",
+                "--rounds",
+                "1",
+                "--no-compile",
+                "--skip-check",
+                "--tuned-configs",
+                str(tmp_path),
+                "--plot",
+                str(tmp_path / "plot.png"),
+            ]
+        )
     table = json.loads((tmp_path / "cpu.json").read_text())
     assert table["mlp_forward"]["a key"]["kwargs"] == {"BLOCK_M": 32}
 
@@ -172,7 +203,8 @@ def test_limit_row_and_progress(rows, capsys):
         sub = {r["method"]: r for r in rows if r["mode"] == mode}
         limit = sub[benchmark.CPU_LIMIT]
         assert limit["median_ms"] > 0 and limit["status"] == "ok"
-    benchmark.run_case(benchmark.Case(n_points=64, width=8, depth=2), rounds=1, include_compile=False,
-                       methods=["vmap(jacfwd)"])  # fmt: skip
+    benchmark.run_case(
+        benchmark.Case(n_points=64, width=8, depth=2), rounds=1, include_compile=False, methods=["vmap(jacfwd)"]
+    )
     err = capsys.readouterr().err
     assert "forward_jacobian | vmap(jacfwd): warming up" in err and "train_step | vmap(jacfwd)" in err

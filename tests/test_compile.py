@@ -11,15 +11,21 @@ import torch
 from torch import nn
 
 import tritonjac
+from helpers import INTERPRETING, TRITON_DEVICE
 from tritonjac.ops.common import bias_arguments
 from tritonjac.ops.opaque import mlp_jacobian_backward_op, mlp_jacobian_op
 
-from helpers import INTERPRETING, TRITON_DEVICE
-
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
-ENGINES = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or the Triton interpreter"))]  # fmt: skip
+ENGINES = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or the Triton interpreter"
+        ),
+    ),
+]
 
 
 class Field(nn.Module):
@@ -157,21 +163,29 @@ def test_compiler_sees_the_kernels(case):
 
 
 @pytest.mark.parametrize("precision", ["high", "highest"])
-def test_inductor_generates_kernels_that_compile_for_sm90(precision):
+def test_inductor_generates_kernels_that_compile_for_sm90(precision, tmp_path):
     """Inductor copies tritonjac's kernels (with their helpers and constants) into its own code;
     every copy of a training step's kernels compiles for sm_90 with wgmma. "high": whole-network
     forward and fused backward; "highest": whole-network forward, per-layer backward."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, str(WORKER), "inductor", precision], env=env, capture_output=True, text=True, timeout=600)
+    # fresh caches: inductor's would otherwise serve code generated from an earlier version of the kernels
+    env |= {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "TRITON_CACHE_DIR": str(tmp_path / "triton")}
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "inductor", precision], env=env, capture_output=True, text=True, timeout=600
+    )
     if proc.returncode:
         pytest.fail(f"the worker failed:\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.splitlines()[-1])
     kernels = {c["kernel"] for c in result["compiled"]}
-    backward = {"_mlp_backward_kernel"} if precision == "high" else {"_layer_forward_kernel", "_layer_backward_kernel", "_layer_weight_grad_kernel"}
-    assert kernels == {"_mlp_forward_kernel"} | backward, result
+    backward = (
+        {"mlp_backward_kernel"}
+        if precision == "high"
+        else {"layer_forward_kernel", "layer_backward_kernel", "layer_weight_grad_kernel"}
+    )
+    assert kernels == {"mlp_forward_kernel"} | backward, result
     assert all(c["wgmma"] for c in result["compiled"])
-    assert result["stopped"] == "NoGPUToLaunchOn: _mlp_forward_kernel"  # the first launch, after compiling
+    assert result["stopped"] == "NoGPUToLaunchOn: mlp_forward_kernel"  # the first launch, after compiling
 
 
 def test_which_op_the_compiler_gets(monkeypatch):

@@ -12,16 +12,24 @@ from pathlib import Path
 
 import pytest
 
+from tritonjac.activations import ACTIVATION_NAMES
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "perf" / "gpu_check.py"
-ACTIVATIONS = {"identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine"}
+ACTIVATIONS = set(ACTIVATION_NAMES)
 
 
 def run_dry(out: Path, *args: str, env_extra=None, timeout=900):
     env = dict(os.environ, TRITON_INTERPRET="1", **(env_extra or {}))
     env.pop("TRITONJAC_AUTOTUNE", None)  # the check decides per step (the suite's conftest sets 0)
-    return subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--out", str(out), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def brought_back(out: Path) -> list[Path]:
@@ -72,7 +80,11 @@ def test_dry_run_summary_parses_and_covers_every_kernel_path(quick_dry_run):
     assert summary["steps"]["correctness"]["variants"] > 20
     checks = summary["correctness"]
     assert all(c["ok"] for c in checks), [c for c in checks if not c["ok"]]
-    assert {(c["plan"], c["backward"]) for c in checks} >= {("network", "fused"), ("network", "layers"), ("layers", "layers")}
+    assert {(c["plan"], c["backward"]) for c in checks} >= {
+        ("network", "fused"),
+        ("network", "layers"),
+        ("layers", "layers"),
+    }
     assert {c["precision"] for c in checks} == {"tf32", "tf32x3", "bfloat16", "float16"}
     assert {c["act"] for c in checks} >= ACTIVATIONS
     assert {c["loss"] for c in checks} == {"y", "J", "both"} and any(c.get("jacobian") is False for c in checks)
@@ -99,8 +111,16 @@ def test_every_benchmark_step_saves_its_tuned_configurations(quick_dry_run):
 def test_a_step_killed_at_its_limit_keeps_its_finished_cases(tmp_path):
     """The correctness step hangs after 3 cases (a test hook); its limit kills it; the 3 cases and
     the summary come back."""
-    proc = run_dry(tmp_path, "--skip", "main-tf32", "main-tf32-compiled", "main-bf16", "--limit", "correctness=40",
-                   env_extra={"TRITONJAC_GPU_CHECK_STALL_AFTER": "3"})  # fmt: skip
+    proc = run_dry(
+        tmp_path,
+        "--skip",
+        "main-tf32",
+        "main-tf32-compiled",
+        "main-bf16",
+        "--limit",
+        "correctness=40",
+        env_extra={"TRITONJAC_GPU_CHECK_STALL_AFTER": "3"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     check_lease_limits(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -140,7 +160,7 @@ def test_precompile_workers_launch_their_slice_of_the_candidates(monkeypatch, tf
 
     assert gpu_check._precompile_worker(build_and_run, 0, 2) == 2  # candidates 0 and 2
     assert gpu_check._precompile_worker(build_and_run, 1, 2) == 1  # candidate 1
-    for (y, J), model in outputs:
+    for (y, J), _model in outputs:
         assert torch.isfinite(y).all() and torch.isfinite(J).all()
 
 

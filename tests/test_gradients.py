@@ -5,16 +5,15 @@ import torch
 from torch import nn
 
 import tritonjac
-from tritonjac.activations import ACTIVATION_NAMES
-
 from helpers import func_reference, make_mlp, rel_err
+from tritonjac.activations import REGISTRY
 
 LOSSES = {
     "y": lambda y, J, wy, wJ: (y * wy).sum() + y.square().sum(),
     "J": lambda y, J, wy, wJ: (J * wJ).sum() + J.square().sum(),
     "both": lambda y, J, wy, wJ: (y * wy).sum() + (J * wJ).sum() + (J.square().sum(-1) * y).sum(),
 }
-SMOOTH = [a for a in ACTIVATION_NAMES if a not in ("identity", "relu", "leaky_relu")]
+SMOOTH = [name for name, kind in REGISTRY.items() if not kind.piecewise_linear]
 
 
 def gradients_both_ways(model, x, loss_name):

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import tritonjac
-
 from helpers import make_mlp, rel_err, sequential_reference
 
 
@@ -14,7 +13,9 @@ def model():
 
 
 def test_wrong_last_dimension(model):
-    with pytest.raises(ValueError, match=r"x has 4 features in its last dimension but layer 0 expects 3 inputs \(x.shape = \(5, 4\)\)"):
+    with pytest.raises(
+        ValueError, match=r"x has 4 features in its last dimension but layer 0 expects 3 inputs \(x.shape = \(5, 4\)\)"
+    ):
         model(torch.randn(5, 4, dtype=torch.float64))
 
 
@@ -26,7 +27,9 @@ def test_scalar_input(model):
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.complex128])
 def test_unsupported_dtypes(model, dtype):
     x = torch.ones(5, 3).to(dtype)
-    with pytest.raises(TypeError, match=f"x has dtype {dtype}; tritonjac supports float32, float64, bfloat16 and float16"):
+    with pytest.raises(
+        TypeError, match=f"x has dtype {dtype}; tritonjac supports float32, float64, bfloat16 and float16"
+    ):
         model(x)
 
 

@@ -12,12 +12,18 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import tritonjac
+from helpers import INTERPRETING, TRITON_DEVICE, rel_err
 from tritonjac import benchmark
 
-from helpers import INTERPRETING, TRITON_DEVICE, rel_err
-
-ENGINES = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or the Triton interpreter"))]  # fmt: skip
+ENGINES = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or the Triton interpreter"
+        ),
+    ),
+]
 
 
 def device_for(backend):
@@ -155,8 +161,18 @@ def test_ddp_gradients_equal_one_process_on_the_whole_batch(tmp_path):
 
 
 # ---- hostile use ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    TRITON_DEVICE == "cpu", reason="compiled kernels only: Triton's interpreter keeps global state"))])  # fmt: skip
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "torch",
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(
+                TRITON_DEVICE == "cpu", reason="compiled kernels only: Triton's interpreter keeps global state"
+            ),
+        ),
+    ],
+)
 def test_concurrent_calls_from_two_threads(backend):
     dtype = torch.float64 if backend == "torch" else torch.float32
     device = device_for(backend)

@@ -14,14 +14,21 @@ LAYERS = [
     {"tritonjac.activations", "tritonjac.precision", "tritonjac.grad_mode"},
     {"tritonjac.network"},
     {"tritonjac.kernels", "tritonjac.kernels.activations", "tritonjac.kernels.forward", "tritonjac.kernels.backward"},
-    {"tritonjac.torch_engine", "tritonjac.triton_engine", "tritonjac.triton_engine.tuning",
-     "tritonjac.triton_engine.registry", "tritonjac.triton_engine.launch", "tritonjac.triton_engine.plans",
-     "tritonjac.triton_engine.forward", "tritonjac.triton_engine.backward"},
+    {
+        "tritonjac.torch_engine",
+        "tritonjac.triton_engine",
+        "tritonjac.triton_engine.tuning",
+        "tritonjac.triton_engine.registry",
+        "tritonjac.triton_engine.launch",
+        "tritonjac.triton_engine.plans",
+        "tritonjac.triton_engine.forward",
+        "tritonjac.triton_engine.backward",
+    },
     {"tritonjac.ops", "tritonjac.ops.common", "tritonjac.ops.opaque", "tritonjac.ops.traced"},
     {"tritonjac.functional"},
     {"tritonjac.module"},
     {"tritonjac", "tritonjac.benchmark", "tritonjac.aot", "tritonjac.__main__"},
-]  # fmt: skip
+]
 
 
 def modules():
@@ -80,7 +87,7 @@ def test_no_import_cycle():
         state[node] = "open"
         for nxt in graph[node]:
             if state.get(nxt) == "open":
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
             if nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"

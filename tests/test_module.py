@@ -5,9 +5,8 @@ import torch
 from torch import nn
 
 import tritonjac
-from tritonjac import JacobianMLP
-
 from helpers import func_reference, rel_err, sequential_reference
+from tritonjac import JacobianMLP
 
 
 def linear_stack(*widths, act=nn.Softplus, dtype=torch.float64):
@@ -88,10 +87,18 @@ def test_from_linear_stack(act):
 def test_from_module_keeps_names_mixed_activations_and_identity():
     from collections import OrderedDict
 
-    seq = nn.Sequential(OrderedDict(
-        fc1=nn.Linear(5, 16), act1=nn.LeakyReLU(0.3), fc2=nn.Linear(16, 16), skip=nn.Identity(),
-        fc3=nn.Linear(16, 16), act3=nn.Tanh(), out=nn.Linear(16, 2), out_act=nn.Sigmoid(),
-    )).double()  # fmt: skip
+    seq = nn.Sequential(
+        OrderedDict(
+            fc1=nn.Linear(5, 16),
+            act1=nn.LeakyReLU(0.3),
+            fc2=nn.Linear(16, 16),
+            skip=nn.Identity(),
+            fc3=nn.Linear(16, 16),
+            act3=nn.Tanh(),
+            out=nn.Linear(16, 2),
+            out_act=nn.Sigmoid(),
+        )
+    ).double()
     model = JacobianMLP.from_module(seq, jacobian_inputs=3)
     assert [a.name for a in model.activations] == ["leaky_relu", "identity", "tanh", "sigmoid"]
     assert set(model.state_dict()) == set(seq.state_dict())
@@ -102,14 +109,18 @@ def test_from_module_keeps_names_mixed_activations_and_identity():
 
 
 def test_from_conv1d_stack_is_channels_first():
-    seq = nn.Sequential(nn.Conv1d(3, 32, 1), nn.ReLU(), nn.Conv1d(32, 16, kernel_size=1), nn.Softplus(),
-                        nn.Conv1d(16, 4, 1)).double()  # fmt: skip
+    seq = nn.Sequential(
+        nn.Conv1d(3, 32, 1), nn.ReLU(), nn.Conv1d(32, 16, kernel_size=1), nn.Softplus(), nn.Conv1d(16, 4, 1)
+    ).double()
     model = JacobianMLP.from_module(seq)
     x = torch.randn(2, 3, 50, dtype=torch.float64)  # (B, C_in, N)
     y, J = model(x)
     assert y.shape == (2, 4, 50) and J.shape == (2, 50, 4, 3)
     assert torch.allclose(y, seq(x), rtol=1e-12, atol=1e-12)
-    per_point = lambda p: seq(p[None, :, None])[0, :, 0]
+
+    def per_point(p):
+        return seq(p[None, :, None])[0, :, 0]
+
     _, J_ref = func_reference(per_point, x.transpose(1, 2).reshape(-1, 3), 3)
     assert rel_err(J, J_ref.reshape(2, 50, 4, 3)) < 1e-10
     # unbatched (C_in, N), as Conv1d accepts
@@ -153,8 +164,14 @@ def bad_stacks():
     hooked = nn.Linear(3, 3)
     hooked.register_forward_pre_hook(lambda m, a: None)
     return [
-        (nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)), r"layer 1 \('1': BatchNorm1d\) is not supported"),
-        (nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.1), nn.Linear(8, 3)), r"layer 1 \('1': Dropout\) is not supported"),
+        (
+            nn.Sequential(nn.Linear(3, 8), nn.BatchNorm1d(8), nn.Linear(8, 3)),
+            r"layer 1 \('1': BatchNorm1d\) is not supported",
+        ),
+        (
+            nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.1), nn.Linear(8, 3)),
+            r"layer 1 \('1': Dropout\) is not supported",
+        ),
         (nn.Sequential(nn.Linear(3, 8), nn.Hardtanh(), nn.Linear(8, 3)), r"layer 1 \('1': Hardtanh\) is not supported"),
         (nn.Sequential(nn.Conv1d(3, 8, 3), nn.Conv1d(8, 3, 1)), r"layer 0 .* not point-wise \(kernel_size=3\)"),
         (nn.Sequential(nn.Conv1d(3, 8, 1, padding=1)), r"not point-wise \(padding=\(1,\)\)"),
@@ -167,7 +184,10 @@ def bad_stacks():
         (nn.Sequential(nn.Linear(3, 8), nn.Conv1d(8, 3, 1)), r"layer 1 .* mixes Linear and Conv1d"),
         (nn.Sequential(hooked), r"layer 0 .* has forward hooks"),
         (nn.Sequential(), r"no Linear or Conv1d layer"),
-        (nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(5, 3)), r"layer '0' has 8 outputs but the next layer '2' expects 5 inputs"),
+        (
+            nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(5, 3)),
+            r"layer '0' has 8 outputs but the next layer '2' expects 5 inputs",
+        ),
         (nn.Linear(3, 3), r"from_module expects an nn.Sequential .* got Linear"),
         (nn.Sequential(nn.Linear(3, 8), nn.Sequential(nn.Tanh())), r"layer 1 \('1': Sequential\) is not supported"),
     ]
@@ -228,7 +248,10 @@ def test_functional_api():
     W2 = torch.randn(2, 8, dtype=torch.float64)
     x = torch.randn(6, 3, dtype=torch.float64)
     y, J = tritonjac.mlp_jacobian(x, [W1, W2], [b1, None], ["tanh", None])
-    f = lambda p: W2 @ torch.tanh(W1 @ p + b1)
+
+    def f(p):
+        return W2 @ torch.tanh(W1 @ p + b1)
+
     y_ref, J_ref = func_reference(f, x, 3)
     assert rel_err(y, y_ref) < 1e-12 and rel_err(J, J_ref) < 1e-12
     with pytest.raises(ValueError, match="got 1 activations for 2 layers"):

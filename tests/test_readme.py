@@ -11,3 +11,19 @@ def test_readme_python_blocks_run():
     assert blocks, "the README has python examples"
     for i, block in enumerate(blocks):
         exec(compile(block, f"README.md python block {i}", "exec"), {})
+
+
+def test_docstring_examples_run():
+    """The public API's docstring examples give what they show."""
+    import doctest
+
+    import torch
+    from torch import nn
+
+    import tritonjac
+    from tritonjac import functional, module
+
+    for mod in (module, functional):
+        globs = {"torch": torch, "nn": nn, **vars(tritonjac), **vars(mod)}
+        result = doctest.testmod(mod, globs=globs, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, f"{mod.__name__}: {result}"

@@ -5,9 +5,8 @@ import torch
 from torch import nn
 
 import tritonjac
-from tritonjac.activations import ACTIVATION_NAMES
-
 from helpers import make_mlp, rel_err, sequential_reference
+from tritonjac.activations import ACTIVATION_NAMES
 
 TOL = 1e-10
 

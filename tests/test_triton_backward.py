@@ -9,13 +9,14 @@ import pytest
 import torch
 
 import tritonjac
-from tritonjac.triton_engine import tuning
-
 from helpers import INTERPRETING, TOLERANCE, TRITON_DEVICE, func_jacobian, rel_err, triton_gradient_tolerance
+from tritonjac.activations import ACTIVATION_NAMES
+from tritonjac.triton_engine import tuning
 
 pytestmark = [
     pytest.mark.skipif(
-        TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported"
+        TRITON_DEVICE == "cpu" and not INTERPRETING,
+        reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported",
     ),
     pytest.mark.usefixtures("poisoned_outputs", "tf32"),
 ]
@@ -25,7 +26,7 @@ pytestmark = [
 # kernels run instead (test_highest_precision). Gradients sum over all points.
 GRADIENT_TOLERANCE = triton_gradient_tolerance()
 HIGHEST_TOLERANCE = TOLERANCE["float32-gradient"]
-ALL_ACTIVATIONS = ["identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine"]
+ALL_ACTIVATIONS = list(ACTIVATION_NAMES)
 
 
 def ran_fused(kernels_run) -> bool:
@@ -37,8 +38,17 @@ def ran_fused(kernels_run) -> bool:
 
 def make_pair(d_in, hidden, d_out, act, *, last=None, bias=True, k=None):
     """The same MLP as a float64 reference (torch engine) and a float32 Triton-backend copy."""
-    reference = tritonjac.JacobianMLP(d_in, hidden, d_out, act, output_activation=last, bias=bias,
-                                      jacobian_inputs=k, backend="torch", dtype=torch.float64)  # fmt: skip
+    reference = tritonjac.JacobianMLP(
+        d_in,
+        hidden,
+        d_out,
+        act,
+        output_activation=last,
+        bias=bias,
+        jacobian_inputs=k,
+        backend="torch",
+        dtype=torch.float64,
+    )
     if act == "sine" or last == "sine":  # keep sin(30 z) well conditioned, as SIREN's init does
         with torch.no_grad():
             for layer in reference.linear_layers:

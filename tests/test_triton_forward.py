@@ -11,23 +11,25 @@ import pytest
 import torch
 
 import tritonjac
+from helpers import INTERPRETING, TRITON_DEVICE, rel_err
+from helpers import TOLERANCE as TABLE
 from tritonjac import triton_engine
+from tritonjac.activations import ACTIVATION_NAMES
+from tritonjac.network import make_spec
 from tritonjac.precision import matmul_precision
 from tritonjac.triton_engine import launch
-from tritonjac.network import make_spec
-
-from helpers import INTERPRETING, TOLERANCE as TABLE, TRITON_DEVICE, rel_err
 
 pytestmark = [
     pytest.mark.skipif(
-        TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported"
+        TRITON_DEVICE == "cpu" and not INTERPRETING,
+        reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported",
     ),
     pytest.mark.usefixtures("poisoned_outputs"),
 ]
 
 # Per float32 matmul setting: "highest" is fp32-accurate (3xTF32), "high" is TF32 on GPUs.
 TOLERANCE = {"highest": TABLE["float32"], "high": TABLE["tf32"]}
-ALL_ACTIVATIONS = ["identity", "relu", "leaky_relu", "softplus", "tanh", "sigmoid", "silu", "gelu", "gelu_tanh", "sine"]
+ALL_ACTIVATIONS = list(ACTIVATION_NAMES)
 
 
 @pytest.fixture(params=["highest"])
@@ -43,7 +45,9 @@ def random_mlp(dims, bias=True, dtype=torch.float32, scale=1.0):
     pairs = list(zip(dims[:-1], dims[1:]))
     has_bias = bias if isinstance(bias, list) else [bias] * len(pairs)
     weights = [(torch.randn(o, i, dtype=torch.float64) * scale / i**0.5).to(dtype) for i, o in pairs]
-    biases = [(0.1 * torch.randn(o, dtype=torch.float64)).to(dtype) if b else None for (i, o), b in zip(pairs, has_bias)]
+    biases = [
+        (0.1 * torch.randn(o, dtype=torch.float64)).to(dtype) if b else None for (i, o), b in zip(pairs, has_bias)
+    ]
     return weights, biases
 
 
@@ -51,13 +55,21 @@ def run_both(x, weights, biases, acts, k=None):
     """(y, J) from the Triton backend on TRITON_DEVICE and from the analytic engine in float64."""
     dev = TRITON_DEVICE
     y, J = tritonjac.mlp_jacobian(
-        x.to(dev), [w.to(dev) for w in weights], [None if b is None else b.to(dev) for b in biases], acts,
-        jacobian_inputs=k, backend="triton",
-    )  # fmt: skip
+        x.to(dev),
+        [w.to(dev) for w in weights],
+        [None if b is None else b.to(dev) for b in biases],
+        acts,
+        jacobian_inputs=k,
+        backend="triton",
+    )
     y_ref, J_ref = tritonjac.mlp_jacobian(
-        x.double(), [w.double() for w in weights], [None if b is None else b.double() for b in biases], acts,
-        jacobian_inputs=k, backend="torch",
-    )  # fmt: skip
+        x.double(),
+        [w.double() for w in weights],
+        [None if b is None else b.double() for b in biases],
+        acts,
+        jacobian_inputs=k,
+        backend="torch",
+    )
     return y.cpu(), J.cpu(), y_ref, J_ref
 
 

@@ -7,8 +7,8 @@ import torch
 import triton
 
 from tritonjac import triton_engine
-from tritonjac.triton_engine import launch, plans, registry, tuning
 from tritonjac.network import make_spec
+from tritonjac.triton_engine import launch, plans, registry, tuning
 
 
 def spec_for(dims, act="softplus", k=None, last=None):
@@ -97,8 +97,13 @@ def test_shipped_table_lookup(table_dir):
 
 @pytest.mark.parametrize(
     "content",
-    ["{not json", json.dumps({"mlp_forward": {"k": {"kwargs": {"BLOCK_M": "__import__('os')"}, "num_warps": 4, "num_stages": 2}}}),
-     json.dumps(["a list"])],
+    [
+        "{not json",
+        json.dumps(
+            {"mlp_forward": {"k": {"kwargs": {"BLOCK_M": "__import__('os')"}, "num_warps": 4, "num_stages": 2}}}
+        ),
+        json.dumps(["a list"]),
+    ],
     ids=["corrupt", "non-int-value", "wrong-shape"],
 )
 def test_bad_shipped_table_is_ignored_with_a_warning(table_dir, content):
@@ -197,7 +202,9 @@ def test_depth_keys_the_tuned_choice(monkeypatch):
         for depth in (2, 8):
             with torch.no_grad():
                 tritonjac.JacobianMLP(3, [32] * depth, 3, "tanh", backend="triton")(torch.randn(20, 3))
-        assert "num_hidden" in launch.triton_autotuner("mlp_forward", registry.KERNELS["mlp_forward"].jit_function()).keys
+        assert (
+            "num_hidden" in launch.triton_autotuner("mlp_forward", registry.KERNELS["mlp_forward"].jit_function()).keys
+        )
     finally:
         launch.reset_autotuners()
     keys = sorted(tuning.tuned_table("Depth GPU")["mlp_forward"])
@@ -230,4 +237,7 @@ def test_traced_launches_reuse_what_autotuning_chose(monkeypatch):
     launch.launch_autotuned("mlp_forward", lambda meta: (1,), args, "other key", torch.device("cpu"), True)
     first_fitting = tuning.prune_network_configs(tuning.network_configs(), args)[0]
     assert (calls[0].kwargs["BLOCK_M"], calls[0].num_warps) == (128, 8)
-    assert (calls[1].kwargs["BLOCK_M"], calls[1].num_warps) == (first_fitting.kwargs["BLOCK_M"], first_fitting.num_warps)
+    assert (calls[1].kwargs["BLOCK_M"], calls[1].num_warps) == (
+        first_fitting.kwargs["BLOCK_M"],
+        first_fitting.num_warps,
+    )

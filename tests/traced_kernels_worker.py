@@ -170,7 +170,8 @@ def inductor(precision: str) -> None:
         device_interface.CpuInterface.raise_if_triton_unavailable = staticmethod(lambda device=None: None)
     make_backend = triton_compiler.make_backend
     triton_compiler.make_backend = lambda target: make_backend(
-        GPUTarget("cuda", 90, 32) if target.backend == "cpu" else target)
+        GPUTarget("cuda", 90, 32) if target.backend == "cpu" else target
+    )
     torch._inductor.config.compile_threads = 1  # compile here, where precompile is replaced
     torch._functorch.config.force_non_lazy_backward_lowering = True  # the backward graph too, now
     triton.runtime.driver.set_active(CompileOnlyDriver())

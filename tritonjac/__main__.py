@@ -33,10 +33,16 @@ def self_check(device: str) -> bool:
 
         y_ref, J_ref = func_jacobian(seq, torch.func.jacfwd)(x)
         J_ref = J_ref[..., :3]
-        ref_grads = torch.autograd.grad(y_ref.square().sum() + J_ref.square().sum(), [x, *model.parameters()],
-                                        allow_unused=True, materialize_grads=True)  # fmt: skip
-        errors = [(a - b).abs().max().item() / max(b.abs().max().item(), 1e-300)
-                  for a, b in [(y, y_ref), (J, J_ref), *zip(grads, ref_grads)]]  # fmt: skip
+        ref_grads = torch.autograd.grad(
+            y_ref.square().sum() + J_ref.square().sum(),
+            [x, *model.parameters()],
+            allow_unused=True,
+            materialize_grads=True,
+        )
+        errors = [
+            (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300)
+            for a, b in [(y, y_ref), (J, J_ref), *zip(grads, ref_grads)]
+        ]
         worst = max(worst, *errors)
         print(f"  {name:10s} y {errors[0]:.1e}  J {errors[1]:.1e}  grads {max(errors[2:]):.1e}")
     ok = worst < 1e-10
@@ -50,7 +56,6 @@ def triton_check(device: str) -> bool:
     """The Triton kernels in float32 ("highest": 3xTF32) against the analytic engine in float64."""
     from .activations import ACTIVATION_NAMES
     from .module import JacobianMLP
-
     from .precision import float32_matmul_precision
 
     before = float32_matmul_precision(), os.environ.get("TRITONJAC_AUTOTUNE")
@@ -79,7 +84,9 @@ def triton_check(device: str) -> bool:
         else:
             os.environ["TRITONJAC_AUTOTUNE"] = before[1]
     ok = worst < 2e-5
-    print(f"Triton kernels, float32 'highest' vs float64: worst relative error {worst:.1e} -> {'OK' if ok else 'FAILED'}")
+    print(
+        f"Triton kernels, float32 'highest' vs float64: worst relative error {worst:.1e} -> {'OK' if ok else 'FAILED'}"
+    )
     return ok
 
 
@@ -100,13 +107,18 @@ def _main(argv) -> int:
     parser.add_argument("--depth", type=int, default=4, help="hidden layers")
     parser.add_argument("--activation", default="softplus(100)", help="e.g. softplus(100), tanh, relu, sine")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
-    parser.add_argument("--precision", choices=["highest", "high"], default=None,
-                        help="torch.set_float32_matmul_precision for the benchmark (default: high, i.e. TF32, on GPUs)")
+    parser.add_argument(
+        "--precision",
+        choices=["highest", "high"],
+        default=None,
+        help="torch.set_float32_matmul_precision for the benchmark (default: high, i.e. TF32, on GPUs)",
+    )
     parser.add_argument("--rounds", type=int, default=9, help="timed rounds per method (interleaved)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers (slow to compile)")
     parser.add_argument("--skip-check", action="store_true", help="skip the self-check")
-    parser.add_argument("--tuned-configs", metavar="DIR",
-                        help="write the configurations autotuning chose (GPU) to DIR/<GPU name>.json")
+    parser.add_argument(
+        "--tuned-configs", metavar="DIR", help="write the configurations autotuning chose (GPU) to DIR/<GPU name>.json"
+    )
     parser.add_argument("--json", metavar="PATH", help="write the result rows as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -123,8 +135,9 @@ def _main(argv) -> int:
     precision = args.precision or ("high" if device.startswith("cuda") else None)
     if precision:
         torch.set_float32_matmul_precision(precision)
-    case = benchmark.Case(n_points=points, width=args.width, depth=args.depth, activation=args.activation,
-                          dtype=args.dtype, device=device)  # fmt: skip
+    case = benchmark.Case(
+        n_points=points, width=args.width, depth=args.depth, activation=args.activation, dtype=args.dtype, device=device
+    )
     start = time.perf_counter()
     rows = benchmark.run_case(case, rounds=args.rounds, include_compile=not args.no_compile)
     print(benchmark.format_table(rows))

@@ -63,12 +63,20 @@ class ActivationKind:
 REGISTRY: dict[str, ActivationKind] = {}
 
 
-def _register(name, value, derivatives, to_module, *, modules=(), from_module=None, default_param=None,
-              piecewise_linear=False) -> None:  # fmt: skip
+def _register(
+    name, value, derivatives, to_module, *, modules=(), from_module=None, default_param=None, piecewise_linear=False
+) -> None:
     REGISTRY[name] = ActivationKind(
-        name, len(REGISTRY), value, derivatives, to_module, tuple(modules),
-        from_module, default_param, piecewise_linear,
-    )  # fmt: skip
+        name,
+        len(REGISTRY),
+        value,
+        derivatives,
+        to_module,
+        tuple(modules),
+        from_module,
+        default_param,
+        piecewise_linear,
+    )
 
 
 @dataclass(frozen=True)
@@ -233,28 +241,45 @@ def _sine(a, z, curvature):
 _register("identity", lambda a, z: z, _identity, lambda a: nn.Identity(), modules=[nn.Identity], piecewise_linear=True)
 _register("relu", lambda a, z: torch.relu(z), _relu, lambda a: nn.ReLU(), modules=[nn.ReLU], piecewise_linear=True)
 _register(
-    "leaky_relu", lambda a, z: F.leaky_relu(z, a.param), _leaky_relu, lambda a: nn.LeakyReLU(a.param),
-    modules=[nn.LeakyReLU], from_module=lambda m: Activation("leaky_relu", float(m.negative_slope)),
-    default_param=0.01, piecewise_linear=True,  # nn.LeakyReLU's default negative_slope
-)  # fmt: skip
+    "leaky_relu",
+    lambda a, z: F.leaky_relu(z, a.param),
+    _leaky_relu,
+    lambda a: nn.LeakyReLU(a.param),
+    modules=[nn.LeakyReLU],
+    from_module=lambda m: Activation("leaky_relu", float(m.negative_slope)),
+    default_param=0.01,
+    piecewise_linear=True,  # nn.LeakyReLU's default negative_slope
+)
 _register(
-    "softplus", lambda a, z: F.softplus(z, a.param, a.threshold), _softplus,
+    "softplus",
+    lambda a, z: F.softplus(z, a.param, a.threshold),
+    _softplus,
     lambda a: nn.Softplus(beta=a.param, threshold=a.threshold),
-    modules=[nn.Softplus], from_module=lambda m: Activation("softplus", float(m.beta), float(m.threshold)),
+    modules=[nn.Softplus],
+    from_module=lambda m: Activation("softplus", float(m.beta), float(m.threshold)),
     default_param=1.0,  # nn.Softplus's default beta
-)  # fmt: skip
+)
 _register("tanh", lambda a, z: torch.tanh(z), _tanh, lambda a: nn.Tanh(), modules=[nn.Tanh])
 _register("sigmoid", lambda a, z: torch.sigmoid(z), _sigmoid, lambda a: nn.Sigmoid(), modules=[nn.Sigmoid])
 _register("silu", lambda a, z: F.silu(z), _silu, lambda a: nn.SiLU(), modules=[nn.SiLU])
 _register(
-    "gelu", lambda a, z: F.gelu(z), _gelu, lambda a: nn.GELU(),
-    modules=[nn.GELU], from_module=lambda m: Activation("gelu_tanh" if m.approximate == "tanh" else "gelu"),
-)  # fmt: skip
+    "gelu",
+    lambda a, z: F.gelu(z),
+    _gelu,
+    lambda a: nn.GELU(),
+    modules=[nn.GELU],
+    from_module=lambda m: Activation("gelu_tanh" if m.approximate == "tanh" else "gelu"),
+)
 _register("gelu_tanh", lambda a, z: F.gelu(z, approximate="tanh"), _gelu_tanh, lambda a: nn.GELU(approximate="tanh"))
 _register(
-    "sine", lambda a, z: torch.sin(a.param * z), _sine, lambda a: Sine(a.param),
-    modules=[Sine], from_module=lambda m: Activation("sine", m.w0), default_param=30.0,
-)  # fmt: skip
+    "sine",
+    lambda a, z: torch.sin(a.param * z),
+    _sine,
+    lambda a: Sine(a.param),
+    modules=[Sine],
+    from_module=lambda m: Activation("sine", m.w0),
+    default_param=30.0,
+)
 
 ACTIVATION_NAMES = tuple(REGISTRY)
 KERNEL_IDS = {name: kind.kernel_id for name, kind in REGISTRY.items()}

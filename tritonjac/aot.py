@@ -126,12 +126,16 @@ def compile_config(case: Case) -> CompileReport:
         )
     except Exception as err:  # report, do not hide: the caller fails the case
         error = f"{type(err).__name__}: {err}"[:2000]
-        return CompileReport(case.label, 0, 0, 0, 0, "none", time.perf_counter() - start, error, SHARED_LIMIT[case.arch])
+        return CompileReport(
+            case.label, 0, 0, 0, 0, "none", time.perf_counter() - start, error, SHARED_LIMIT[case.arch]
+        )
     seconds = time.perf_counter() - start
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
 
     def field(name):
         m = re.search(rf"\b{name}:(\d+)", usage)
@@ -209,10 +213,15 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                 slots, rows = cx["SLOTS"], 4 if jacobian else 1
                 backward_config, _ = tuning.layer_backward_configs(arch, precision, slots)
                 for last_step in (False, True):
-                    bx = {"LIVE_SLOTS": rows, "LAST_STEP": last_step, **launch.activation_constexprs(softplus, "ACT"),
-                          "PRECISION": precision, "SLOTS": slots}  # fmt: skip
+                    bx = {
+                        "LIVE_SLOTS": rows,
+                        "LAST_STEP": last_step,
+                        **launch.activation_constexprs(softplus, "ACT"),
+                        "PRECISION": precision,
+                        "SLOTS": slots,
+                    }
                     cases.append(_case("layer_backward", bx, backward_config, dtype, arch))
-                for rows_a in ((rows, 1) if jacobian else (1,)):
+                for rows_a in (rows, 1) if jacobian else (1,):
                     slots_a = slots if rows_a > 1 else 1
                     wx = {"LIVE_SLOTS_A": rows_a, "HAS_BIAS": True, "PRECISION": precision, "SLOTS": slots_a}
                     _, weight_grad_config = tuning.layer_backward_configs(arch, precision, slots, slots_a)

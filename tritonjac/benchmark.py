@@ -34,11 +34,33 @@ from .precision import float32_matmul_precision
 
 MODES = ("forward_jacobian", "train_step")
 ROW_FIELDS = (
-    "date", "device", "device_name", "torch", "triton", "threads", "mode", "method",
-    "n_points", "in_features", "width", "depth", "out_features", "activation", "dtype",
-    "median_ms", "p20_ms", "p80_ms", "points_per_s", "useful_gflops", "peak_mem_mb",
-    "speedup_vs_method", "status", "matmul_precision", "matmul_peak_tflops", "fraction_of_matmul_peak",
-)  # fmt: skip
+    "date",
+    "device",
+    "device_name",
+    "torch",
+    "triton",
+    "threads",
+    "mode",
+    "method",
+    "n_points",
+    "in_features",
+    "width",
+    "depth",
+    "out_features",
+    "activation",
+    "dtype",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "points_per_s",
+    "useful_gflops",
+    "peak_mem_mb",
+    "speedup_vs_method",
+    "status",
+    "matmul_precision",
+    "matmul_peak_tflops",
+    "fraction_of_matmul_peak",
+)
 
 
 @dataclass(frozen=True)
@@ -73,9 +95,13 @@ def build(case: Case, seed: int = 0):
     torch.manual_seed(seed)
     dtype = getattr(torch, case.dtype)
     model = JacobianMLP(
-        case.in_features, [case.width] * case.depth, case.out_features,
-        case.activation_module(), device=case.device, dtype=dtype,
-    )  # fmt: skip
+        case.in_features,
+        [case.width] * case.depth,
+        case.out_features,
+        case.activation_module(),
+        device=case.device,
+        dtype=dtype,
+    )
     x = torch.randn(case.n_points, case.in_features, device=case.device, dtype=dtype)
     return model, model.to_sequential(), x
 
@@ -91,8 +117,10 @@ def _three_grads(seq, x, create_graph):
     x = x.detach().requires_grad_()
     y = seq(x)
     ones = torch.ones_like(y[..., 0])
-    rows = [torch.autograd.grad(y[..., i], x, ones, create_graph=create_graph, retain_graph=True)[0]
-            for i in range(y.shape[-1])]  # fmt: skip
+    rows = [
+        torch.autograd.grad(y[..., i], x, ones, create_graph=create_graph, retain_graph=True)[0]
+        for i in range(y.shape[-1])
+    ]
     return y, torch.stack(rows, dim=-2)
 
 
@@ -108,6 +136,7 @@ def _batched_grads(seq, x, create_graph):
 
 def func_jacobian(seq, transform):
     """x -> (y, J) of a per-point module through torch.func.vmap(transform(...)) (jacfwd or jacrev)."""
+
     def f(p):
         y = seq(p)
         return y, y
@@ -206,10 +235,12 @@ def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
         "nn.Sequential forward (no J)": (no_grad(lambda: (seq(x), None)), None),
         "3x autograd.grad (seed)": (lambda: _three_grads(seq, x, False), train(lambda: _three_grads(seq, x, True))),
         "autograd.grad is_grads_batched": (
-            lambda: _batched_grads(seq, x, False), train(lambda: _batched_grads(seq, x, True))),
+            lambda: _batched_grads(seq, x, False),
+            train(lambda: _batched_grads(seq, x, True)),
+        ),
         "vmap(jacfwd)": (no_grad(lambda: jacfwd(x)), train(lambda: jacfwd(x))),
         "vmap(jacrev)": (no_grad(lambda: jacrev(x)), train(lambda: jacrev(x))),
-    }  # fmt: skip
+    }
     if x.device.type == "cpu":
         table[CPU_LIMIT] = (_matmuls_alone(case, model, x, False), _matmuls_alone(case, model, x, True))
     if case.n_points <= 1024:
@@ -217,10 +248,11 @@ def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
     if include_compile:
         compiled_jacfwd = torch.compile(jacfwd)
         compiled_seq = torch.compile(seq)
-        table["torch.compile(vmap(jacfwd))"] = (
-            no_grad(lambda: compiled_jacfwd(x)), train(lambda: compiled_jacfwd(x)))
+        table["torch.compile(vmap(jacfwd))"] = (no_grad(lambda: compiled_jacfwd(x)), train(lambda: compiled_jacfwd(x)))
         table["torch.compile(seq) + 3x grad"] = (
-            lambda: _three_grads(compiled_seq, x, False), train(lambda: _three_grads(compiled_seq, x, True)))
+            lambda: _three_grads(compiled_seq, x, False),
+            train(lambda: _three_grads(compiled_seq, x, True)),
+        )
     return table
 
 
@@ -318,8 +350,9 @@ def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def time_interleaved(methods: dict, device: str, rounds: int, warmup: int = 2, max_seconds: float = 60.0,
-                     label: str = ""):  # fmt: skip
+def time_interleaved(
+    methods: dict, device: str, rounds: int, warmup: int = 2, max_seconds: float = 60.0, label: str = ""
+):
     """Time each callable in interleaved rounds; a method that raises is kept with its error."""
     results = {name: Result(name) for name in methods}
     live = dict(methods)
@@ -371,8 +404,15 @@ def environment(device: str) -> dict:
     }
 
 
-def run_case(case: Case, *, modes=MODES, rounds: int = 7, include_compile: bool = True,
-             methods: list[str] | None = None, max_seconds: float = 60.0) -> list[dict]:  # fmt: skip
+def run_case(
+    case: Case,
+    *,
+    modes=MODES,
+    rounds: int = 7,
+    include_compile: bool = True,
+    methods: list[str] | None = None,
+    max_seconds: float = 60.0,
+) -> list[dict]:
     """Benchmark every method on one case; one row per (mode, method)."""
     with quiet_torch_warnings():
         return _run_case(case, modes, rounds, include_compile, methods, max_seconds)
@@ -413,13 +453,24 @@ def _run_case(case, modes, rounds, include_compile, methods, max_seconds):
             floor_ms = flops / (env["matmul_peak_tflops"] * 1e12) * 1e3
             results[GPU_LIMIT] = Result(GPU_LIMIT, [floor_ms], status="computed from the measured matmul peak")
         for res in results.values():
-            row = {**env, **{k: v for k, v in asdict(case).items() if k != "device"}, "mode": mode,
-                   "method": res.method, "status": res.status, "peak_mem_mb": res.peak_mem_mb}  # fmt: skip
+            row = {
+                **env,
+                **{k: v for k, v in asdict(case).items() if k != "device"},
+                "mode": mode,
+                "method": res.method,
+                "status": res.status,
+                "peak_mem_mb": res.peak_mem_mb,
+            }
             if res.times_ms:
                 med = statistics.median(res.times_ms)
                 q = statistics.quantiles(res.times_ms, n=10, method="inclusive") if len(res.times_ms) > 1 else [med] * 9
-                row.update(median_ms=med, p20_ms=q[1], p80_ms=q[7],
-                           points_per_s=case.n_points / med * 1e3, useful_gflops=flops / med / 1e6)  # fmt: skip
+                row.update(
+                    median_ms=med,
+                    p20_ms=q[1],
+                    p80_ms=q[7],
+                    points_per_s=case.n_points / med * 1e3,
+                    useful_gflops=flops / med / 1e6,
+                )
                 if env.get("matmul_peak_tflops"):
                     row["fraction_of_matmul_peak"] = row["useful_gflops"] / 1e3 / env["matmul_peak_tflops"]
             rows.append(row)
@@ -447,14 +498,18 @@ def format_table(rows: list[dict]) -> str:
             continue
         ours = next((r for r in sub if r["method"].startswith("tritonjac") and r.get("median_ms")), None)
         r0 = sub[0]
-        out.append(f"\n{mode}: N={r0['n_points']}, {r0['in_features']} -> {r0['depth']}x{r0['width']} -> "
-                   f"{r0['out_features']}, {r0['activation']}, {r0['dtype']}, {r0['device_name']} "
-                   f"({r0['threads']} threads)")  # fmt: skip
+        out.append(
+            f"\n{mode}: N={r0['n_points']}, {r0['in_features']} -> {r0['depth']}x{r0['width']} -> "
+            f"{r0['out_features']}, {r0['activation']}, {r0['dtype']}, {r0['device_name']} "
+            f"({r0['threads']} threads)"
+        )
         peak = r0.get("matmul_peak_tflops")
         if peak:
             out.append(f"  measured dense matmul peak ({r0.get('matmul_precision')}): {peak:.0f} TFLOP/s")
-        out.append(f"  {'method':34s} {'median ms':>10s} {'p20-p80':>15s} {'Mpoints/s':>10s} "
-                   f"{'peak MB':>8s} {'x tritonjac':>11s} {'TFLOP/s':>8s} {'of peak':>7s}")  # fmt: skip
+        out.append(
+            f"  {'method':34s} {'median ms':>10s} {'p20-p80':>15s} {'Mpoints/s':>10s} "
+            f"{'peak MB':>8s} {'x tritonjac':>11s} {'TFLOP/s':>8s} {'of peak':>7s}"
+        )
         for r in sorted(sub, key=lambda r: r.get("median_ms") or math.inf):
             if not r.get("median_ms"):
                 out.append(f"  {r['method']:34s} {r['status']}")
@@ -464,8 +519,10 @@ def format_table(rows: list[dict]) -> str:
             spread = f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f}"
             frac = r.get("fraction_of_matmul_peak")
             rate = f" {r['useful_gflops'] / 1e3:8.2f} {frac:7.1%}" if frac is not None else ""
-            out.append(f"  {r['method']:34s} {r['median_ms']:10.3f} {spread:>15s} "
-                       f"{r['points_per_s'] / 1e6:10.2f} {mem} {ratio}{rate}")  # fmt: skip
+            out.append(
+                f"  {r['method']:34s} {r['median_ms']:10.3f} {spread:>15s} "
+                f"{r['points_per_s'] / 1e6:10.2f} {mem} {ratio}{rate}"
+            )
     return "\n".join(out)
 
 
@@ -481,29 +538,42 @@ def write_tuned_configs(directory: str, device: str) -> None:
 # ---- targets and plots ---------------------------------------------------------------------------------
 # The CPU product's targets (forward+J and training step against the peers, measured in one run).
 CPU_TARGETS = (
-    ("forward_jacobian", "nn.Sequential forward (no J)", "at most", 3.2,
-     "forward+J time / plain nn.Sequential forward time"),
+    (
+        "forward_jacobian",
+        "nn.Sequential forward (no J)",
+        "at most",
+        3.2,
+        "forward+J time / plain nn.Sequential forward time",
+    ),
     ("forward_jacobian", "fastest peer", "at least", 1.2, "fastest peer time / forward+J time"),
-    ("train_step", "3x autograd.grad (seed)", "at least", 2.0,
-     "three-grad (create_graph) step time / our step time"),
+    ("train_step", "3x autograd.grad (seed)", "at least", 2.0, "three-grad (create_graph) step time / our step time"),
     ("train_step", "3x autograd.grad (seed) memory", "at most", 0.5, "our peak memory / three-grad peak memory"),
-)  # fmt: skip
+)
 
 # The Triton forward's targets on an H100/H200 (N = 2^20, 3 -> 4x64 -> 3, Softplus(100), one run).
 GPU_TARGETS = (
     ("forward_jacobian", "vmap(jacfwd)", "at least", 20.0, "vmap(jacfwd) eager time / forward+J time"),
     ("forward_jacobian", "3x autograd.grad (seed)", "at least", 10.0, "three-grad time / forward+J time"),
     ("forward_jacobian", "best compiled peer", "at least", 5.0, "best torch.compile peer time / forward+J time"),
-    ("forward_jacobian", "nn.Sequential forward (no J)", "at most", 1.0,
-     "forward+J time / plain nn.Sequential forward time"),
-    ("forward_jacobian", "matmul peak", "at least", None,
-     "useful TFLOP/s / measured dense matmul TFLOP/s (target 0.5 in TF32, 0.4 in bf16)"),
-    ("train_step", "3x autograd.grad (seed)", "at least", 10.0,
-     "three-grad (create_graph) step time / our step time"),
+    (
+        "forward_jacobian",
+        "nn.Sequential forward (no J)",
+        "at most",
+        1.0,
+        "forward+J time / plain nn.Sequential forward time",
+    ),
+    (
+        "forward_jacobian",
+        "matmul peak",
+        "at least",
+        None,
+        "useful TFLOP/s / measured dense matmul TFLOP/s (target 0.5 in TF32, 0.4 in bf16)",
+    ),
+    ("train_step", "3x autograd.grad (seed)", "at least", 10.0, "three-grad (create_graph) step time / our step time"),
     ("train_step", "vmap(jacfwd)", "at least", 5.0, "vmap(jacfwd) + backward step time / our step time"),
     ("train_step", "3x autograd.grad (seed) memory", "at most", 0.2, "our peak memory / three-grad peak memory"),
     ("train_step", "our forward+J", "at most", 3.5, "our step time / our forward+J time"),
-)  # fmt: skip
+)
 
 PEERS_EXCLUDED_FROM_FASTEST = ("tritonjac", "nn.Sequential forward", "limit:")
 
@@ -511,12 +581,22 @@ PEERS_EXCLUDED_FROM_FASTEST = ("tritonjac", "nn.Sequential forward", "limit:")
 def _target_value(against: str, sense: str, ours: dict, sub: dict, rows: list[dict]) -> float | None:
     """The measured ratio for one target (None when a method it needs did not run)."""
     if against == "our forward+J":
-        forward = next((r for r in rows if r["mode"] == "forward_jacobian" and r["method"] == ours["method"]
-                        and r.get("median_ms")), None)  # fmt: skip
+        forward = next(
+            (
+                r
+                for r in rows
+                if r["mode"] == "forward_jacobian" and r["method"] == ours["method"] and r.get("median_ms")
+            ),
+            None,
+        )
         return ours["median_ms"] / forward["median_ms"] if forward else None
     if against in ("fastest peer", "best compiled peer"):
-        peers = [r["median_ms"] for m, r in sub.items() if not m.startswith(PEERS_EXCLUDED_FROM_FASTEST)
-                 and (against == "fastest peer" or m.startswith("torch.compile"))]  # fmt: skip
+        peers = [
+            r["median_ms"]
+            for m, r in sub.items()
+            if not m.startswith(PEERS_EXCLUDED_FROM_FASTEST)
+            and (against == "fastest peer" or m.startswith("torch.compile"))
+        ]
         return min(peers) / ours["median_ms"] if peers else None
     if against == "matmul peak":
         return ours.get("fraction_of_matmul_peak")
@@ -567,8 +647,16 @@ def plot_case(rows: list[dict], path: str):
     for (ax_t, ax_m), mode in zip(axes, modes):
         sub = sorted((r for r in rows if r["mode"] == mode and r.get("median_ms")), key=lambda r: r["median_ms"])
         names = [r["method"] for r in sub]
-        colors = ["tab:orange" if n.startswith("tritonjac") else "tab:gray" if "no J" in n
-                  else "tab:green" if n.startswith("limit:") else "tab:blue" for n in names]  # fmt: skip
+        colors = [
+            "tab:orange"
+            if n.startswith("tritonjac")
+            else "tab:gray"
+            if "no J" in n
+            else "tab:green"
+            if n.startswith("limit:")
+            else "tab:blue"
+            for n in names
+        ]
         med = [r["median_ms"] for r in sub]
         err = [[r["median_ms"] - r["p20_ms"] for r in sub], [r["p80_ms"] - r["median_ms"] for r in sub]]
         ax_t.barh(names, med, xerr=err, color=colors)
@@ -581,9 +669,11 @@ def plot_case(rows: list[dict], path: str):
         ax_m.set_xlabel("peak extra memory (MB)")
         ax_m.set_yticklabels([])
     r0 = rows[0]
-    fig.suptitle(f"N={r0['n_points']}, {r0['in_features']} -> {r0['depth']}x{r0['width']} -> {r0['out_features']}, "
-                 f"{r0['activation']}, {r0['dtype']} on {r0['device_name']} ({r0['threads']} threads), "
-                 f"torch {r0['torch']}")  # fmt: skip
+    fig.suptitle(
+        f"N={r0['n_points']}, {r0['in_features']} -> {r0['depth']}x{r0['width']} -> {r0['out_features']}, "
+        f"{r0['activation']}, {r0['dtype']} on {r0['device_name']} ({r0['threads']} threads), "
+        f"torch {r0['torch']}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

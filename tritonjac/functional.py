@@ -62,7 +62,7 @@ def mlp_jacobian(
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """"auto": the Triton kernels for CUDA tensors they support, the PyTorch engine otherwise."""
+    """ "auto": the Triton kernels for CUDA tensors they support, the PyTorch engine otherwise."""
     check_backend(backend)
     if backend == "auto":
         backend = "triton" if x.device.type == "cuda" and x.dtype in TRITON_DTYPES else "torch"

@@ -19,13 +19,38 @@ __all__ = ["JacobianMLP", "jacobian"]
 class JacobianMLP(nn.Module):
     """A point-wise MLP that returns its outputs and their Jacobians with respect to its inputs.
 
-    `module(x)` gives `(y, J)`: x (..., in_features) -> y (..., out_features) and
-    J (..., out_features, k) with J[..., i, j] = d y_i / d x_j for the first k = `jacobian_inputs`
-    input features (all by default). `module(x, jacobian=False)` gives y alone.
+    Args:
+        in_features, out_features: feature counts of x and y.
+        hidden_features: one width per hidden layer (may differ; may be empty).
+        activation: between layers: a name ("softplus", "relu", "leaky_relu", "tanh", "sigmoid",
+            "silu", "gelu", "gelu_tanh", "sine", "identity"), a torch activation module
+            (`nn.Softplus(beta=100)`, ...), `tritonjac.Sine(w0)` or None.
+        output_activation: after the last layer (identity by default).
+        bias: whether the Linear layers have biases.
+        jacobian_inputs: k, J differentiates y with respect to x[..., :k] (all inputs by default).
+        backend: "auto" (the Triton kernels for CUDA tensors in float32/bfloat16/float16, else the
+            PyTorch engine), "torch" or "triton".
+        device, dtype: of the parameters, as in `nn.Linear`.
+
+    Shapes:
+        x (..., in_features) with any leading dimensions (including none) gives y
+        (..., out_features) and J (..., out_features, k), J[..., i, j] = d y_i / d x_j. A model
+        converted from Conv1d(kernel_size=1) layers takes x (B, C_in, N) and gives y (B, C_out, N)
+        and J (B, N, C_out, k).
+
+    Returns:
+        `model(x)` returns (y, J), both differentiable with respect to x and every parameter
+        (first order); `model(x, jacobian=False)` returns y alone.
 
     The layers are registered under the names they have in the equivalent `nn.Sequential`
     (Linear, activation, Linear, ...), so `state_dict()` loads into that Sequential and back, and
     `to_sequential()` returns it, sharing the parameters.
+
+    Example:
+        >>> model = JacobianMLP(3, [64, 64], 3, nn.Softplus(beta=100))
+        >>> y, J = model(torch.randn(8, 1024, 3))
+        >>> y.shape, J.shape
+        (torch.Size([8, 1024, 3]), torch.Size([8, 1024, 3, 3]))
     """
 
     def __init__(
@@ -46,8 +71,10 @@ class JacobianMLP(nn.Module):
         widths = [in_features, *hidden_features, out_features]
         for w in widths:
             if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-                raise ValueError(f"feature counts must be positive ints, got in={in_features!r}, "
-                                 f"hidden={list(hidden_features)!r}, out={out_features!r}")
+                raise ValueError(
+                    f"feature counts must be positive ints, got in={in_features!r}, "
+                    f"hidden={list(hidden_features)!r}, out={out_features!r}"
+                )
         if dtype is not None and dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported; use float32, float64, bfloat16 or float16")
         hidden_act, out_act = as_activation(activation), as_activation(output_activation)
@@ -103,8 +130,10 @@ class JacobianMLP(nn.Module):
         shapes = [W.shape for W in self._weights()]  # (out, in) per Linear/Conv1d layer
         for l in range(1, len(shapes)):
             if shapes[l - 1][0] != shapes[l][1]:
-                raise ValueError(f"layer {linear_names[l - 1]!r} has {shapes[l - 1][0]} outputs but the next "
-                                 f"layer {linear_names[l]!r} expects {shapes[l][1]} inputs")
+                raise ValueError(
+                    f"layer {linear_names[l - 1]!r} has {shapes[l - 1][0]} outputs but the next "
+                    f"layer {linear_names[l]!r} expects {shapes[l][1]} inputs"
+                )
         first = self._modules[linear_names[0]]
         self.in_features = first.in_features if kind is nn.Linear else first.in_channels
         self._spec = make_spec(activations, len(linear_names), self.in_features, jacobian_inputs)
@@ -114,9 +143,21 @@ class JacobianMLP(nn.Module):
     def from_module(cls, module: nn.Module, *, jacobian_inputs: int | None = None, backend: str = "auto"):
         """Convert an `nn.Sequential` of Linear (or Conv1d with kernel_size=1) layers and activations.
 
-        The result holds the very same layer modules, so it shares their Parameters: training either
-        trains both. A Conv1d stack keeps its channels-first layout: x (B, C_in, N) gives
-        y (B, C_out, N) and J (B, N, C_out, k).
+        Args:
+            module: the Sequential (or a JacobianMLP). Layers under weight_norm (either API) or other
+                parametrizations are accepted; anything else is refused with an error naming the
+                layer and its index.
+            jacobian_inputs: k, as in the constructor.
+            backend: as in the constructor.
+
+        Returns:
+            A JacobianMLP holding the very same layer modules, so it shares their Parameters:
+            training either trains both. A Conv1d stack keeps its channels-first layout: x
+            (B, C_in, N) gives y (B, C_out, N) and J (B, N, C_out, k).
+
+        Example:
+            >>> seq = nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, 3))
+            >>> y, J = JacobianMLP.from_module(seq)(torch.randn(100, 3))
         """
         if isinstance(module, JacobianMLP) or type(module) is nn.Sequential:
             named = list(module.named_children())
@@ -187,8 +228,10 @@ class JacobianMLP(nn.Module):
                 shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"a Conv1d stack takes x of shape (B, C_in, N) or (C_in, N), got {shape}")
             if x.shape[-2] != self.in_features:
-                raise ValueError(f"x has {x.shape[-2]} channels (dimension -2) but the first Conv1d "
-                                 f"expects {self.in_features} (x.shape = {tuple(x.shape)})")
+                raise ValueError(
+                    f"x has {x.shape[-2]} channels (dimension -2) but the first Conv1d "
+                    f"expects {self.in_features} (x.shape = {tuple(x.shape)})"
+                )
             x = x.transpose(-1, -2)
         check_tensors(x, weights, biases)
         y, J = apply_spec(x, weights, biases, self._spec, self.backend, jacobian)
@@ -244,8 +287,10 @@ def _check_pointwise_conv(m: nn.Conv1d, where: str):
     if m.groups != 1:
         problems.append(f"groups={m.groups}")
     if problems:
-        raise ValueError(f"{where} is not point-wise ({', '.join(problems)}); only Conv1d with "
-                         "kernel_size=1, stride=1, padding=0, dilation=1, groups=1 is supported")
+        raise ValueError(
+            f"{where} is not point-wise ({', '.join(problems)}); only Conv1d with "
+            "kernel_size=1, stride=1, padding=0, dilation=1, groups=1 is supported"
+        )
 
 
 # Conversions made by `jacobian`, per module; an entry is reused while the module's layers are the
@@ -254,7 +299,21 @@ _converted: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictio
 
 
 def jacobian(module: nn.Module, x: torch.Tensor, *, jacobian_inputs: int | None = None):
-    """(y, J) of a supported `nn.Sequential` (or a JacobianMLP) at x, converting it once and caching."""
+    """(y, J) of a supported `nn.Sequential` (or a JacobianMLP) at x, converting it once and caching.
+
+    Args:
+        module: what `JacobianMLP.from_module` accepts; the conversion is cached per module and
+            renewed when a layer is replaced.
+        x: (..., in_features) points.
+        jacobian_inputs: k, as in `JacobianMLP`.
+
+    Returns:
+        y (..., out_features) and J (..., out_features, k), differentiable as the module's forward.
+
+    Example:
+        >>> seq = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 1))
+        >>> d, grad = jacobian(seq, torch.randn(100, 3))  # grad: (100, 1, 3)
+    """
     if isinstance(module, JacobianMLP) and jacobian_inputs in (None, module.jacobian_inputs):
         return module(x)
     per_module = _converted.setdefault(module, {})

@@ -22,7 +22,7 @@ __all__ = ["float32_matmul_precision", "matmul_precision"]
 
 
 def float32_matmul_precision() -> str:
-    """"highest" (fp32-accurate matmuls) or "high"/"medium" (TF32 allowed), in the legacy API's words."""
+    """ "highest" (fp32-accurate matmuls) or "high"/"medium" (TF32 allowed), in the legacy API's words."""
     matmul = getattr(getattr(torch.backends, "cuda", None), "matmul", None)
     setting = getattr(matmul, "fp32_precision", None)
     if setting == "none":

@@ -244,7 +244,14 @@ class _AnalyticJacobian(torch.autograd.Function):
         weights, flat = rest[:L], rest[L:]
         needs = ctx.needs_input_grad  # (spec, x, W_1..W_L, b_1..b_L)
         gx, grad_W, grad_b = _backward(
-            x2d, weights, spec, gy, gJ, needs[1], needs[2 : 2 + L], [h and n for h, n in zip(ctx.has_bias, needs[2 + L :])],
+            x2d,
+            weights,
+            spec,
+            gy,
+            gJ,
+            needs[1],
+            needs[2 : 2 + L],
+            [h and n for h, n in zip(ctx.has_bias, needs[2 + L :])],
             lambda c, start, stop: flat[L * c : L * (c + 1)],
         )
         return (None, gx, *grad_W, *grad_b)

@@ -18,9 +18,9 @@ import torch
 
 from ..grad_mode import records_autograd, refuse_double_backward
 from ..network import NetworkSpec
+from . import launch
 from .backward import mlp_backward
 from .forward import mlp_forward
-from . import launch
 from .plans import Plan, fused_backward_available, plan_for, planned_kind
 
 __all__ = [

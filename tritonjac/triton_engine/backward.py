@@ -12,9 +12,8 @@ import triton
 
 from ..network import NetworkSpec
 from ..precision import matmul_precision
-from . import tuning
+from . import launch, tuning
 from .forward import layer_args, layer_constexprs, network_constexprs, network_parameters
-from . import launch
 from .launch import (
     activation_constexprs,
     allocate,
@@ -73,14 +72,31 @@ def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: 
     gy_arg = gy if gy is not None else x2d
     gj_arg = gJ if gJ is not None else x2d.view(P, 1, d_in)
     args = dict(
-        x_ptr=x2d, **network_parameters(weights, biases), gy_ptr=gy_arg, gj_ptr=gj_arg, gx_ptr=gx_arg,
-        **slabs, ws_ptr=workspace, num_points=P, num_hidden=num_hidden, num_programs=num_programs,
-        stride_xp=x2d.stride(0), stride_xf=x2d.stride(1), stride_gyp=gy_arg.stride(0), stride_gyf=gy_arg.stride(1),
-        stride_gjp=gj_arg.stride(0), stride_gjo=gj_arg.stride(1), stride_gjk=gj_arg.stride(2),
-        stride_gxp=gx_arg.stride(0), stride_gxf=gx_arg.stride(1),
+        x_ptr=x2d,
+        **network_parameters(weights, biases),
+        gy_ptr=gy_arg,
+        gj_ptr=gj_arg,
+        gx_ptr=gx_arg,
+        **slabs,
+        ws_ptr=workspace,
+        num_points=P,
+        num_hidden=num_hidden,
+        num_programs=num_programs,
+        stride_xp=x2d.stride(0),
+        stride_xf=x2d.stride(1),
+        stride_gyp=gy_arg.stride(0),
+        stride_gyf=gy_arg.stride(1),
+        stride_gjp=gj_arg.stride(0),
+        stride_gjo=gj_arg.stride(1),
+        stride_gjk=gj_arg.stride(2),
+        stride_gxp=gx_arg.stride(0),
+        stride_gxf=gx_arg.stride(1),
         **{k: v for k, v in constexprs.items() if k != "JACOBIAN"},
-        HAS_GY=gy is not None, HAS_GJ=has_gj, NEED_X=need_x, **interpret_bf16(x2d.dtype),
-    )  # fmt: skip
+        HAS_GY=gy is not None,
+        HAS_GJ=has_gj,
+        NEED_X=need_x,
+        **interpret_bf16(x2d.dtype),
+    )
     if P > 0:
         with device_guard(x2d):
             run_kernel("mlp_backward", (num_programs,), config, args, traced(x2d))
@@ -124,9 +140,16 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                 d_out, d_in = W.shape
                 A = x2d.new_empty(C, rows, d_out)
                 Z = torch.empty(C, rows, d_out, **f32)
-                args = layer_args(a, a_strides, W, b, C, (A, A.stride(0), A.stride(2)),
-                                  (A[:, 1:] if jacobian else A, A.stride(0), A.stride(1), A.stride(2)),
-                                  (Z, Z.stride(0), Z.stride(1)))  # fmt: skip
+                args = layer_args(
+                    a,
+                    a_strides,
+                    W,
+                    b,
+                    C,
+                    (A, A.stride(0), A.stride(2)),
+                    (A[:, 1:] if jacobian else A, A.stride(0), A.stride(1), A.stride(2)),
+                    (Z, Z.stride(0), Z.stride(1)),
+                )
                 args |= layer_constexprs(act, k, l == 0, b is not None, jacobian, precision)
                 grid = (triton.cdiv(C, fwd_cfg.kwargs["BLOCK_M"]), triton.cdiv(d_out, fwd_cfg.kwargs["BLOCK_N"]))
                 run_kernel("layer_forward", grid, fwd_cfg, args | {"STORE_Z": True, **bf16}, is_traced)
@@ -156,12 +179,37 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                 splits, per_split = tuning.weight_grad_splits(C, wgrad_cfg.kwargs["BLOCK_P"])
                 gw_part = torch.empty(splits, d_out, d_in, **f32)
                 gb_part = torch.empty(splits, d_out, **f32)
-                grid = (triton.cdiv(d_out, wgrad_cfg.kwargs["BLOCK_N"]), triton.cdiv(d_in, wgrad_cfg.kwargs["BLOCK_K"]), splits)
-                run_kernel("layer_weight_grad", grid, wgrad_cfg, dict(
-                    gz_ptr=G, a_ptr=A_prev, gw_ptr=gw_part, gb_ptr=gb_part, num_points=C, d_in=d_in, d_out=d_out,
-                    points_per_split=per_split, stride_gp=G.stride(0), stride_gs=G.stride(1),
-                    stride_ap=a_st[0], stride_as=a_st[1], stride_af=a_st[2], LIVE_SLOTS_A=live_a,
-                    HAS_BIAS=biases[l] is not None, PRECISION=precision, SLOTS=slots_a, **bf16), is_traced)  # fmt: skip
+                grid = (
+                    triton.cdiv(d_out, wgrad_cfg.kwargs["BLOCK_N"]),
+                    triton.cdiv(d_in, wgrad_cfg.kwargs["BLOCK_K"]),
+                    splits,
+                )
+                run_kernel(
+                    "layer_weight_grad",
+                    grid,
+                    wgrad_cfg,
+                    dict(
+                        gz_ptr=G,
+                        a_ptr=A_prev,
+                        gw_ptr=gw_part,
+                        gb_ptr=gb_part,
+                        num_points=C,
+                        d_in=d_in,
+                        d_out=d_out,
+                        points_per_split=per_split,
+                        stride_gp=G.stride(0),
+                        stride_gs=G.stride(1),
+                        stride_ap=a_st[0],
+                        stride_as=a_st[1],
+                        stride_af=a_st[2],
+                        LIVE_SLOTS_A=live_a,
+                        HAS_BIAS=biases[l] is not None,
+                        PRECISION=precision,
+                        SLOTS=slots_a,
+                        **bf16,
+                    ),
+                    is_traced,
+                )
                 grad_W[l] += gw_part.sum(0)
                 if biases[l] is not None:
                     grad_b[l] += gb_part.sum(0)
@@ -173,14 +221,40 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                 out = gx[start : start + chunk] if l == 0 else torch.empty(C, rows, d_in, **f32)
                 prev_act = spec.activations[l - 1] if l > 0 else spec.activations[0]
                 z_prev = Zs[l - 1] if l > 0 else G
-                grid = (triton.cdiv(C, propagate_cfg.kwargs["BLOCK_M"]), triton.cdiv(d_in, propagate_cfg.kwargs["BLOCK_K"]))
-                run_kernel("layer_backward", grid, propagate_cfg, dict(
-                    gz_ptr=G, w_ptr=W, z_prev_ptr=z_prev, out_ptr=out, num_points=C, d_in=d_in, d_out=d_out,
-                    stride_gp=G.stride(0), stride_gs=G.stride(1), stride_wn=W.stride(0), stride_wk=W.stride(1),
-                    stride_zp=z_prev.stride(0), stride_zs=z_prev.stride(1), stride_op=out.stride(0),
-                    stride_os=out.stride(1) if l > 0 else 0, stride_of=out.stride(-1), LIVE_SLOTS=rows,
-                    LAST_STEP=l == 0, **activation_constexprs(prev_act, "ACT"), PRECISION=precision,
-                    SLOTS=num_slots, **bf16), is_traced)  # fmt: skip
+                grid = (
+                    triton.cdiv(C, propagate_cfg.kwargs["BLOCK_M"]),
+                    triton.cdiv(d_in, propagate_cfg.kwargs["BLOCK_K"]),
+                )
+                run_kernel(
+                    "layer_backward",
+                    grid,
+                    propagate_cfg,
+                    dict(
+                        gz_ptr=G,
+                        w_ptr=W,
+                        z_prev_ptr=z_prev,
+                        out_ptr=out,
+                        num_points=C,
+                        d_in=d_in,
+                        d_out=d_out,
+                        stride_gp=G.stride(0),
+                        stride_gs=G.stride(1),
+                        stride_wn=W.stride(0),
+                        stride_wk=W.stride(1),
+                        stride_zp=z_prev.stride(0),
+                        stride_zs=z_prev.stride(1),
+                        stride_op=out.stride(0),
+                        stride_os=out.stride(1) if l > 0 else 0,
+                        stride_of=out.stride(-1),
+                        LIVE_SLOTS=rows,
+                        LAST_STEP=l == 0,
+                        **activation_constexprs(prev_act, "ACT"),
+                        PRECISION=precision,
+                        SLOTS=num_slots,
+                        **bf16,
+                    ),
+                    is_traced,
+                )
                 G = out
     return gx, _fp32_sums_to(weights, grad_W), _fp32_sums_to(biases, grad_b)
 

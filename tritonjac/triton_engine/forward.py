@@ -7,8 +7,7 @@ import triton
 
 from ..network import NetworkSpec
 from ..precision import matmul_precision
-from . import tuning
-from . import launch
+from . import launch, tuning
 from .launch import (
     activation_constexprs,
     allocate,
@@ -78,7 +77,9 @@ def network_parameters(weights, biases) -> dict:
         w_first_ptr=W0.contiguous(),
         b_first_ptr=bias_or_zeros(biases[0], width),
         w_hidden_ptr=torch.stack(hidden_w).contiguous() if hidden_w else W0.new_empty(1, width, width),
-        b_hidden_ptr=torch.stack([bias_or_zeros(b, width) for b in biases[1:-1]]) if hidden_w else W0.new_empty(1, width),
+        b_hidden_ptr=torch.stack([bias_or_zeros(b, width) for b in biases[1:-1]])
+        if hidden_w
+        else W0.new_empty(1, width),
         w_last_ptr=weights[-1].contiguous(),
         b_last_ptr=bias_or_zeros(biases[-1], weights[-1].shape[0]),
     )
@@ -132,12 +133,29 @@ def layer_args(a, a_strides, W, b, num_points: int, h_out, t_out, z_out=None) ->
     z = z_out if z_out is not None else (h, 0, 0)
     return dict(
         # the kernel reads the bias with unit stride (a column of a matrix is not): copy it then
-        a_ptr=a, w_ptr=W, b_ptr=b.contiguous() if b is not None else W, h_ptr=h, t_ptr=t, z_ptr=z[0],
-        num_points=num_points, d_in=d_in, d_out=d_out, points_bucket=tuning.points_bucket(num_points),
-        stride_ap=a_strides[0], stride_as=a_strides[1], stride_af=a_strides[2],
-        stride_wn=W.stride(0), stride_wk=W.stride(1), stride_hp=h_out[1], stride_hf=h_out[2],
-        stride_tp=t_out[1], stride_ts=t_out[2], stride_tf=t_out[3], stride_zp=z[1], stride_zs=z[2],
-    )  # fmt: skip
+        a_ptr=a,
+        w_ptr=W,
+        b_ptr=b.contiguous() if b is not None else W,
+        h_ptr=h,
+        t_ptr=t,
+        z_ptr=z[0],
+        num_points=num_points,
+        d_in=d_in,
+        d_out=d_out,
+        points_bucket=tuning.points_bucket(num_points),
+        stride_ap=a_strides[0],
+        stride_as=a_strides[1],
+        stride_af=a_strides[2],
+        stride_wn=W.stride(0),
+        stride_wk=W.stride(1),
+        stride_hp=h_out[1],
+        stride_hf=h_out[2],
+        stride_tp=t_out[1],
+        stride_ts=t_out[2],
+        stride_tf=t_out[3],
+        stride_zp=z[1],
+        stride_zs=z[2],
+    )
 
 
 def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):

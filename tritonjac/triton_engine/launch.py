@@ -25,6 +25,7 @@ from .tuning import interpreting
 
 __all__ = [
     "allocate",
+    "set_allocator",
     "use_allocator",
     "run_kernel",
     "launch_autotuned",
@@ -56,15 +57,21 @@ def allocate(like: torch.Tensor, *shape: int) -> torch.Tensor:
     return _allocator(like, *shape)
 
 
-@contextlib.contextmanager
-def use_allocator(allocator: Callable[..., torch.Tensor]):
-    """Make `allocate` call allocator(like, *shape) inside the block (e.g. NaN-filled buffers)."""
+def set_allocator(allocator: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Make `allocate` call allocator(like, *shape) (e.g. NaN-filled buffers); returns the previous one."""
     global _allocator
     previous, _allocator = _allocator, allocator
+    return previous
+
+
+@contextlib.contextmanager
+def use_allocator(allocator: Callable[..., torch.Tensor]):
+    """`set_allocator` inside the block."""
+    previous = set_allocator(allocator)
     try:
         yield
     finally:
-        _allocator = previous
+        set_allocator(previous)
 
 
 # ---- checks ----------------------------------------------------------------------------------------
@@ -83,8 +90,7 @@ def check_device(x: torch.Tensor) -> None:
 def check_dtype(dtype: torch.dtype) -> None:
     if dtype not in TRITON_DTYPES:
         raise TypeError(
-            f"the Triton backend computes in float32, bfloat16 or float16, not {dtype}; "
-            "use backend='torch' for float64"
+            f"the Triton backend computes in float32, bfloat16 or float16, not {dtype}; use backend='torch' for float64"
         )
 
 
@@ -229,7 +235,10 @@ def launch_autotuned(name: str, grid, args: dict, key: str, device: torch.device
             tuning.record_tuned(name, key, gpu, tuned.best_config)
             return
         except (OSError, ValueError) as err:  # e.g. Triton's on-disk autotune cache unreadable or unwritable
-            warnings.warn(f"tritonjac: autotuning {name} failed ({type(err).__name__}: {err}); "
-                          "using a fixed configuration", RuntimeWarning, stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"tritonjac: autotuning {name} failed ({type(err).__name__}: {err}); using a fixed configuration",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             config = registry.candidates(name, args)[0]
     run_kernel(name, grid, config, args, is_traced)

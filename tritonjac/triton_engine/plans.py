@@ -76,12 +76,14 @@ def plan_for(weights, spec: NetworkSpec, jacobian: bool = True, precision: str =
     if len(set(spec.activations[:-1])) > 1:
         return Plan("layers", "hidden activations differ")
     if not network_fits(width, slots(spec.jacobian_inputs, jacobian), precision, arch):
-        return Plan("layers", f"width {width} with {spec.jacobian_inputs} tangents in {precision} does not fit the registers")
+        return Plan(
+            "layers", f"width {width} with {spec.jacobian_inputs} tangents in {precision} does not fit the registers"
+        )
     return Plan("network", "")
 
 
 def planned_kind(x2d: torch.Tensor, weights, spec: NetworkSpec, jacobian: bool) -> str:
-    """"network" or "layers": the plan the forward takes for these inputs on x2d's device."""
+    """ "network" or "layers": the plan the forward takes for these inputs on x2d's device."""
     return plan_for(weights, spec, jacobian, matmul_precision(x2d.dtype), device_arch(x2d)).kind
 
 
@@ -93,4 +95,6 @@ def fused_backward_available(x2d: torch.Tensor, weights, spec: NetworkSpec, jaco
         return False
     num_slots = slots(spec.jacobian_inputs, jacobian)
     precision = matmul_precision(x2d.dtype)
-    return tuning.fused_backward_config(num_slots, pad_width(weights[0].shape[0]), precision, device_arch(x2d)) is not None
+    return (
+        tuning.fused_backward_config(num_slots, pad_width(weights[0].shape[0]), precision, device_arch(x2d)) is not None
+    )

@@ -41,39 +41,71 @@ KERNELS: dict[str, KernelInfo] = {
     k.name: k
     for k in (
         KernelInfo(
-            "mlp_forward", "forward", "mlp_forward_kernel",
+            "mlp_forward",
+            "forward",
+            "mlp_forward_kernel",
             pointers=("x_ptr", *_NETWORK_PARAMETERS, "y_ptr", "j_ptr"),
-            autotune_key=("IN", "NUM_TANGENTS", "WIDTH_PAD", "OUT", "SLOTS", "ACT", "LAST_ACT", "HAS_BIAS",
-                          "JACOBIAN", "PRECISION", "num_hidden", "points_bucket"),
+            autotune_key=(
+                "IN",
+                "NUM_TANGENTS",
+                "WIDTH_PAD",
+                "OUT",
+                "SLOTS",
+                "ACT",
+                "LAST_ACT",
+                "HAS_BIAS",
+                "JACOBIAN",
+                "PRECISION",
+                "num_hidden",
+                "points_bucket",
+            ),
             configs=lambda: tuning.network_configs(),
             prune=lambda *a, **kw: tuning.prune_network_configs(*a, **kw),
         ),
         KernelInfo(
-            "layer_forward", "forward", "layer_forward_kernel",
+            "layer_forward",
+            "forward",
+            "layer_forward_kernel",
             pointers=("a_ptr", "w_ptr", "b_ptr", "h_ptr", "t_ptr", "z_ptr"),
             fp32_pointers=frozenset({"z_ptr"}),
-            autotune_key=("NUM_TANGENTS", "FIRST", "SLOTS", "ACT", "HAS_BIAS", "JACOBIAN", "PRECISION",
-                          "d_in", "d_out", "points_bucket"),
+            autotune_key=(
+                "NUM_TANGENTS",
+                "FIRST",
+                "SLOTS",
+                "ACT",
+                "HAS_BIAS",
+                "JACOBIAN",
+                "PRECISION",
+                "d_in",
+                "d_out",
+                "points_bucket",
+            ),
             configs=lambda: tuning.layer_configs(),
             prune=lambda *a, **kw: tuning.prune_layer_configs(*a, **kw),
         ),
         KernelInfo(
-            "mlp_backward", "backward", "mlp_backward_kernel",
+            "mlp_backward",
+            "backward",
+            "mlp_backward_kernel",
             pointers=("x_ptr", *_NETWORK_PARAMETERS, "gy_ptr", "gj_ptr", "gx_ptr", *_FUSED_GRADIENT_SLABS, "ws_ptr"),
             fp32_pointers=frozenset({*_FUSED_GRADIENT_SLABS, "ws_ptr"}),
         ),
         KernelInfo(
-            "layer_backward", "backward", "layer_backward_kernel",
+            "layer_backward",
+            "backward",
+            "layer_backward_kernel",
             pointers=("gz_ptr", "w_ptr", "z_prev_ptr", "out_ptr"),
             fp32_pointers=frozenset({"gz_ptr", "z_prev_ptr"}),
         ),
         KernelInfo(
-            "layer_weight_grad", "backward", "layer_weight_grad_kernel",
+            "layer_weight_grad",
+            "backward",
+            "layer_weight_grad_kernel",
             pointers=("gz_ptr", "a_ptr", "gw_ptr", "gb_ptr"),
             fp32_pointers=frozenset({"gz_ptr", "gw_ptr", "gb_ptr"}),
         ),
     )
-}  # fmt: skip
+}
 
 
 def candidates(name: str, args: dict) -> list:

@@ -94,7 +94,10 @@ def points_bucket(num_points: int) -> int:
 def network_configs() -> list[triton.Config]:
     """Candidates; `network_fits_config` keeps one num_stages per case (see there)."""
     return [
-        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s) for bm in (16, 32, 64, 128) for w in (4, 8) for s in (1, 2)
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=s)
+        for bm in (16, 32, 64, 128)
+        for w in (4, 8)
+        for s in (1, 2)
     ]
 
 
@@ -116,8 +119,9 @@ def current_arch() -> int:
     return 10 * major + minor
 
 
-def network_fits_config(block_m: int, slots: int, width_pad: int, num_warps: int, precision: str, arch: int,
-                        num_stages: int = 2) -> bool:  # fmt: skip
+def network_fits_config(
+    block_m: int, slots: int, width_pad: int, num_warps: int, precision: str, arch: int, num_stages: int = 2
+) -> bool:
     """Whether this whole-network configuration stays within the register and shared-memory budgets.
 
     Two stages (the next layer's weights prefetched) everywhere but 3xTF32 at width 128, whose
@@ -162,8 +166,7 @@ def backward_configs(named_args: dict, arch: int) -> list[triton.Config]:
     slots, width, precision = named_args["SLOTS"], named_args["WIDTH_PAD"], named_args["PRECISION"]
     candidates = [triton.Config({"BLOCK_M": bm}, num_warps=8, num_stages=1) for bm in (32, 16, 8)]
     return [
-        c for c in candidates
-        if backward_fits_config(c.kwargs["BLOCK_M"], slots, width, c.num_warps, precision, arch)
+        c for c in candidates if backward_fits_config(c.kwargs["BLOCK_M"], slots, width, c.num_warps, precision, arch)
     ]
 
 
@@ -180,7 +183,8 @@ def prune_network_configs(configs, named_args, arch: int | None = None, **kwargs
     named_args = {**named_args, **kwargs}
     slots, width, precision = named_args["SLOTS"], named_args["WIDTH_PAD"], named_args["PRECISION"]
     return [
-        c for c in configs
+        c
+        for c in configs
         if network_fits_config(c.kwargs["BLOCK_M"], slots, width, c.num_warps, precision, arch, c.num_stages)
     ]
 
@@ -319,19 +323,27 @@ def layer_backward_configs(arch: int = 90, precision: str = "tf32", slots: int =
     kw_p["BLOCK_M"] = max(kw_p["BLOCK_M"], min_rows // slots)
     kw_w = dict(weight_grad.kwargs)
     kw_w["BLOCK_P"] = max(kw_w["BLOCK_P"], 16 // weight_grad_slots)
-    return (triton.Config(kw_p, num_warps=propagation.num_warps, num_stages=propagation.num_stages),
-            triton.Config(kw_w, num_warps=weight_grad.num_warps, num_stages=weight_grad.num_stages))  # fmt: skip
+    return (
+        triton.Config(kw_p, num_warps=propagation.num_warps, num_stages=propagation.num_stages),
+        triton.Config(kw_w, num_warps=weight_grad.num_warps, num_stages=weight_grad.num_stages),
+    )
 
 
 def _layer_backward_tiles(arch: int, precision: str):
     if interpreting():  # small, so the tests' shapes leave partial blocks in every dimension
-        return (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-                triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1))  # fmt: skip
+        return (
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+            triton.Config({"BLOCK_P": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
+        )
     if arch < 90 and precision == "tf32x3":
-        return (triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
-                triton.Config({"BLOCK_P": 8, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2))  # fmt: skip
-    return (triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2),
-            triton.Config({"BLOCK_P": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2))  # fmt: skip
+        return (
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_P": 8, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2),
+        )
+    return (
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_P": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=8, num_stages=2),
+    )
 
 
 def recompute_config(slots: int, arch: int) -> triton.Config:
