@@ -27,3 +27,11 @@ def test_docstring_examples_run():
         globs = {"torch": torch, "nn": nn, **vars(tritonjac), **vars(mod)}
         result = doctest.testmod(mod, globs=globs, optionflags=doctest.ELLIPSIS)
         assert result.attempted > 0 and result.failed == 0, f"{mod.__name__}: {result}"
+
+
+def test_readme_names_every_registered_activation():
+    from tritonjac.activations import REGISTRY
+
+    text = README.read_text()
+    missing = [name for name in REGISTRY if name != "identity" and f'`"{name}"`' not in text]
+    assert not missing, f"README's API section does not list {missing}"
