@@ -51,7 +51,7 @@ def _add_to(p, value, mask):
 
 @triton.jit(do_not_specialize=["num_points", "num_hidden", "num_programs"])
 def mlp_backward_kernel(
-    x_ptr, w_first_ptr, b_first_ptr, w_hidden_ptr, b_hidden_ptr, w_last_ptr, b_last_ptr,
+    x_ptr, w_first_ptr, bias_first_ptr, w_hidden_ptr, bias_hidden_ptr, w_last_ptr, bias_last_ptr,
     gy_ptr, gj_ptr, gx_ptr,
     gw_first_ptr, gb_first_ptr, gw_hidden_ptr, gb_hidden_ptr, gw_last_ptr, gb_last_ptr, ws_ptr,
     num_points, num_hidden, num_programs,
@@ -102,7 +102,7 @@ def mlp_backward_kernel(
         Z = first_layer(
             x_ptr,
             w_first_ptr,
-            b_first_ptr,
+            bias_first_ptr,
             o_p,
             m_p,
             stride_xp,
@@ -120,7 +120,17 @@ def mlp_backward_kernel(
         A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         for l in range(num_hidden):
             Z = hidden_layer(
-                A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, PRECISION, INTERPRET_BF16
+                A,
+                w_hidden_ptr,
+                bias_hidden_ptr,
+                l,
+                WIDTH,
+                WIDTH_PAD,
+                SLOTS,
+                BLOCK_M,
+                HAS_BIAS,
+                PRECISION,
+                INTERPRET_BF16,
             )
             tl.store(ws + (l + 1) * TILE_ROWS * WIDTH_PAD + p_ws_tile, tl.reshape(Z, (TILE_ROWS, WIDTH_PAD)))
             A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
@@ -138,7 +148,7 @@ def mlp_backward_kernel(
                 m_gj = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= NUM_TANGENTS)
                 g += tl.load(p_gj, mask=m_gj, other=0.0).to(tl.float32)
             if LAST_ACT != IDENTITY:
-                r = last_layer_output(A, w_last_ptr, b_last_ptr, o, WIDTH, WIDTH_PAD, SLOTS, HAS_BIAS)
+                r = last_layer_output(A, w_last_ptr, bias_last_ptr, o, WIDTH, WIDTH_PAD, SLOTS, HAS_BIAS)
                 g3 = _activation_backward(g[:, :, None], r[:, :, None], SLOTS, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
                 g = tl.reshape(g3, (BLOCK_M, SLOTS))
             b_row = tl.load(w_last_ptr + o * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)

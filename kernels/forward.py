@@ -75,7 +75,7 @@ def activate_stacked(Z, o_slot, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: t
 def first_layer(
     x_ptr,
     w_ptr,
-    b_ptr,
+    bias_ptr,
     o_p,
     m_p,
     stride_xp,
@@ -102,7 +102,7 @@ def first_layer(
         b_col = tl.load(w_ptr + o_w * IN + i, mask=m_w, other=0.0).to(tl.float32)
         z += b_x[:, None] * b_col[None, :]
     if HAS_BIAS:
-        z += tl.load(b_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)[None, :]
+        z += tl.load(bias_ptr + o_w, mask=m_w, other=0.0).to(tl.float32)[None, :]
     if not JACOBIAN:
         return z[:, None, :]
     o_s = tl.arange(0, SLOTS)
@@ -115,7 +115,7 @@ def first_layer(
 def hidden_layer(
     A,
     w_ptr,
-    b_ptr,
+    bias_ptr,
     l,
     WIDTH: tl.constexpr,
     WIDTH_PAD: tl.constexpr,
@@ -127,7 +127,7 @@ def hidden_layer(
 ):
     """Z = [h W_l^T + b_l; T W_l^T] from A = [h; T]: one dot over the BLOCK_M * SLOTS stacked rows.
 
-    w_ptr / b_ptr hold the hidden layers contiguously, (num_hidden, WIDTH, WIDTH) / (num_hidden, WIDTH).
+    w_ptr / bias_ptr hold the hidden layers contiguously, (num_hidden, WIDTH, WIDTH) / (num_hidden, WIDTH).
     """
     o_w = tl.arange(0, WIDTH_PAD)
     m_w = o_w < WIDTH
@@ -138,27 +138,27 @@ def hidden_layer(
     b_a = to_operand(tl.reshape(A, (BLOCK_M * SLOTS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
     Z = tl.reshape(dot_f32(b_a, b_wt.to(operand_ty), None, PRECISION, INTERPRET_BF16), (BLOCK_M, SLOTS, WIDTH_PAD))
     if HAS_BIAS:
-        bias_row = tl.load(b_ptr + l * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
+        bias_row = tl.load(bias_ptr + l * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
         Z += tl.where(tl.arange(0, SLOTS)[None, :, None] == 0, bias_row[None, None, :], 0.0)
     return Z
 
 
 @triton.jit
 def last_layer_output(
-    A, w_ptr, b_ptr, o, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr
+    A, w_ptr, bias_ptr, o, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr, HAS_BIAS: tl.constexpr
 ):
     """[z; U] of output o, (BLOCK_M, SLOTS): one reduction of A over the width (no 16-wide matmul)."""
     o_w = tl.arange(0, WIDTH_PAD)
     b_row = tl.load(w_ptr + o * WIDTH + o_w, mask=o_w < WIDTH, other=0.0).to(tl.float32)
     r = tl.sum(A * b_row[None, None, :], axis=2)
     if HAS_BIAS:
-        r += tl.where(tl.arange(0, SLOTS)[None, :] == 0, tl.load(b_ptr + o).to(tl.float32), 0.0)
+        r += tl.where(tl.arange(0, SLOTS)[None, :] == 0, tl.load(bias_ptr + o).to(tl.float32), 0.0)
     return r
 
 
 @triton.jit(do_not_specialize=["num_points", "num_hidden", "points_bucket"])
 def mlp_forward_kernel(
-    x_ptr, w_first_ptr, b_first_ptr, w_hidden_ptr, b_hidden_ptr, w_last_ptr, b_last_ptr, y_ptr, j_ptr,
+    x_ptr, w_first_ptr, bias_first_ptr, w_hidden_ptr, bias_hidden_ptr, w_last_ptr, bias_last_ptr, y_ptr, j_ptr,
     num_points, num_hidden, points_bucket,
     stride_xp, stride_xf, stride_yp, stride_yf, stride_jp, stride_jo, stride_jk,
     IN: tl.constexpr, NUM_TANGENTS: tl.constexpr, WIDTH: tl.constexpr, OUT: tl.constexpr,
@@ -182,7 +182,7 @@ def mlp_forward_kernel(
     Z = first_layer(
         x_ptr,
         w_first_ptr,
-        b_first_ptr,
+        bias_first_ptr,
         o_p,
         m_p,
         stride_xp,
@@ -199,13 +199,13 @@ def mlp_forward_kernel(
     A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
     for l in range(num_hidden):
         Z = hidden_layer(
-            A, w_hidden_ptr, b_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, PRECISION, INTERPRET_BF16
+            A, w_hidden_ptr, bias_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, PRECISION, INTERPRET_BF16
         )
         A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
 
     is_value = o_s[None, :] == 0
     for o in tl.static_range(OUT):
-        r = last_layer_output(A, w_last_ptr, b_last_ptr, o, WIDTH, WIDTH_PAD, SLOTS, HAS_BIAS)
+        r = last_layer_output(A, w_last_ptr, bias_last_ptr, o, WIDTH, WIDTH_PAD, SLOTS, HAS_BIAS)
         if LAST_ACT != IDENTITY:
             if JACOBIAN:
                 z_o = tl.sum(tl.where(is_value, r, 0.0), axis=1)
@@ -223,7 +223,7 @@ def mlp_forward_kernel(
 
 @triton.jit(do_not_specialize=["num_points", "d_in", "d_out", "points_bucket"])
 def layer_forward_kernel(
-    a_ptr, w_ptr, b_ptr, h_ptr, t_ptr, z_ptr,
+    a_ptr, w_ptr, bias_ptr, h_ptr, t_ptr, z_ptr,
     num_points, d_in, d_out, points_bucket,
     stride_ap, stride_as, stride_af, stride_wn, stride_wk,
     stride_hp, stride_hf, stride_tp, stride_ts, stride_tf, stride_zp, stride_zs,
@@ -276,7 +276,7 @@ def layer_forward_kernel(
 
     Z = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_N))
     if HAS_BIAS:
-        bias_row = tl.load(b_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
+        bias_row = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
         Z += tl.where(o_s[None, :, None] == 0, bias_row[None, None, :], 0.0)
     m_pn = m_p[:, None, None] & m_n[None, None, :]
     if STORE_Z:

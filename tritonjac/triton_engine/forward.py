@@ -75,13 +75,13 @@ def network_parameters(weights, biases) -> dict:
     hidden_w = weights[1:-1]
     return dict(
         w_first_ptr=W0.contiguous(),
-        b_first_ptr=bias_or_zeros(biases[0], width),
+        bias_first_ptr=bias_or_zeros(biases[0], width),
         w_hidden_ptr=torch.stack(hidden_w).contiguous() if hidden_w else W0.new_empty(1, width, width),
-        b_hidden_ptr=torch.stack([bias_or_zeros(b, width) for b in biases[1:-1]])
+        bias_hidden_ptr=torch.stack([bias_or_zeros(b, width) for b in biases[1:-1]])
         if hidden_w
         else W0.new_empty(1, width),
         w_last_ptr=weights[-1].contiguous(),
-        b_last_ptr=bias_or_zeros(biases[-1], weights[-1].shape[0]),
+        bias_last_ptr=bias_or_zeros(biases[-1], weights[-1].shape[0]),
     )
 
 
@@ -135,7 +135,7 @@ def layer_args(a, a_strides, W, b, num_points: int, h_out, t_out, z_out=None) ->
         # the kernel reads the bias with unit stride (a column of a matrix is not): copy it then
         a_ptr=a,
         w_ptr=W,
-        b_ptr=b.contiguous() if b is not None else W,
+        bias_ptr=b.contiguous() if b is not None else W,
         h_ptr=h,
         t_ptr=t,
         z_ptr=z[0],

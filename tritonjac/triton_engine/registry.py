@@ -16,7 +16,14 @@ from . import tuning
 
 __all__ = ["KernelInfo", "KERNELS", "candidates"]
 
-_NETWORK_PARAMETERS = ("w_first_ptr", "b_first_ptr", "w_hidden_ptr", "b_hidden_ptr", "w_last_ptr", "b_last_ptr")
+_NETWORK_PARAMETERS = (
+    "w_first_ptr",
+    "bias_first_ptr",
+    "w_hidden_ptr",
+    "bias_hidden_ptr",
+    "w_last_ptr",
+    "bias_last_ptr",
+)
 _FUSED_GRADIENT_SLABS = ("gw_first_ptr", "gb_first_ptr", "gw_hidden_ptr", "gb_hidden_ptr", "gw_last_ptr", "gb_last_ptr")
 
 
@@ -66,7 +73,7 @@ KERNELS: dict[str, KernelInfo] = {
             "layer_forward",
             "forward",
             "layer_forward_kernel",
-            pointers=("a_ptr", "w_ptr", "b_ptr", "h_ptr", "t_ptr", "z_ptr"),
+            pointers=("a_ptr", "w_ptr", "bias_ptr", "h_ptr", "t_ptr", "z_ptr"),
             fp32_pointers=frozenset({"z_ptr"}),
             autotune_key=(
                 "NUM_TANGENTS",
