@@ -95,3 +95,11 @@ def test_no_import_cycle():
     for node in graph:
         if node not in state:
             visit(node, [node])
+
+
+def test_every_package_is_installed():
+    """A regular (not editable) install ships exactly the packages pyproject.toml lists."""
+    tomllib = pytest.importorskip("tomllib")
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    packages = {name for name, path in modules().items() if path.name == "__init__.py"}
+    assert packages == listed
