@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 import tritonjac
@@ -15,6 +16,16 @@ import tritonjac
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # The device the Triton backend runs on in this test session: a real GPU, or the interpreter on CPU.
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRETING else "cpu"
+# Both engines as a pytest parameter; the Triton one needs a GPU or the interpreter.
+ENGINES = [
+    "torch",
+    pytest.param(
+        "triton",
+        marks=pytest.mark.skipif(
+            TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or the Triton interpreter"
+        ),
+    ),
+]
 
 # Largest accepted max |error| / max |reference| against float64, per computation. Each figure is
 # tied to what the computation can reach:

@@ -11,21 +11,11 @@ import torch
 from torch import nn
 
 import tritonjac
-from helpers import INTERPRETING, TRITON_DEVICE
+from helpers import ENGINES, TRITON_DEVICE
 from tritonjac.ops.common import bias_arguments
 from tritonjac.ops.opaque import mlp_jacobian_backward_op, mlp_jacobian_op
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
-
-ENGINES = [
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or the Triton interpreter"
-        ),
-    ),
-]
 
 
 class Field(nn.Module):

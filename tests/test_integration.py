@@ -12,18 +12,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import tritonjac
-from helpers import INTERPRETING, TRITON_DEVICE, assert_close, rel_err
+from helpers import ENGINES, TRITON_DEVICE, assert_close, rel_err
 from tritonjac import benchmark
-
-ENGINES = [
-    "torch",
-    pytest.param(
-        "triton",
-        marks=pytest.mark.skipif(
-            TRITON_DEVICE == "cpu" and not INTERPRETING, reason="needs a GPU or the Triton interpreter"
-        ),
-    ),
-]
 
 
 def device_for(backend):

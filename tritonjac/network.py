@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from .activations import REGISTRY, Activation, as_activation
+from .activations import ACTIVATION_NAMES, Activation, as_activation
 
 __all__ = [
     "NetworkSpec",
@@ -54,8 +54,7 @@ class NetworkSpec:
 
     @staticmethod
     def from_op_args(ids, params, thresholds, k) -> NetworkSpec:
-        names = list(REGISTRY)
-        acts = (Activation(names[i], p, t) for i, p, t in zip(ids, params, thresholds))
+        acts = (Activation(ACTIVATION_NAMES[i], p, t) for i, p, t in zip(ids, params, thresholds))
         return NetworkSpec(tuple(acts), k)
 
 

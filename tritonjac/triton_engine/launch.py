@@ -215,7 +215,8 @@ def launch_autotuned(name: str, grid, args: dict, key: str, device: torch.device
     table's entry, else what autotuning chose for this key in this process, else the first fitting
     candidate."""
     gpu = device_name(device.index or 0)
-    if tuning.autotuning_enabled() and tuning.shipped_config(name, key, gpu) is None:
+    shipped, autotuning = tuning.shipped_config(name, key, gpu), tuning.autotuning_enabled()
+    if autotuning and shipped is None:
         for observe in _observers:  # a GPU autotunes this launch (the interpreter takes a fixed choice)
             observe(name, args, None)
     if interpreting():
@@ -223,10 +224,10 @@ def launch_autotuned(name: str, grid, args: dict, key: str, device: torch.device
         # recorded as the choice, so a dry run of the GPU check writes a table of the GPU's shape
         tuning.record_tuned(name, key, gpu, config)
     else:
-        config = tuning.shipped_config(name, key, gpu)
+        config = shipped
         if config is None and is_traced:
             config = tuning.tuned_config(name, key, gpu)
-        if config is None and (is_traced or not tuning.autotuning_enabled()):
+        if config is None and (is_traced or not autotuning):
             config = registry.candidates(name, args)[0]
     if config is None:
         tuned = _autotuned(name, _autotuner_factory)
