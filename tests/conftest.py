@@ -1,5 +1,5 @@
 """Fixtures (the shared helpers are in helpers.py): the interpreter switched on, seeds, precision,
-poisoned outputs, the kernels a test ran.
+guarded kernel buffers, the kernels a test ran.
 
 Without a GPU the Triton kernels run in Triton's CPU interpreter, which must be switched on before
 triton is imported: that happens here, first thing (unless TRITON_INTERPRET is already set).
@@ -43,13 +43,26 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture
-def poisoned_outputs():
-    """Every tensor the Triton launchers allocate starts as NaN, so an unwritten element fails."""
-    from tritonjac.triton_engine import launch
+@pytest.fixture(autouse=True)
+def guarded_buffers():
+    """Every buffer the Triton launchers allocate (outputs and workspaces) is poisoned and fenced
+    by guard rows; a guard row written or an output element left unwritten fails the test (checked
+    at the end of its call, below)."""
+    from tritonjac.triton_engine import guards, launch
 
-    with launch.use_allocator(lambda like, *shape: like.new_full(shape, float("nan"))):
-        yield
+    allocator = guards.GuardedAllocator()
+    with launch.use_allocator(allocator):
+        yield allocator
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """After the test function: the guard check, as part of the test (a failure, not an error)."""
+    result = yield
+    allocator = pyfuncitem.funcargs.get("guarded_buffers")
+    if allocator is not None:
+        allocator.check()
+    return result
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ pytestmark = [
         TRITON_DEVICE == "cpu" and not INTERPRETING,
         reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported",
     ),
-    pytest.mark.usefixtures("poisoned_outputs", "tf32"),
+    pytest.mark.usefixtures("tf32"),
 ]
 
 # Matmul precision "high": TF32 on GPUs (unit roundoff 4.9e-4), exact fp32 in the interpreter. The

@@ -1,8 +1,9 @@
 """The Triton forward kernels against the analytic engine in float64.
 
 Without a GPU these run in Triton's interpreter on CPU tensors (conftest switches it on); on a GPU
-machine the same tests run the compiled kernels on CUDA tensors. Every output the launchers allocate
-starts as NaN (`poisoned_outputs`), so an element a kernel forgets to write fails the comparison.
+machine the same tests run the compiled kernels on CUDA tensors. Every buffer the launchers allocate
+is poisoned and fenced by guard rows (conftest's `guarded_buffers`): an element a kernel forgets to
+write, or a write past a buffer's end, fails the test.
 """
 
 import copy
@@ -24,7 +25,6 @@ pytestmark = [
         TRITON_DEVICE == "cpu" and not INTERPRETING,
         reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported",
     ),
-    pytest.mark.usefixtures("poisoned_outputs"),
 ]
 
 # Per float32 matmul setting: "highest" is fp32-accurate (3xTF32), "high" is TF32 on GPUs.

@@ -56,18 +56,23 @@ def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: 
         raise ValueError("no fused-backward configuration fits these shapes (see fused_backward_available)")
     block_m = config.kwargs["BLOCK_M"]
     num_programs = tuning.fused_backward_programs(triton.cdiv(P, block_m), sm_count(x2d.device.index or 0))
-    f32 = dict(device=x2d.device, dtype=torch.float32)
-    slabs = dict(
-        gw_first_ptr=torch.zeros(num_programs, width, d_in, **f32),
-        gb_first_ptr=torch.zeros(num_programs, width, **f32),
-        gw_hidden_ptr=torch.zeros(num_programs, max(num_hidden, 1), width, width, **f32),
-        gb_hidden_ptr=torch.zeros(num_programs, max(num_hidden, 1), width, **f32),
-        gw_last_ptr=torch.zeros(num_programs, d_out, width, **f32),
-        gb_last_ptr=torch.zeros(num_programs, d_out, **f32),
+    shapes = dict(
+        gw_first_ptr=(width, d_in),
+        gb_first_ptr=(width,),
+        gw_hidden_ptr=(max(num_hidden, 1), width, width),
+        gb_hidden_ptr=(max(num_hidden, 1), width),
+        gw_last_ptr=(d_out, width),
+        gb_last_ptr=(d_out,),
     )
+    # one fp32 partial-sum slab per program, which the kernel adds into
+    slabs = {
+        name: allocate(f"fused {name[:-4]} slabs", x2d, num_programs, *shape, dtype=torch.float32, zeroed=True)
+        for name, shape in shapes.items()
+    }
     tile_rows = block_m * constexprs["SLOTS"]
-    workspace = torch.empty(num_programs, num_hidden + 1, tile_rows, constexprs["WIDTH_PAD"], **f32)
-    gx = allocate(x2d, P, d_in) if need_x else None
+    ws_shape = (num_hidden + 1, tile_rows, constexprs["WIDTH_PAD"])
+    workspace = allocate("fused workspace", x2d, num_programs, *ws_shape, dtype=torch.float32)
+    gx = allocate("dLoss/dx", x2d, P, d_in) if need_x else None
     gx_arg = gx if gx is not None else x2d
     gy_arg = gy if gy is not None else x2d
     gj_arg = gJ if gJ is not None else x2d.view(P, 1, d_in)
@@ -119,7 +124,7 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     f32 = dict(device=x2d.device, dtype=torch.float32)
     grad_W = [torch.zeros(W.shape, **f32) for W in weights]
     grad_b = [None if b is None else torch.zeros(b.shape, **f32) for b in biases]
-    gx = allocate(x2d, *x2d.shape) if need_x else None
+    gx = allocate("dLoss/dx", x2d, *x2d.shape) if need_x else None
     arch = device_arch(x2d)
     fwd_cfg = tuning.recompute_config(num_slots, arch)
     widths = [W.shape[0] for W in weights]
@@ -138,8 +143,8 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
             a, a_strides = xc, (xc.stride(0), 0, xc.stride(1))
             for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
                 d_out, d_in = W.shape
-                A = x2d.new_empty(C, rows, d_out)
-                Z = torch.empty(C, rows, d_out, **f32)
+                A = allocate(f"recomputed [h; T] of layer {l}", x2d, C, rows, d_out)
+                Z = allocate(f"recomputed [z; U] of layer {l}", x2d, C, rows, d_out, dtype=torch.float32)
                 args = layer_args(
                     a,
                     a_strides,
@@ -177,8 +182,12 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                 slots_a = num_slots if live_a > 1 else 1
                 propagate_cfg, wgrad_cfg = tuning.layer_backward_configs(arch, precision, num_slots, slots_a)
                 splits, per_split = tuning.weight_grad_splits(C, wgrad_cfg.kwargs["BLOCK_P"])
-                gw_part = torch.empty(splits, d_out, d_in, **f32)
-                gb_part = torch.empty(splits, d_out, **f32)
+                gw_part = allocate(f"weight-gradient splits of layer {l}", x2d, splits, *W.shape, dtype=torch.float32)
+                gb_part = (
+                    allocate(f"bias-gradient splits of layer {l}", x2d, splits, d_out, dtype=torch.float32)
+                    if biases[l] is not None
+                    else gw_part  # not written without a bias
+                )
                 grid = (
                     triton.cdiv(d_out, wgrad_cfg.kwargs["BLOCK_N"]),
                     triton.cdiv(d_in, wgrad_cfg.kwargs["BLOCK_K"]),
@@ -218,7 +227,11 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                 # propagate: G_Z of the previous layer, or dLoss/dx after the first
                 if l == 0 and not need_x:
                     break
-                out = gx[start : start + chunk] if l == 0 else torch.empty(C, rows, d_in, **f32)
+                out = (
+                    gx[start : start + chunk]
+                    if l == 0
+                    else allocate(f"dLoss/d[z; U] of layer {l - 1}", x2d, C, rows, d_in, dtype=torch.float32)
+                )
                 prev_act = spec.activations[l - 1] if l > 0 else spec.activations[0]
                 z_prev = Zs[l - 1] if l > 0 else G
                 grid = (

@@ -29,8 +29,8 @@ def mlp_forward(x2d: torch.Tensor, weights, biases, spec: NetworkSpec, *, jacobi
     check_dtype(x2d.dtype)
     P = x2d.shape[0]
     d_out, k = weights[-1].shape[0], spec.jacobian_inputs
-    y = allocate(x2d, P, d_out)
-    J = allocate(x2d, P, d_out, k) if jacobian else None
+    y = allocate("y", x2d, P, d_out)
+    J = allocate("J", x2d, P, d_out, k) if jacobian else None
     if P == 0:
         return y, J
     precision = matmul_precision(x2d.dtype)
@@ -171,7 +171,7 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):
             h_strides = (y.stride(0), y.stride(1))
             t_strides = (J.stride(0), J.stride(2), J.stride(1)) if jacobian else (0, 0, 0)
         else:  # [h; T] as (P, 1+k, d_out) in the compute dtype
-            buf = allocate(x, P, rows, d_out)
+            buf = allocate(f"[h; T] of layer {l}", x, P, rows, d_out)
             h, t = buf, buf[:, 1:] if jacobian else buf
             h_strides = (buf.stride(0), buf.stride(2))
             t_strides = (buf.stride(0), buf.stride(1), buf.stride(2))

@@ -1,7 +1,7 @@
 """Launch plumbing shared by the forward and backward launchers.
 
-- `allocate`: every tensor a kernel writes comes from here (tests and the GPU check install an
-  allocator that poisons them, `use_allocator`).
+- `allocate`: every tensor a kernel writes comes from here, outputs and workspaces (tests and the
+  GPU check install `guards.GuardedAllocator`, which fences each in poisoned guard rows).
 - `run_kernel`: the one place kernels are launched; `launch_autotuned` resolves the configuration
   of the autotuned forward kernels first (interpreter, shipped table, tuned, fixed, or autotune).
 - `add_launch_observer`: callbacks told about every launch (the GPU check counts compiles).
@@ -45,20 +45,23 @@ __all__ = [
 
 
 # ---- buffers ---------------------------------------------------------------------------------------
-def _empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    return like.new_empty(shape)
+def _empty(what: str, like: torch.Tensor, shape: tuple, dtype: torch.dtype, zeroed: bool) -> torch.Tensor:
+    return like.new_zeros(shape, dtype=dtype) if zeroed else like.new_empty(shape, dtype=dtype)
 
 
 _allocator: Callable[..., torch.Tensor] = _empty
 
 
-def allocate(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    """A tensor of `like`'s dtype and device that a kernel will write (outputs, not workspaces)."""
-    return _allocator(like, *shape)
+def allocate(what: str, like: torch.Tensor, *shape: int, dtype: torch.dtype | None = None, zeroed: bool = False):
+    """A tensor on `like`'s device (of `like`'s dtype unless `dtype`) that a kernel writes: outputs
+    and workspaces alike. `zeroed`: partial sums the kernel adds into (start at zero; need not be
+    written everywhere); otherwise the kernels must write every element. `what` names it in reports."""
+    return _allocator(what, like, tuple(shape), dtype or like.dtype, zeroed)
 
 
 def set_allocator(allocator: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Make `allocate` call allocator(like, *shape) (e.g. NaN-filled buffers); returns the previous one."""
+    """Make `allocate` call allocator(what, like, shape, dtype, zeroed) (e.g. `guards.GuardedAllocator`);
+    returns the previous one."""
     global _allocator
     previous, _allocator = _allocator, allocator
     return previous

@@ -1,0 +1,132 @@
+"""Plant known, realistic bugs in the kernels and launchers one at a time, and check that the tests
+catch each one. A bug no test catches means a test is missing.
+
+    python dev/plant_bugs.py                 # every bug, stopping at each one's first failing test
+    python dev/plant_bugs.py --all softplus  # one bug (by name fragment), counting every failing test
+
+Each bug is a one-line source edit, undone afterwards whatever happens (the files are restored from
+memory; `git diff` shows nothing once it finishes). The tests run under Triton's interpreter, as in
+CI. These are the bugs a review planted that the suite used to let through, plus their neighbours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNEL_TESTS = [
+    "tests/test_triton_forward.py",
+    "tests/test_triton_backward.py",
+    "tests/test_strided_inputs.py",
+    "tests/test_compile.py",
+]
+
+
+@dataclass
+class Bug:
+    name: str
+    path: str
+    old: str
+    new: str
+    what: str
+
+
+BUGS = [
+    Bug(
+        "fused-backward-contiguous-x",
+        "tritonjac/triton_engine/backward.py",
+        "stride_xp=x2d.stride(0),\n        stride_xf=x2d.stride(1),",
+        "stride_xp=d_in,\n        stride_xf=1,",
+        "the fused backward told that x is contiguous (strides hard-wired)",
+    ),
+    Bug(
+        "forward-mask-off-by-one",
+        "kernels/forward.py",
+        "    m_p = o_p < num_points\n    o_s = tl.arange(0, SLOTS)\n    Z = first_layer(",
+        "    m_p = o_p <= num_points\n    o_s = tl.arange(0, SLOTS)\n    Z = first_layer(",
+        "the whole-network forward writes one row past the end of y and J",
+    ),
+    Bug(
+        "layer-forward-mask-off-by-one",
+        "kernels/forward.py",
+        "    m_p = o_p < num_points\n    o_n = i_n * BLOCK_N",
+        "    m_p = o_p <= num_points\n    o_n = i_n * BLOCK_N",
+        "the per-layer forward writes one row past the end of its outputs",
+    ),
+    Bug(
+        "weight-grad-split-drops-last-point",
+        "kernels/backward.py",
+        "stop = tl.minimum(start + points_per_split, num_points)",
+        "stop = tl.minimum(start + points_per_split, num_points - 1)",
+        "the per-layer weight gradient leaves out the last point",
+    ),
+    Bug(
+        "softplus-second-derivative-loses-beta",
+        "kernels/activations.py",
+        "d2s = tl.where(linear, 0.0, PARAM * q * q_neg)",
+        "d2s = tl.where(linear, 0.0, q * q_neg)",
+        "softplus's s'' without its factor beta (only a loss on J sees it)",
+    ),
+    Bug(
+        "chunked-backward-wrong-dy-slice",
+        "tritonjac/triton_engine/backward.py",
+        "G[:, 0] = gy[start : start + chunk]",
+        "G[:, 0] = gy[: xc.shape[0]]",
+        "every chunk of the per-layer backward reads the first chunk's dLoss/dy",
+    ),
+]
+
+
+def run_tests(all_failures: bool) -> tuple[bool, str]:
+    """Run the kernel tests; (caught, the failing tests and the first failure's message)."""
+    args = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", *KERNEL_TESTS]
+    if not all_failures:
+        args.append("-x")
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    failed = [line for line in lines if re.match(r"(FAILED|ERROR) ", line)]
+    message = [line for line in lines if line.startswith("E ")][:6]
+    if proc.returncode not in (0, 1) and not failed:  # 2 is -x stopping the workers early
+        failed.append(f"pytest exit code {proc.returncode}: {proc.stdout[-500:]}{proc.stderr[-500:]}")
+    return proc.returncode != 0, "\n".join(failed + message)
+
+
+def plant(bug: Bug, all_failures: bool) -> bool:
+    path = ROOT / bug.path
+    original = path.read_text()
+    if original.count(bug.old) != 1:
+        raise SystemExit(f"{bug.name}: the text to replace occurs {original.count(bug.old)} times in {bug.path}")
+    start = time.time()
+    try:
+        path.write_text(original.replace(bug.old, bug.new))
+        caught, failures = run_tests(all_failures)
+    finally:
+        path.write_text(original)
+    verdict = "caught" if caught else "NOT CAUGHT"
+    print(f"{bug.name}: {verdict} in {time.time() - start:.0f} s ({bug.what})")
+    for line in failures.splitlines()[:20]:
+        print(f"    {line[:300]}")
+    return caught
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="fragments of bug names to plant (default: all)")
+    parser.add_argument("--all", action="store_true", help="run every test instead of stopping at the first failure")
+    options = parser.parse_args()
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    bugs = [b for b in BUGS if not options.names or any(n in b.name for n in options.names)]
+    missed = [b.name for b in bugs if not plant(b, options.all)]
+    print(f"{len(bugs) - len(missed)} of {len(bugs)} planted bugs caught" + (f"; missed: {missed}" if missed else ""))
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
