@@ -9,9 +9,17 @@ import pytest
 import torch
 
 import tritonjac
-from helpers import INTERPRETING, TOLERANCE, TRITON_DEVICE, func_jacobian, rel_err, triton_gradient_tolerance
+from helpers import (
+    INTERPRETING,
+    TOLERANCE,
+    TRITON_DEVICE,
+    assert_close,
+    func_jacobian,
+    triton_gradient_tolerance,
+)
 from tritonjac.activations import ACTIVATION_NAMES
 from tritonjac.triton_engine import tuning
+from tritonjac.triton_engine.plans import slots
 
 pytestmark = [
     pytest.mark.skipif(
@@ -77,14 +85,39 @@ def grads_of(model, x, loss_on):
     return [x.grad] + [p.grad for p in model.parameters()]
 
 
+def parameter_names(model):
+    return ["x"] + [name for name, _ in model.named_parameters()]
+
+
 def check_gradients(ours, reference, N, loss_on, x=None, tolerance=None):
     x = torch.randn(N, reference.in_features, dtype=torch.float64) if x is None else x
     got = grads_of(ours, x.to(device=TRITON_DEVICE, dtype=torch.float32), loss_on)
     want = grads_of(reference, x, loss_on)
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want)):
-        assert g is not None and g.dtype == torch.float32
-        assert rel_err(g.cpu().double(), w) < (tolerance or GRADIENT_TOLERANCE), f"gradient {i} (0 is x)"
+    for name, g, w in zip(parameter_names(reference), got, want, strict=True):
+        assert g is not None and g.dtype == torch.float32, f"gradient of {name}: {g}"
+        assert_close(g, w, tolerance or GRADIENT_TOLERANCE, f"gradient of {name}")
+
+
+def func_gradients(model, x, loss):
+    """Gradients of loss(y, J) w.r.t. x and every parameter through autograd over torch.func's
+    Jacobian of the plain nn.Sequential, in float64: independent of both engines."""
+    seq = copy.deepcopy(model.to_sequential()).double().cpu()
+    xr = x.detach().double().cpu().clone().requires_grad_()
+    y, J = func_jacobian(seq, xr)
+    inputs = [xr, *seq.parameters()]  # a loss on J alone does not reach the last bias: zero
+    value = loss(y, J[..., : model.jacobian_inputs])
+    return torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True)
+
+
+def check_against_torch_func(ours, x, loss, tolerance=None):
+    """ours (a Triton-backend model) against `func_gradients` for x and every parameter."""
+    xt = x.to(device=TRITON_DEVICE, dtype=torch.float32).requires_grad_()
+    for p in ours.parameters():
+        p.grad = None
+    loss(*ours(xt)).backward()
+    got = [xt.grad] + [p.grad for p in ours.parameters()]
+    for name, g, w in zip(parameter_names(ours), got, func_gradients(ours, x, loss), strict=True):
+        assert_close(g, w, tolerance or GRADIENT_TOLERANCE, f"gradient of {name}")
 
 
 @pytest.mark.parametrize("loss_on", ["y", "J", "both"])
@@ -131,15 +164,62 @@ def test_shapes_per_layer(d_in, hidden, d_out, k, kernels_run):
     assert not ran_fused(kernels_run)
 
 
-def test_per_layer_in_chunks_bias_mixed_and_deterministic(monkeypatch, kernels_run):
-    monkeypatch.setattr(tuning, "LAYERS_BACKWARD_CHUNK_BYTES", 20_000)  # several chunks of points
-    ours, reference = make_pair(3, [40, 24], 3, "gelu")
-    for model in (ours, reference):
-        model.linear_layers[1].bias = None
-    check_gradients(ours, reference, 150, "both")
-    x = torch.randn(150, 3, device=TRITON_DEVICE)
-    first = [g.clone() for g in grads_of(ours, x, "both")]
-    assert all(torch.equal(a, b) for a, b in zip(first, grads_of(ours, x, "both")))
+@pytest.mark.parametrize("loss_on", ["y", "J", "both"])
+def test_per_layer_in_chunks(loss_on, monkeypatch, kernels_run):
+    """Several chunks of points (each recomputes its forward and reads its own slice of dLoss/dy
+    and dLoss/dJ), a layer without bias, torch.func as the oracle; bit-identical when repeated."""
+    monkeypatch.setattr(tuning, "LAYERS_BACKWARD_CHUNK_BYTES", 20_000)
+    ours, _ = make_pair(3, [40, 24], 3, "gelu")
+    ours.linear_layers[1].bias = None
+    x = torch.randn(150, 3, dtype=torch.float64)
+    check_against_torch_func(ours, x, lambda y, J: loss_of(y, J, loss_on))
+    assert not ran_fused(kernels_run)
+    assert kernels_run.count("layer_weight_grad") >= 3 * len(ours.linear_layers), "expected several chunks"
+    xt = x.to(device=TRITON_DEVICE, dtype=torch.float32)
+    first = [g.clone() for g in grads_of(ours, xt, loss_on)]
+    assert all(torch.equal(a, b) for a, b in zip(first, grads_of(ours, xt, loss_on), strict=True))
+
+
+@pytest.mark.parametrize("hidden", [[32, 32], [40, 24]], ids=["network", "layers"])
+def test_each_point_counts_once(hidden, kernels_run):
+    """A loss on one point at a time (the first, the last, either side of a block and of a weight-
+    gradient split): a kernel that skips a point, counts it twice or reads another point's dLoss is
+    wrong by 100% there, whatever the tolerance."""
+    P = 300
+    ours, _ = make_pair(3, hidden, 3, "tanh")
+    x = torch.randn(P, 3, dtype=torch.float64)
+    num_slots = slots(3, True)
+    _, weight_grad = tuning.layer_backward_configs(90, "tf32", num_slots, num_slots)
+    _, per_split = tuning.weight_grad_splits(P, weight_grad.kwargs["BLOCK_P"])
+    generator = torch.Generator().manual_seed(2)
+    wy, wJ = torch.randn(3, generator=generator), torch.randn(3, 3, generator=generator)
+    for p in sorted({0, 15, 16, per_split - 1, per_split, P - 1}):
+
+        def loss(y, J, p=p):
+            return (y[p] * wy.to(y)).sum() + (J[p] * wJ.to(J)).sum() + 0.5 * J[p].square().sum()
+
+        check_against_torch_func(ours, x, loss)
+    assert ran_fused(kernels_run) == (hidden == [32, 32])
+
+
+# Activation parameters away from their defaults, each with a loss on J (which reaches s'') on both
+# plans: softplus beta and threshold (crossed by these inputs), sine's w0, leaky_relu's slope.
+ACTIVATION_PARAMETERS = {
+    "softplus-beta3-threshold5": torch.nn.Softplus(beta=3.0, threshold=5.0),
+    "softplus-beta0.5-threshold2": torch.nn.Softplus(beta=0.5, threshold=2.0),
+    "sine-w0-7": tritonjac.Sine(7.0),
+    "leaky_relu-0.2": torch.nn.LeakyReLU(0.2),
+}
+
+
+@pytest.mark.parametrize("loss_on", ["J", "both"])
+@pytest.mark.parametrize("hidden", [[32, 32], [40, 24]], ids=["network", "layers"])
+@pytest.mark.parametrize("act", list(ACTIVATION_PARAMETERS))
+def test_activation_parameters(act, hidden, loss_on, kernels_run):
+    ours, _ = make_pair(3, hidden, 2, ACTIVATION_PARAMETERS[act])
+    x = 2.0 * torch.randn(63, 3, dtype=torch.float64)
+    check_against_torch_func(ours, x, lambda y, J: loss_of(y, J, loss_on))
+    assert ran_fused(kernels_run) == (hidden == [32, 32])
 
 
 def test_per_layer_backward_takes_few_large_chunks():
@@ -171,11 +251,11 @@ def test_strided_biases(hidden):
     y, J = tritonjac.mlp_jacobian(xt, weights, views, ["tanh", "tanh", None], backend="triton")
     loss_of(y, J, "both").backward()
     want = grads_of(reference, x, "both")  # x, then weight and bias of each layer
-    assert rel_err(y.detach().cpu().double(), reference(x)[0].detach()) < GRADIENT_TOLERANCE
-    assert rel_err(xt.grad.cpu().double(), want[0]) < GRADIENT_TOLERANCE
+    assert_close(y, reference(x)[0], GRADIENT_TOLERANCE, "y")
+    assert_close(xt.grad, want[0], GRADIENT_TOLERANCE, "gradient of x")
     for l, layer in enumerate(ours.linear_layers):
-        assert rel_err(layer.weight.grad.cpu().double(), want[1 + 2 * l]) < GRADIENT_TOLERANCE, f"weight {l}"
-        assert rel_err(layer.bias.grad[:, 0].cpu().double(), want[2 + 2 * l]) < GRADIENT_TOLERANCE, f"bias {l}"
+        assert_close(layer.weight.grad, want[1 + 2 * l], GRADIENT_TOLERANCE, f"gradient of weight {l}")
+        assert_close(layer.bias.grad[:, 0], want[2 + 2 * l], GRADIENT_TOLERANCE, f"gradient of bias {l}")
         assert torch.all(layer.bias.grad[:, 1] == 0)
 
 
@@ -190,6 +270,7 @@ def test_activation_on_the_last_layer(last, loss_on, kernels_run):
 def test_softplus_beta_100_across_the_threshold(kernels_run):
     ours, reference = make_pair(3, [64] * 4, 3, torch.nn.Softplus(beta=100.0))
     check_gradients(ours, reference, 200, "both")
+    assert ran_fused(kernels_run)
 
 
 @pytest.mark.parametrize("width", [1, 3, 16, 48, 64, 100])
@@ -218,11 +299,13 @@ def test_in_out_features_and_tangents(d_in, d_out, k, kernels_run):
 def test_point_counts(N, kernels_run):
     ours, reference = make_pair(3, [32, 32], 3, "softplus")
     check_gradients(ours, reference, N, "both")
+    assert ran_fused(kernels_run)
 
 
 def test_without_bias(kernels_run):
     ours, reference = make_pair(3, [32, 32], 3, "tanh", bias=False)
     check_gradients(ours, reference, 63, "both")
+    assert ran_fused(kernels_run)
 
 
 def test_mixed_bias(kernels_run):
@@ -230,24 +313,21 @@ def test_mixed_bias(kernels_run):
     for model in (ours, reference):
         model.linear_layers[1].bias = None
     check_gradients(ours, reference, 63, "both")
+    assert ran_fused(kernels_run)
 
 
 def test_non_contiguous_points_and_leading_shapes(kernels_run):
     ours, reference = make_pair(3, [32, 32], 3, "sigmoid")
     x = torch.randn(2, 3, 40, dtype=torch.float64).transpose(-1, -2)  # (2, 40, 3), non-contiguous
     check_gradients(ours, reference, None, "both", x=x)
+    assert ran_fused(kernels_run)
 
 
-def test_against_autograd_through_torch_func(kernels_run):
-    ours, _ = make_pair(3, [32, 32], 3, "softplus")
-    seq = copy.deepcopy(ours.to_sequential()).double().cpu()
-    x = torch.randn(50, 3, dtype=torch.float64)
-    got = grads_of(ours, x.to(device=TRITON_DEVICE, dtype=torch.float32), "both")
-    xr = x.clone().requires_grad_()
-    y, J = func_jacobian(seq, xr)
-    want = torch.autograd.grad(loss_of(y, J, "both"), [xr, *seq.parameters()])
-    for g, w in zip(got, want):
-        assert rel_err(g.cpu().double(), w) < GRADIENT_TOLERANCE
+@pytest.mark.parametrize("hidden", [[32, 32], [40, 24]], ids=["network", "layers"])
+def test_against_autograd_through_torch_func(hidden, kernels_run):
+    ours, _ = make_pair(3, hidden, 3, "softplus")
+    check_against_torch_func(ours, torch.randn(50, 3, dtype=torch.float64), lambda y, J: loss_of(y, J, "both"))
+    assert ran_fused(kernels_run) == (hidden == [32, 32])
 
 
 def test_deterministic():
@@ -273,7 +353,7 @@ def test_frozen_parameters_and_inputs_without_grad(kernels_run):
         if b.grad is None:
             assert a.grad is None
         else:
-            assert rel_err(a.grad.cpu().double(), b.grad) < GRADIENT_TOLERANCE
+            assert_close(a.grad, b.grad, GRADIENT_TOLERANCE, "gradient")
     assert ran_fused(kernels_run)
 
 
@@ -304,9 +384,9 @@ def test_half_precision_gradients(dtype, plan, kernels_run):
     got = grads_of(ours, x.to(TRITON_DEVICE), "both")
     want = grads_of(reference, x.double(), "both")
     unit = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
-    for g, w in zip(got, want):
-        assert g.dtype == dtype
-        assert rel_err(g.cpu().double(), w) < 16 * unit  # a few roundings per layer, three layers
+    for name, g, w in zip(parameter_names(reference), got, want, strict=True):
+        assert g.dtype == dtype, name
+        assert_close(g, w, 16 * unit, f"gradient of {name}")  # a few roundings per layer, three layers
     assert ran_fused(kernels_run) == (plan == "network")
 
 
