@@ -18,7 +18,17 @@ os.environ.setdefault("TRITONJAC_AUTOTUNE", "0")
 import pytest  # noqa: E402
 
 import tritonjac  # noqa: E402, F401  (after TRITON_INTERPRET is set)
-from helpers import INTERPRETING, TRITON_DEVICE  # noqa: E402, F401
+from helpers import INTERPRETING, TRITON_DEVICE  # noqa: E402
+
+
+def pytest_configure(config):
+    """No silent skipping: on a machine without a GPU the kernel tests run in the interpreter, and a
+    session that could run neither (TRITON_INTERPRET=0 set by hand) stops here instead."""
+    if TRITON_DEVICE == "cpu" and not INTERPRETING:
+        raise pytest.UsageError(
+            "no CUDA GPU and TRITON_INTERPRET is off: every Triton kernel test would be skipped. "
+            "Unset TRITON_INTERPRET (the tests then switch the interpreter on) or run on a GPU machine."
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ import torch
 
 import tritonjac
 from helpers import (
-    INTERPRETING,
     TOLERANCE,
     TRITON_DEVICE,
     assert_close,
@@ -22,10 +21,6 @@ from tritonjac.triton_engine import tuning
 from tritonjac.triton_engine.plans import slots
 
 pytestmark = [
-    pytest.mark.skipif(
-        TRITON_DEVICE == "cpu" and not INTERPRETING,
-        reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported",
-    ),
     pytest.mark.usefixtures("tf32"),
 ]
 

@@ -12,20 +12,15 @@ import pytest
 import torch
 
 import tritonjac
-from helpers import INTERPRETING, TRITON_DEVICE, assert_close, rel_err
 from helpers import TOLERANCE as TABLE
+from helpers import TRITON_DEVICE, assert_close, rel_err
 from tritonjac import triton_engine
 from tritonjac.activations import ACTIVATION_NAMES
 from tritonjac.network import make_spec
 from tritonjac.precision import matmul_precision
 from tritonjac.triton_engine import launch
 
-pytestmark = [
-    pytest.mark.skipif(
-        TRITON_DEVICE == "cpu" and not INTERPRETING,
-        reason="needs a GPU or TRITON_INTERPRET=1 before triton is imported",
-    ),
-]
+pytestmark = []
 
 # Per float32 matmul setting: "highest" is fp32-accurate (3xTF32), "high" is TF32 on GPUs.
 TOLERANCE = {"highest": TABLE["float32"], "high": TABLE["tf32"]}
