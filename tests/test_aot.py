@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+
 import pytest
 
 
