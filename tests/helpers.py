@@ -76,6 +76,17 @@ def func_jacobian(f, x2d):
     return y, J
 
 
+def func_gradients(f, x, loss, params, k=None):
+    """Gradients of loss(y, J) w.r.t. x and each of params, with y and J of the per-point function f
+    at the rows of x (..., d_in) by torch.func, J restricted to the first k inputs: the tests' oracle
+    for every backward. A parameter the loss does not reach gets a zero gradient."""
+    x = x.detach().clone().requires_grad_()
+    y, J = func_jacobian(f, x.reshape(-1, x.shape[-1]))
+    y, J = y.reshape(*x.shape[:-1], y.shape[-1]), J.reshape(*x.shape[:-1], *J.shape[-2:])
+    J = J if k is None else J[..., :k]
+    return torch.autograd.grad(loss(y, J), [x, *params], allow_unused=True, materialize_grads=True)
+
+
 def func_reference(f, x2d, k):
     """torch.func's y and J of f at the rows of x2d, J restricted to the first k inputs."""
     y, J = func_jacobian(f, x2d)

@@ -2,6 +2,7 @@
 tiny sizes, bringing back what a lease brings back (at most 8 files, 2 folders down, plain names,
 16 MiB each) with a summary that parses, and keeping finished cases when a step is killed."""
 
+import copy
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_close, sequential_reference
 from tritonjac.activations import ACTIVATION_NAMES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -151,17 +153,21 @@ def test_precompile_workers_launch_their_slice_of_the_candidates(monkeypatch, tf
     monkeypatch.setattr(launch, "interpreting", lambda: False)  # take the autotuning path
     monkeypatch.setattr(launch, "check_device", lambda x: None)
     monkeypatch.setattr(launch, "device_name", lambda index: "Precompile GPU")
-    outputs = []
+    outputs, x_used = [], {}
 
     def build_and_run(train):
         model = tritonjac.JacobianMLP(3, [16, 16], 3, "tanh", backend="triton")
+        x = torch.randn(40, 3)
+        x_used[id(model)] = x.double()
         with torch.no_grad():
-            outputs.append((model(torch.randn(40, 3)), model))
+            outputs.append((model(x), model))
 
     assert gpu_check._precompile_worker(build_and_run, 0, 2) == 2  # candidates 0 and 2
     assert gpu_check._precompile_worker(build_and_run, 1, 2) == 1  # candidate 1
-    for (y, J), _model in outputs:
-        assert torch.isfinite(y).all() and torch.isfinite(J).all()
+    for (y, J), model in outputs:  # each candidate computed the right values
+        y_ref, J_ref = sequential_reference(copy.deepcopy(model.to_sequential()).double(), x_used[id(model)], 3)
+        assert_close(y, y_ref, "float32", "y")  # the interpreter's exact fp32 dots
+        assert_close(J, J_ref, "float32", "J")
 
 
 def test_steps_beyond_the_calls_budget_are_skipped_and_reported(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import tritonjac
-from helpers import assert_close, func_reference, make_mlp
+from helpers import assert_close, func_gradients, func_reference, make_mlp
 from tritonjac.activations import REGISTRY
 
 LOSSES = {
@@ -99,9 +99,19 @@ def test_gradients_reach_conv_parameters():
     model = tritonjac.JacobianMLP.from_module(seq)
     x = torch.randn(2, 3, 5, dtype=torch.float64)
     y, J = model(x)
-    (y.square().sum() + J.square().sum()).backward()
-    for p in seq.parameters():
-        assert p.grad is not None and p.grad.shape == p.shape and p.grad.abs().sum() > 0
+
+    def loss(y, J):
+        return y.square().sum() + J.square().sum()
+
+    loss(y, J).backward()
+
+    def per_point(p):
+        return seq(p[None, :, None])[0, :, 0]
+
+    points = x.transpose(1, 2).reshape(-1, 3)
+    wanted = func_gradients(per_point, points, loss, list(seq.parameters()))[1:]
+    for (name, p), want in zip(seq.named_parameters(), wanted, strict=True):
+        assert_close(p.grad, want, "float64", f"gradient of {name}")
 
 
 def test_only_requested_gradients_and_frozen_parameters():
@@ -111,7 +121,9 @@ def test_only_requested_gradients_and_frozen_parameters():
     y, J = model(x)
     J.square().sum().backward()
     assert model.linear_layers[0].weight.grad is None
-    assert model.linear_layers[1].weight.grad is not None
+    seq = model.to_sequential()
+    wanted = func_gradients(seq, x, lambda y, J: J.square().sum(), [model.linear_layers[1].weight])
+    assert_close(model.linear_layers[1].weight.grad, wanted[1], "float64", "gradient of the second weight")
 
 
 def test_no_grad_records_nothing():

@@ -13,7 +13,7 @@ from helpers import (
     TOLERANCE,
     TRITON_DEVICE,
     assert_close,
-    func_jacobian,
+    func_gradients,
     triton_gradient_tolerance,
 )
 from tritonjac.activations import ACTIVATION_NAMES
@@ -93,15 +93,10 @@ def check_gradients(ours, reference, N, loss_on, x=None, tolerance=None):
         assert_close(g, w, tolerance or GRADIENT_TOLERANCE, f"gradient of {name}")
 
 
-def func_gradients(model, x, loss):
-    """Gradients of loss(y, J) w.r.t. x and every parameter through autograd over torch.func's
-    Jacobian of the plain nn.Sequential, in float64: independent of both engines."""
+def oracle_gradients(model, x, loss):
+    """`helpers.func_gradients` of the model's plain nn.Sequential in float64: independent of both engines."""
     seq = copy.deepcopy(model.to_sequential()).double().cpu()
-    xr = x.detach().double().cpu().clone().requires_grad_()
-    y, J = func_jacobian(seq, xr)
-    inputs = [xr, *seq.parameters()]  # a loss on J alone does not reach the last bias: zero
-    value = loss(y, J[..., : model.jacobian_inputs])
-    return torch.autograd.grad(value, inputs, allow_unused=True, materialize_grads=True)
+    return func_gradients(seq, x.double().cpu(), loss, list(seq.parameters()), model.jacobian_inputs)
 
 
 def check_against_torch_func(ours, x, loss, tolerance=None):
@@ -111,7 +106,7 @@ def check_against_torch_func(ours, x, loss, tolerance=None):
         p.grad = None
     loss(*ours(xt)).backward()
     got = [xt.grad] + [p.grad for p in ours.parameters()]
-    for name, g, w in zip(parameter_names(ours), got, func_gradients(ours, x, loss), strict=True):
+    for name, g, w in zip(parameter_names(ours), got, oracle_gradients(ours, x, loss), strict=True):
         assert_close(g, w, tolerance or GRADIENT_TOLERANCE, f"gradient of {name}")
 
 
