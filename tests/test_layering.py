@@ -20,6 +20,7 @@ LAYERS = [
         "tritonjac.triton_engine.tuning",
         "tritonjac.triton_engine.registry",
         "tritonjac.triton_engine.launch",
+        "tritonjac.triton_engine.guards",
         "tritonjac.triton_engine.plans",
         "tritonjac.triton_engine.forward",
         "tritonjac.triton_engine.backward",
