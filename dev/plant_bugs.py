@@ -110,9 +110,12 @@ def plant(bug: Bug, all_failures: bool) -> bool:
     finally:
         path.write_text(original)
     verdict = "caught" if caught else "NOT CAUGHT"
-    print(f"{bug.name}: {verdict} in {time.time() - start:.0f} s ({bug.what})")
-    for line in failures.splitlines()[:20]:
-        print(f"    {line[:300]}")
+    failed = [line for line in failures.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    count = f", {len(failed)} failing tests" if all_failures else ""
+    print(f"{bug.name}: {verdict} in {time.time() - start:.0f} s{count} ({bug.what})")
+    messages = [line for line in failures.splitlines() if line.startswith("E ")]
+    for line in (failed[:6] + messages[:4]) if caught else failures.splitlines()[:6]:
+        print(f"    {line[:200]}")
     return caught
 
 

@@ -3,6 +3,7 @@ tiny sizes, bringing back what a lease brings back (at most 8 files, 2 folders d
 16 MiB each) with a summary that parses, and keeping finished cases when a step is killed."""
 
 import copy
+import importlib.util
 import json
 import os
 import re
@@ -72,6 +73,14 @@ def test_dry_run_brings_back_what_a_lease_allows(quick_dry_run):
     assert -1 < order[0] < order[1] < order[2], order
 
 
+def load_gpu_check():
+    """perf/gpu_check.py as a module (it is a script, not part of the package)."""
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
 def test_dry_run_summary_parses_and_covers_every_kernel_path(quick_dry_run):
     out, _ = quick_dry_run
     summary = json.loads((out / "summary.json").read_text())
@@ -88,6 +97,15 @@ def test_dry_run_summary_parses_and_covers_every_kernel_path(quick_dry_run):
         ("layers", "layers"),
     }
     assert {c["precision"] for c in checks} == {"tf32", "tf32x3", "bfloat16", "float16"}
+    # the grid by shapes: strided and broadcast inputs, last-layer activations, non-default activation
+    # parameters, biases absent or mixed, k < in, one output, a y-only per-layer backward
+    assert {c["layout"] for c in checks} == set(load_gpu_check().LAYOUTS)
+    assert {c.get("last") for c in checks} >= {None, "tanh", "sigmoid", "softplus", "sine"}
+    assert {c["act"] for c in checks if c.get("act_args")} >= {"softplus", "leaky_relu", "sine"}
+    assert any(c.get("mixed_bias") for c in checks) and any(c.get("bias") is False for c in checks)
+    assert any(c.get("k") for c in checks) and any(c.get("d_out") == 1 for c in checks)
+    assert any(c["plan"] == "layers" and c["loss"] == "y" for c in checks)
+    assert all(not c["guards"] and c["tolerances"] for c in checks)
     assert {c["act"] for c in checks} >= ACTIVATIONS
     assert {c["loss"] for c in checks} == {"y", "J", "both"} and any(c.get("jacobian") is False for c in checks)
     for label in ("main TF32", "main bf16"):
@@ -136,7 +154,6 @@ def test_a_step_killed_at_its_limit_keeps_its_finished_cases(tmp_path):
 def test_precompile_workers_launch_their_slice_of_the_candidates(monkeypatch, tf32):
     """Worker i of n launches candidates i, i + n, ... of every autotuned launch once (so that Triton
     compiles them into its on-disk cache), and the launch still produces its outputs."""
-    import importlib.util
 
     import torch
     import triton
@@ -144,9 +161,7 @@ def test_precompile_workers_launch_their_slice_of_the_candidates(monkeypatch, tf
     import tritonjac
     from tritonjac.triton_engine import launch, tuning
 
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = load_gpu_check()
     candidates = [triton.Config({"BLOCK_M": bm}, num_warps=4, num_stages=2) for bm in (16, 32, 64)]
     monkeypatch.setattr(tuning, "network_configs", lambda: candidates)
     monkeypatch.setattr(tuning, "current_arch", lambda: 90)  # all three fit at width 16 in TF32
