@@ -6,6 +6,7 @@ function, independent of both engines.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -97,6 +98,15 @@ def func_gradients(f, x, loss, params, k=None):
     y, J = y.reshape(*x.shape[:-1], y.shape[-1]), J.reshape(*x.shape[:-1], *J.shape[-2:])
     J = J if k is None else J[..., :k]
     return torch.autograd.grad(loss(y, J), [x, *params], allow_unused=True, materialize_grads=True)
+
+
+def model_gradients(model, x, loss, dtype=torch.float64, device="cpu"):
+    """`func_gradients` (x first, then every parameter, frozen ones included) through a copy of the
+    model's plain nn.Sequential in `dtype` on `device`: float64 on the CPU is the oracle; float32 or
+    a half dtype on the kernels' device is plain PyTorch as a peer."""
+    seq = copy.deepcopy(model.to_sequential()).to(device=device, dtype=dtype).requires_grad_()
+    x = x.detach().to(device=device, dtype=dtype)
+    return func_gradients(seq, x, loss, list(seq.parameters()), model.jacobian_inputs)
 
 
 def func_reference(f, x2d, k):

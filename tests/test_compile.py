@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import tritonjac
-from helpers import ENGINES, TRITON_DEVICE, assert_close, func_jacobian
+from helpers import ENGINES, TRITON_DEVICE, assert_close, model_gradients, sequential_reference
 from tritonjac.ops.common import bias_arguments
 from tritonjac.ops.opaque import mlp_jacobian_backward_op, mlp_jacobian_op
 
@@ -39,15 +39,6 @@ class Field(nn.Module):
         return y.square().mean() + (J + eye).square().mean()
 
 
-def float64_oracle(mlp, x, loss=None):
-    """y and J of the float64 nn.Sequential by torch.func (and the parameter gradients of loss(y, J))."""
-    seq = copy.deepcopy(mlp.to_sequential()).double().cpu()
-    y, J = func_jacobian(seq, x.detach().double().cpu())
-    if loss is None:
-        return y, J
-    return torch.autograd.grad(loss(x.detach().double().cpu(), y, J), list(seq.parameters()))
-
-
 @pytest.mark.parametrize("backend", ENGINES)
 def test_forward_compiles_fullgraph_and_matches_eager(backend):
     device = TRITON_DEVICE if backend == "triton" else "cpu"
@@ -57,7 +48,7 @@ def test_forward_compiles_fullgraph_and_matches_eager(backend):
     y, J = compiled(x)
     for got, want in zip((y, J), model(x), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    d_ref, J_ref = float64_oracle(model.mlp, x)
+    d_ref, J_ref = sequential_reference(copy.deepcopy(model.mlp.to_sequential()).double(), x.double().cpu(), 3)
     assert_close(y, x.double().cpu() + d_ref, "float32", "compiled y against float64")
     assert_close(J, J_ref, "float32", "compiled J against float64")
 
@@ -75,7 +66,8 @@ def test_training_step_compiles_fullgraph_and_matches_eager(backend):
     for got, p in zip(compiled_grads, model.parameters(), strict=True):
         torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
     # Softplus(beta=10) with a loss on J: the backward needs s'' with its beta
-    wanted = float64_oracle(model.mlp, x, lambda x, d, J: Field.loss_of(x + d, J))
+    x64 = x.double().cpu()
+    wanted = model_gradients(model.mlp, x, lambda d, J: Field.loss_of(x64 + d, J))[1:]
     for (name, _), got, want in zip(model.named_parameters(), compiled_grads, wanted, strict=True):
         assert_close(got, want, "float32-gradient", f"compiled gradient of {name} against float64")
 
@@ -94,7 +86,7 @@ def test_training_on_y_alone_compiles(backend):
     model(x, jacobian=False).square().mean().backward()
     for got, p in zip(compiled_grads, model.parameters(), strict=True):
         torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
-    wanted = float64_oracle(model, x, lambda x, y, J: y.square().mean())
+    wanted = model_gradients(model, x, lambda y, J: y.square().mean())[1:]
     for (name, _), got, want in zip(model.named_parameters(), compiled_grads, wanted, strict=True):
         assert_close(got, want, "float32-gradient", f"compiled gradient of {name} against float64")
 
@@ -148,11 +140,11 @@ def test_training_through_the_jacobian_compiles():
     model = tritonjac.JacobianMLP(3, [16], 3, "tanh")
     x = torch.randn(50, 3)
 
-    def loss(x, y, J):
+    def loss(y, J):
         return y.square().mean() + J.square().mean()
 
-    torch.compile(lambda x: loss(x, *model(x)), fullgraph=True)(x).backward()
-    wanted = float64_oracle(model, x, loss)
+    torch.compile(lambda x: loss(*model(x)), fullgraph=True)(x).backward()
+    wanted = model_gradients(model, x, loss)[1:]
     for (name, p), want in zip(model.named_parameters(), wanted, strict=True):
         assert_close(p.grad, want, "float32-gradient", f"gradient of {name}")
 

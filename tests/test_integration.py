@@ -12,19 +12,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import tritonjac
-from helpers import ENGINES, TRITON_DEVICE, assert_close, func_gradients, rel_err, sequential_reference
+from helpers import ENGINES, TRITON_DEVICE, assert_close, model_gradients, rel_err, sequential_reference
 from tritonjac import benchmark
 
 
 def device_for(backend):
     return TRITON_DEVICE if backend == "triton" else "cpu"
-
-
-def float64_gradients(model, x, loss):
-    """Gradients of loss(y, J) w.r.t. x and every parameter through torch.func over the model's
-    nn.Sequential in float64 (helpers.func_gradients)."""
-    seq = copy.deepcopy(model.to_sequential()).double().cpu().requires_grad_()
-    return func_gradients(seq, x.detach().double().cpu(), loss, list(seq.parameters()))
 
 
 def three_grad_reference(seq, x):
@@ -128,7 +121,7 @@ def test_cpu_autocast_like_a_built_in_layer(backend):
         return y.float().square().sum() + J.float().square().sum()
 
     loss(y, J).backward()
-    wanted = float64_gradients(model, x, loss)[1:]
+    wanted = model_gradients(model, x, loss)[1:]
     for (name, p), want in zip(model.named_parameters(), wanted, strict=True):
         assert p.grad.dtype == torch.float32, name
         assert_close(p.grad, want, "bfloat16", f"gradient of {name} under autocast")
@@ -266,7 +259,7 @@ def test_zero_and_one_point_train(backend, n):
     assert y.shape == (n, 3) and J.shape == (n, 3, 3)
     loss = lambda y, J: y.sum() + J.square().sum()  # noqa: E731
     loss(y, J).backward()
-    wanted = float64_gradients(model, x, loss)  # zeros for no points
+    wanted = model_gradients(model, x, loss)  # zeros for no points
     names = ["x"] + [name for name, _ in model.named_parameters()]
     for name, got, want in zip(names, [x.grad, *(p.grad for p in model.parameters())], wanted, strict=True):
         assert_close(got, want, "float32-gradient", f"gradient of {name}")
@@ -287,7 +280,7 @@ def test_requires_grad_combinations(backend, x_grad, params_grad):
         loss(y, J).backward()
         assert (x.grad is not None) == x_grad
         assert all((p.grad is not None) == params_grad for p in model.parameters())
-        wanted = float64_gradients(model, x, loss)
+        wanted = model_gradients(model, x, loss)
         got = [x.grad, *(p.grad for p in model.parameters())]
         for name, g, want in zip(["x"] + [n for n, _ in model.named_parameters()], got, wanted, strict=True):
             if g is not None:

@@ -13,8 +13,8 @@ from helpers import (
     TOLERANCE,
     TRITON_DEVICE,
     assert_close,
-    func_gradients,
     kernel_tolerances,
+    model_gradients,
     rel_err,
 )
 from tritonjac.activations import ACTIVATION_NAMES
@@ -85,16 +85,9 @@ def parameter_names(model):
     return ["x"] + [name for name, _ in model.named_parameters()]
 
 
-def plain_pytorch_gradients(model, x, loss):
-    """The same gradients by plain PyTorch in float32 on the kernels' device (autograd over torch.func's
-    Jacobian of the nn.Sequential): the peer whose TF32 error sets the tolerance on a GPU."""
-    seq = copy.deepcopy(model.to_sequential()).to(device=TRITON_DEVICE, dtype=torch.float32).requires_grad_()
-    x = x.to(device=TRITON_DEVICE, dtype=torch.float32)
-    return func_gradients(seq, x, loss, list(seq.parameters()), model.jacobian_inputs)
-
-
 def gradient_tolerances(model, x, loss, expected):
-    return kernel_tolerances(expected, lambda: plain_pytorch_gradients(model, x, loss))
+    """`kernel_tolerances` with plain PyTorch in float32 on the kernels' device as the TF32 peer."""
+    return kernel_tolerances(expected, lambda: model_gradients(model, x, loss, torch.float32, TRITON_DEVICE))
 
 
 def check_gradients(ours, reference, N, loss_on, x=None):
@@ -107,20 +100,14 @@ def check_gradients(ours, reference, N, loss_on, x=None):
         assert_close(g, w, tol, f"gradient of {name}")
 
 
-def oracle_gradients(model, x, loss):
-    """`helpers.func_gradients` of the model's plain nn.Sequential in float64: independent of both engines."""
-    seq = copy.deepcopy(model.to_sequential()).double().cpu()
-    return func_gradients(seq, x.double().cpu(), loss, list(seq.parameters()), model.jacobian_inputs)
-
-
 def check_against_torch_func(ours, x, loss):
-    """ours (a Triton-backend model) against `func_gradients` for x and every parameter."""
+    """ours (a Triton-backend model) against `model_gradients` (the float64 oracle) for x and every parameter."""
     xt = x.to(device=TRITON_DEVICE, dtype=torch.float32).requires_grad_()
     for p in ours.parameters():
         p.grad = None
     loss(*ours(xt)).backward()
     got = [xt.grad] + [p.grad for p in ours.parameters()]
-    want = oracle_gradients(ours, x, loss)
+    want = model_gradients(ours, x, loss)
     tolerances = gradient_tolerances(ours, x, loss, want)
     for name, g, w, tol in zip(parameter_names(ours), got, want, tolerances, strict=True):
         assert_close(g, w, tol, f"gradient of {name}")
@@ -347,14 +334,6 @@ def test_deterministic():
         assert torch.equal(a, b)
 
 
-def plain_trained_gradients(reference, x):
-    """Plain PyTorch's float32 gradients of the trainable parameters (the frozen ones left out)."""
-    seq = copy.deepcopy(reference.to_sequential()).to(device=TRITON_DEVICE, dtype=torch.float32)
-    trained = [p for p in seq.parameters() if p.requires_grad]
-    x = x.to(device=TRITON_DEVICE, dtype=torch.float32)
-    return func_gradients(seq, x, lambda y, J: loss_of(y, J, "both"), trained)[1:]
-
-
 def test_frozen_parameters_and_inputs_without_grad(kernels_run):
     ours, reference = make_pair(3, [32, 32], 3, "tanh")
     for model in (ours, reference):
@@ -367,7 +346,12 @@ def test_frozen_parameters_and_inputs_without_grad(kernels_run):
     assert ours.linear_layers[0].weight.grad is None and ours.linear_layers[2].bias.grad is None
     want = [p.grad for p in reference.parameters()]
     trained = [w for w in want if w is not None]
-    tolerances = iter(kernel_tolerances(trained, lambda: plain_trained_gradients(reference, x)))
+
+    def plain_pytorch():  # the trainable parameters' gradients (x's and the frozen ones left out)
+        grads = model_gradients(reference, x, lambda y, J: loss_of(y, J, "both"), torch.float32, TRITON_DEVICE)
+        return [g for g, w in zip(grads[1:], want, strict=True) if w is not None]
+
+    tolerances = iter(kernel_tolerances(trained, plain_pytorch))
     for (name, a), b in zip(ours.named_parameters(), want, strict=True):
         if b is None:
             assert a.grad is None, name
@@ -403,9 +387,8 @@ def test_half_precision_gradients(dtype, plan, kernels_run):
     x = torch.randn(200, 3, dtype=torch.float64).to(dtype)
     got = grads_of(ours, x.to(TRITON_DEVICE), "both")
     want = grads_of(reference, x.double(), "both")
-    seq = copy.deepcopy(ours.to_sequential())
     loss = lambda y, J: loss_of(y.float(), J.float(), "both")  # noqa: E731
-    plain = func_gradients(seq, x.to(TRITON_DEVICE), loss, list(seq.parameters()))
+    plain = model_gradients(ours, x, loss, dtype, TRITON_DEVICE)
     for name, g, w, p in zip(parameter_names(reference), got, want, plain, strict=True):
         assert g.dtype == dtype, name
         assert_close(g, w, max(2 * rel_err(p.cpu().double(), w), TOLERANCE["float32-gradient"]), f"gradient of {name}")

@@ -13,7 +13,7 @@ import torch
 
 import tritonjac
 from helpers import TOLERANCE as TABLE
-from helpers import TRITON_DEVICE, assert_close, func_gradients, kernel_tolerances, rel_err
+from helpers import TRITON_DEVICE, assert_close, kernel_tolerances, model_gradients, rel_err
 from tritonjac import triton_engine
 from tritonjac.activations import ACTIVATION_NAMES, as_activation
 from tritonjac.network import make_spec
@@ -298,9 +298,7 @@ def test_autocast_runs_in_half_and_trains_the_float32_parameters():
     with torch.autocast(device_type, dtype=torch.bfloat16):
         y, J = model(x)
     (y.float().square().sum() + J.float().square().sum()).backward()
-    seq = copy.deepcopy(model.to_sequential()).double().cpu()
-    loss = lambda y, J: y.square().sum() + J.square().sum()  # noqa: E731
-    wanted = func_gradients(seq, x.double().cpu(), loss, list(seq.parameters()))[1:]
+    wanted = model_gradients(model, x, lambda y, J: y.square().sum() + J.square().sum())[1:]
     for (name, p), want in zip(model.named_parameters(), wanted, strict=True):
         assert p.grad.dtype == torch.float32, name
         assert_close(p.grad, want, TABLE["bfloat16"], f"gradient of {name} under autocast")
