@@ -13,7 +13,7 @@ from torch import nn
 
 import tritonjac
 from helpers import ENGINES, TRITON_DEVICE, assert_close, model_gradients, sequential_reference
-from tritonjac.ops.common import bias_arguments
+from tritonjac.ops.common import band_weights_argument, bias_arguments
 from tritonjac.ops.opaque import mlp_jacobian_backward_op, mlp_jacobian_op
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -92,20 +92,29 @@ def test_training_on_y_alone_compiles(backend):
 
 
 @pytest.mark.parametrize("jacobian", [True, False])
-def test_opcheck(jacobian):
-    model = tritonjac.JacobianMLP(3, [8, 8], 2, "tanh", dtype=torch.float64)
+@pytest.mark.parametrize("structure", ["chain", "skip_encoding_selections"])
+def test_opcheck(jacobian, structure):
+    if structure == "chain":
+        model = tritonjac.JacobianMLP(3, [8, 8], 2, "tanh", dtype=torch.float64)
+    else:  # every structure argument travels through the op's primitive arguments
+        encoding = tritonjac.PositionalEncoding(2, alpha=1.5)
+        model = tritonjac.JacobianMLP(
+            3, [8, 6, 8], 4, "tanh", jacobian_inputs=2, jacobian_outputs=slice(1, 3), encoding=encoding,
+            skips=(2,), skip_scale=0.5, dtype=torch.float64,
+        )  # fmt: skip
     weights = [m.weight for m in model.linear_layers]
     biases = [m.bias for m in model.linear_layers]
     biases[1] = None  # a layer without bias
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     biases = bias_arguments(biases, x)
-    args = (x, weights, biases, *model._spec.to_op_args(), jacobian, "torch")
+    bands = band_weights_argument(model.encoding.band_weights(x) if model.encoding else None, x)
+    args = (x, weights, biases, bands, *model._spec.to_op_args(), jacobian, "torch")
     torch.library.opcheck(mlp_jacobian_op, args)
     with torch.no_grad():
         y, J = mlp_jacobian_op(*args)
     # the backward op is first-order: checked without inputs that require a gradient
     detached = [t.detach() for t in weights], [t.detach() for t in biases]
-    back_args = (x.detach(), *detached, torch.ones_like(y), torch.ones_like(J), *model._spec.to_op_args(), "torch")
+    back_args = (x.detach(), *detached, bands, torch.ones_like(y), torch.ones_like(J), *model._spec.to_op_args(), "torch")
     torch.library.opcheck(mlp_jacobian_backward_op, back_args)
 
 

@@ -41,7 +41,7 @@ def test_constructor_honours_device_dtype_and_bias():
         (dict(activation="swish"), "unknown activation 'swish'"),
         (dict(activation=nn.Hardtanh()), "unsupported activation module Hardtanh"),
         (dict(activation=3), "activation must be"),
-        (dict(jacobian_inputs=4), "jacobian_inputs must be an int from 1 to in_features=3"),
+        (dict(jacobian_inputs=4), "jacobian_inputs must be None, an int from 1 to in_features=3 or a slice"),
         (dict(jacobian_inputs=0), "jacobian_inputs"),
         (dict(backend="cuda"), "backend must be one of"),
         (dict(dtype=torch.int32), "dtype torch.int32 is not supported"),
@@ -190,8 +190,8 @@ def bad_stacks():
             nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(5, 3)),
             r"layer '0' has 8 outputs but the next layer '2' expects 5 inputs",
         ),
-        (nn.Linear(3, 3), r"from_module expects an nn.Sequential .* got Linear"),
-        (nn.Sequential(nn.Linear(3, 8), nn.Sequential(nn.Tanh())), r"layer 1 \('1': Sequential\) is not supported"),
+        (nn.Linear(3, 3), r"from_module expects an nn.Sequential.* got Linear"),
+        (nn.Sequential(nn.Linear(3, 8), nn.ModuleList([nn.Tanh()])), r"layer 1 \('1': ModuleList\) is not supported"),
     ]
 
 

@@ -124,10 +124,10 @@ def test_triton_ops_pass_opcheck():
     weights = [m.weight for m in model.linear_layers]
     x = torch.randn(300, 3, device="cuda", requires_grad=True)
     biases = bias_arguments([m.bias for m in model.linear_layers[:-1]] + [None], x)
-    args = (x, weights, biases, *model._spec.to_op_args(), True)
+    args = (x, weights, biases, x.new_empty(0), *model._spec.to_op_args(), True)
     torch.library.opcheck(triton_mlp_jacobian_op, args)
     with torch.no_grad():
         y, J = triton_mlp_jacobian_op(*args)
     detached = [t.detach() for t in weights], [t.detach() for t in biases]
-    back = (x.detach(), *detached, torch.ones_like(y), torch.ones_like(J), *model._spec.to_op_args())
+    back = (x.detach(), *detached, x.new_empty(0), torch.ones_like(y), torch.ones_like(J), *model._spec.to_op_args())
     torch.library.opcheck(triton_mlp_jacobian_backward_op, back)

@@ -13,8 +13,9 @@ from typing import Sequence
 import torch
 
 from . import torch_engine
-from .network import TRITON_DTYPES, NetworkSpec, check_backend, check_tensors, make_spec
-from .ops.common import bias_arguments
+from .network import TRITON_DTYPES, NetworkSpec, check_backend, check_input, check_tensors, make_spec
+from .encoding import PositionalEncoding
+from .ops.common import band_weights_argument, bias_arguments
 from .ops.opaque import mlp_jacobian_op
 
 __all__ = ["mlp_jacobian", "apply_spec", "resolve_backend", "compiler_sees_kernels"]
@@ -26,12 +27,18 @@ def mlp_jacobian(
     biases: Sequence[torch.Tensor | None] | None,
     activations: Sequence,
     *,
-    jacobian_inputs: int | None = None,
+    jacobian_inputs: int | slice | None = None,
+    jacobian_outputs: int | slice | None = None,
+    encoding: PositionalEncoding | None = None,
+    skips: Sequence[int] = (),
+    skip_scale: float = 1.0,
+    skip_input_first: bool = False,
     backend: str = "auto",
 ):
     """Outputs and per-point Jacobians of a point-wise MLP, the functional form of `JacobianMLP`.
 
-    Layer l computes h_l = s_l(W_l h_{l-1} + b_l).
+    Layer l computes h_l = s_l(W_l a_l + b_l) with a_0 = x (or its encoding, see below) and
+    a_l = h_{l-1}, or cat([h_{l-1}, a_0]) * skip_scale for the layers in `skips`.
 
     Args:
         x: points, (..., in_features), any number of leading dimensions (including none); float32,
@@ -39,13 +46,20 @@ def mlp_jacobian(
         weights: one tensor per layer, (out, in) as in `nn.Linear`, in x's dtype and on its device.
         biases: one tensor (out,) or None per layer, or None for no biases at all.
         activations: one per layer: a name, a torch activation module or None (identity).
-        jacobian_inputs: k, the number of leading input features J differentiates (all by default).
+        jacobian_inputs: the inputs J differentiates: None (all), an int k (the first k) or a
+            slice of contiguous indices (`slice(-3, None)`: xyz after a latent code).
+        jacobian_outputs: the outputs J holds: None (all), an int m (the first m) or a slice; the
+            tangents of the others are not computed.
+        encoding: a `PositionalEncoding` of the differentiated inputs (which must be the first k):
+            the first layer's input is cat([encoding(x[..., :k]), x[..., k:]]).
+        skips: indices of layers whose input is cat([h, a_0]) * skip_scale (cat([a_0, h]) with
+            skip_input_first), h the previous layer's output.
         backend: "auto" (Triton kernels for CUDA tensors in their dtypes, else PyTorch), "torch"
             or "triton".
 
     Returns:
-        (y, J): y (..., out_features) and J (..., out_features, k) with
-        J[..., i, j] = d y_i / d x_j, both differentiable with respect to x, the weights and the
+        (y, J): y (..., out_features) and J (..., m, k) with J[..., i, j] = d y_(o+i) / d x_(s+j)
+        (o, s: the first selected output and input), both differentiable with respect to x, the weights and the
         biases (first order).
 
     Example:
@@ -56,16 +70,37 @@ def mlp_jacobian(
     """
     weights = list(weights)
     biases = [None] * len(weights) if biases is None else list(biases)
-    check_tensors(x, weights, biases)
-    spec = make_spec(activations, len(weights), x.shape[-1], jacobian_inputs)
-    return apply_spec(x, weights, biases, spec, backend)
+    check_input(x, weights)
+    spec = make_spec(
+        activations,
+        len(weights),
+        x.shape[-1],
+        jacobian_inputs,
+        out_features=weights[-1].shape[0] if weights[-1].dim() == 2 else None,
+        jacobian_outputs=jacobian_outputs,
+        encoding=encoding,
+        skips=skips,
+        skip_scale=skip_scale,
+        skip_input_first=skip_input_first,
+    )
+    check_tensors(x, weights, biases, spec)
+    band_weights = encoding.band_weights(x) if encoding is not None else None
+    return apply_spec(x, weights, biases, spec, backend, band_weights=band_weights)
 
 
-def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """ "auto": the Triton kernels for CUDA tensors they support, the PyTorch engine otherwise."""
+def resolve_backend(backend: str, x: torch.Tensor, spec: NetworkSpec | None = None) -> str:
+    """ "auto": the Triton kernels for CUDA tensors and networks they support, the PyTorch engine
+    otherwise (skips, encodings, input or output selections: the kernels do not have them yet)."""
     check_backend(backend)
+    plain = spec is None or spec.is_plain
     if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" and x.dtype in TRITON_DTYPES else "torch"
+        backend = "triton" if x.device.type == "cuda" and x.dtype in TRITON_DTYPES and plain else "torch"
+    if backend == "triton" and not plain:
+        raise NotImplementedError(
+            "the Triton kernels do not yet compute networks with skips, encodings or selected "
+            "jacobian_inputs / jacobian_outputs; use backend='auto' or 'torch' (the PyTorch engine "
+            "computes them on any device)"
+        )
     if backend == "triton":
         from . import triton_engine  # imports triton: only when the kernels are asked for
 
@@ -74,23 +109,25 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bool = True):
+def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bool = True, band_weights=None):
     """`mlp_jacobian` after validation: flatten the leading dimensions, run the engine, restore them.
 
     Returns (y, J), or (y, None) without `jacobian` (Triton backend only: the PyTorch engine's
-    forward without tangents is the module's own nn.Sequential forward).
+    forward without tangents is the module's own plain forward). `band_weights`: the encoding's
+    window, one weight per band (constants), when it has one.
     """
     lead, d_in = x.shape[:-1], x.shape[-1]
     d_out = weights[-1].shape[0]
     x2d = x.reshape(-1, d_in)
-    engine = resolve_backend(backend, x)
+    engine = resolve_backend(backend, x, spec)
     half = _autocast_dtype(x)
     if half is not None:  # what a built-in layer does under autocast: compute and return in half
         x2d = x2d.to(half)
         weights = [w.to(half) for w in weights]
         biases = [None if b is None else b.to(half) for b in biases]
     if torch.compiler.is_compiling():
-        args = (x2d, weights, bias_arguments(biases, x2d), *spec.to_op_args(), jacobian)
+        bands = band_weights_argument(band_weights, x2d)
+        args = (x2d, weights, bias_arguments(biases, x2d), bands, *spec.to_op_args(), jacobian)
         if compiler_sees_kernels(engine, x2d):
             from .ops import traced  # defines the triton_op pair on first use (imports inductor)
 
@@ -102,11 +139,11 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
 
         y, J = triton_engine.mlp_jacobian(x2d, weights, biases, spec, jacobian)
     else:
-        y, J = torch_engine.mlp_jacobian(x2d, weights, biases, spec)
+        y, J = torch_engine.mlp_jacobian(x2d, weights, biases, spec, band_weights)
     y = y.view(*lead, d_out)
     if not jacobian:
         return y, None
-    return y, J.view(*lead, d_out, spec.jacobian_inputs)
+    return y, J.view(*lead, spec.jacobian_outputs(d_out), spec.jacobian_inputs)
 
 
 def compiler_sees_kernels(engine: str, x: torch.Tensor) -> bool:

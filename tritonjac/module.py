@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .activations import Activation, as_activation, supported_modules
+from .encoding import PositionalEncoding
 from .functional import apply_spec, resolve_backend
 from .network import SUPPORTED_DTYPES, check_backend, check_tensors, make_spec
 
@@ -27,24 +28,36 @@ class JacobianMLP(nn.Module):
             (`nn.Softplus(beta=100)`, ...), `tritonjac.Sine(w0)` or None.
         output_activation: after the last layer (identity by default).
         bias: whether the Linear layers have biases.
-        jacobian_inputs: k, J differentiates y with respect to x[..., :k] (all inputs by default).
-        backend: "auto" (the Triton kernels for CUDA tensors in float32/bfloat16/float16, else the
-            PyTorch engine), "torch" or "triton".
+        jacobian_inputs: the inputs J differentiates: None (all), an int k (the first k) or a
+            slice of contiguous indices (`slice(-3, None)`: xyz after a latent code).
+        jacobian_outputs: the outputs J holds: None (all), an int m (the first m) or a slice. The
+            tangents of the other outputs are never computed (an SDF with a 256-wide feature
+            vector pays for one row).
+        encoding: a `tritonjac.PositionalEncoding` of the differentiated inputs, which must then
+            be the first k: the first layer's input is a0 = cat([encoding(x[..., :k]), x[..., k:]]).
+        skips: indices of Linear layers whose input is cat([h, a0]) * skip_scale, h the previous
+            layer's activated output (IDR/NeuS: skips=(4,), skip_scale=2 ** -0.5); such a layer
+            has hidden_features[i - 1] + len(a0) inputs.
+        skip_scale: see skips (1 by default, as in DeepSDF and Nerfies).
+        skip_input_first: cat([a0, h]) instead (D-NeRF's order).
+        backend: "auto" (the Triton kernels for CUDA tensors in float32/bfloat16/float16 and the
+            networks they support, else the PyTorch engine), "torch" or "triton".
         device, dtype: of the parameters, as in `nn.Linear`.
 
     Shapes:
         x (..., in_features) with any leading dimensions (including none) gives y
-        (..., out_features) and J (..., out_features, k), J[..., i, j] = d y_i / d x_j. A model
-        converted from Conv1d(kernel_size=1) layers takes x (B, C_in, N) and gives y (B, C_out, N)
-        and J (B, N, C_out, k).
+        (..., out_features) and J (..., m, k), J[..., i, j] = d y_(o+i) / d x_(s+j) for the first
+        selected output o and input s (all of them by default: J[..., i, j] = d y_i / d x_j). A
+        model converted from Conv1d(kernel_size=1) layers takes x (B, C_in, N) and gives y
+        (B, C_out, N) and J (B, N, m, k).
 
     Returns:
         `model(x)` returns (y, J), both differentiable with respect to x and every parameter
         (first order); `model(x, jacobian=False)` returns y alone.
 
-    The layers are registered under the names they have in the equivalent `nn.Sequential`
-    (Linear, activation, Linear, ...), so `state_dict()` loads into that Sequential and back, and
-    `to_sequential()` returns it, sharing the parameters.
+    Without skips or an encoding the layers are registered under the names they have in the
+    equivalent `nn.Sequential` (Linear, activation, Linear, ...), so `state_dict()` loads into that
+    Sequential and back, and `to_sequential()` returns it, sharing the parameters.
 
     Example:
         >>> model = JacobianMLP(3, [64, 64], 3, nn.Softplus(beta=100))
@@ -62,7 +75,12 @@ class JacobianMLP(nn.Module):
         *,
         output_activation=None,
         bias: bool = True,
-        jacobian_inputs: int | None = None,
+        jacobian_inputs: int | slice | None = None,
+        jacobian_outputs: int | slice | None = None,
+        encoding: PositionalEncoding | None = None,
+        skips: Sequence[int] = (),
+        skip_scale: float = 1.0,
+        skip_input_first: bool = False,
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -77,21 +95,46 @@ class JacobianMLP(nn.Module):
                 )
         if dtype is not None and dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"dtype {dtype} is not supported; use float32, float64, bfloat16 or float16")
+        num_layers = len(widths) - 1
         hidden_act, out_act = as_activation(activation), as_activation(output_activation)
+        activations = [hidden_act] * (num_layers - 1) + [out_act]
+        # the structure first: the layers' input widths depend on the encoding and the skips
+        spec = make_spec(
+            activations,
+            num_layers,
+            in_features,
+            jacobian_inputs,
+            out_features=out_features,
+            jacobian_outputs=jacobian_outputs,
+            encoding=encoding,
+            skips=skips,
+            skip_scale=skip_scale,
+            skip_input_first=skip_input_first,
+        )
+        a0 = spec.first_input_width(in_features)
         layers = []
-        for l in range(len(widths) - 1):
-            layers.append(nn.Linear(widths[l], widths[l + 1], bias=bias, device=device, dtype=dtype))
-            act = hidden_act if l < len(widths) - 2 else out_act
-            if not act.is_identity:
-                layers.append(act.to_module())
-        self._install([(str(i), m) for i, m in enumerate(layers)], jacobian_inputs, backend)
+        for l in range(num_layers):
+            d_in = a0 if l == 0 else widths[l] + (a0 if l in spec.skips else 0)
+            layers.append(nn.Linear(d_in, widths[l + 1], bias=bias, device=device, dtype=dtype))
+            if not activations[l].is_identity:
+                layers.append(activations[l].to_module())
+        named = [(str(i), m) for i, m in enumerate(layers)]
+        structure = spec_args(jacobian_inputs, jacobian_outputs, skips, skip_scale, skip_input_first)
+        self._install(named, named, encoding, structure, backend)
 
     # ---- construction shared with from_module --------------------------------------------------
-    def _install(self, named_layers, jacobian_inputs, backend):
-        """Register the layers under their names and derive the engine's description of them."""
-        linear_names, activations, kind = [], [], None
-        for index, (name, m) in enumerate(named_layers):
-            where = f"layer {index} ({name!r}: {type(m).__name__})"
+    def _install(
+        self, children, layers, encoding, structure: dict, backend, activation=None, output_activation=None, sequential=True
+    ):
+        """Register `children` (name, module) and derive the engine's description from `layers`,
+        the flat (path, module) sequence of Linear/Conv1d layers and activations they hold.
+        `sequential`: the children are an nn.Sequential's (its forward is the plain forward).
+
+        With `activation`, `layers` holds Linear layers only and `activation` goes between them
+        (`output_activation` after the last)."""
+        linear_paths, activations, kind = [], [], None
+        for index, (path, m) in enumerate(layers):
+            where = f"layer {index} ({path!r}: {type(m).__name__})"
             if m._forward_hooks or any(not _is_weight_norm_hook(h) for h in m._forward_pre_hooks.values()):
                 raise ValueError(
                     f"{where} has forward hooks, which the Jacobian engine would bypass (only the old "
@@ -105,8 +148,13 @@ class JacobianMLP(nn.Module):
                 if kind is not None and layer_type is not kind:
                     raise ValueError(f"{where}: a stack mixes Linear and Conv1d layers; use one kind")
                 kind = layer_type
-                linear_names.append(name)
+                linear_paths.append(path)
                 activations.append(Activation("identity"))
+            elif activation is not None:
+                raise ValueError(
+                    f"{where}: with activation= given, the layers must all be Linear (the activation goes "
+                    "between them); put the activations in the list instead, or leave activation= out"
+                )
             elif type(m) is nn.Identity:
                 pass
             else:
@@ -117,58 +165,139 @@ class JacobianMLP(nn.Module):
                         f"{where} is not supported: expected nn.Linear, nn.Conv1d(kernel_size=1) or a "
                         f"supported activation ({supported_modules()})"
                     ) from None
-                if not linear_names:
+                if not linear_paths:
                     raise ValueError(f"{where}: the stack must start with a Linear or Conv1d layer")
                 if not activations[-1].is_identity:
                     raise ValueError(f"{where}: two activations in a row are not supported")
                 activations[-1] = act
-            self.add_module(name, m)
-        if not linear_names:
+        if not linear_paths:
             raise ValueError("the stack has no Linear or Conv1d layer")
-        self._linear_names = tuple(linear_names)
+        if activation is not None:
+            activations = [as_activation(activation)] * (len(linear_paths) - 1) + [as_activation(output_activation)]
+        for name, m in children:
+            self.add_module(name, m)
+        if encoding is not None:
+            if not isinstance(encoding, PositionalEncoding):
+                raise TypeError(f"encoding must be a tritonjac.PositionalEncoding, not {type(encoding).__name__}")
+            self.encoding = encoding
+        else:
+            self.encoding = None
+        self._linear_paths = tuple(linear_paths)
+        self._sequential = sequential
         self.channels_first = kind is nn.Conv1d
-        shapes = [W.shape for W in self._weights()]  # (out, in) per Linear/Conv1d layer
-        for l in range(1, len(shapes)):
-            if shapes[l - 1][0] != shapes[l][1]:
-                raise ValueError(
-                    f"layer {linear_names[l - 1]!r} has {shapes[l - 1][0]} outputs but the next "
-                    f"layer {linear_names[l]!r} expects {shapes[l][1]} inputs"
-                )
-        first = self._modules[linear_names[0]]
-        self.in_features = first.in_features if kind is nn.Linear else first.in_channels
-        self._spec = make_spec(activations, len(linear_names), self.in_features, jacobian_inputs)
+        first = self.linear_layers[0]
+        in_channels = first.in_features if kind is nn.Linear else first.in_channels
+        weights = self._weights()
+        # x's width: the first layer's inputs, less the encoding's features plus the inputs it encodes
+        self.in_features = in_channels
+        if encoding is not None:
+            k = _encoded_inputs(encoding, in_channels, structure["jacobian_inputs"])
+            self.in_features = in_channels - encoding.width(k) + k
+        self._spec = make_spec(
+            activations,
+            len(linear_paths),
+            self.in_features,
+            structure["jacobian_inputs"],
+            out_features=weights[-1].shape[0],
+            jacobian_outputs=structure["jacobian_outputs"],
+            encoding=encoding,
+            skips=structure["skips"],
+            skip_scale=structure["skip_scale"],
+            skip_input_first=structure["skip_input_first"],
+        )
+        if self.channels_first and not self._spec.is_plain and (self._spec.skips or encoding is not None):
+            raise ValueError("skips and encodings are supported for Linear layers, not Conv1d stacks")
+        self._check_widths(weights)
         self.backend = backend
 
+    def _check_widths(self, weights):
+        """The layers' widths chain, through the skips: an error naming the layers otherwise."""
+        spec, paths = self._spec, self._linear_paths
+        a0 = spec.first_input_width(self.in_features)
+        for l in range(1, len(weights)):
+            outputs, inputs = weights[l - 1].shape[0], weights[l].shape[1]
+            skip = a0 if l in spec.skips else 0
+            if outputs + skip != inputs:
+                extra = f" (plus the skip's {a0} input features: {outputs + skip})" if skip else ""
+                raise ValueError(
+                    f"layer {paths[l - 1]!r} has {outputs} outputs{extra} but the next layer {paths[l]!r} expects {inputs} inputs"
+                )
+
     @classmethod
-    def from_module(cls, module: nn.Module, *, jacobian_inputs: int | None = None, backend: str = "auto"):
-        """Convert an `nn.Sequential` of Linear (or Conv1d with kernel_size=1) layers and activations.
+    def from_module(
+        cls,
+        module,
+        *,
+        activation=None,
+        output_activation=None,
+        jacobian_inputs: int | slice | None = None,
+        jacobian_outputs: int | slice | None = None,
+        encoding: PositionalEncoding | None = None,
+        skips: Sequence[int] = (),
+        skip_scale: float = 1.0,
+        skip_input_first: bool = False,
+        backend: str = "auto",
+    ):
+        """Convert an existing network's layers, sharing their parameters.
 
         Args:
-            module: the Sequential (or a JacobianMLP). Layers under weight_norm (either API) or other
-                parametrizations are accepted; anything else is refused with an error naming the
-                layer and its index.
-            jacobian_inputs: k, as in the constructor.
-            backend: as in the constructor.
+            module: an `nn.Sequential` of Linear (or Conv1d with kernel_size=1) layers and
+                activations (nested Sequentials are flattened), a JacobianMLP, or a list or
+                `nn.ModuleList` of layers: Linear layers alone with `activation` between them (how
+                IDR, NeuS and DeepSDF hold theirs), or Linear layers and activations. Layers under
+                weight_norm (either API) or other parametrizations are accepted; anything else is
+                refused with an error naming the layer and its index.
+            activation, output_activation: for a list of Linear layers: between them and after
+                the last (identity by default).
+            jacobian_inputs, jacobian_outputs, encoding, skips, skip_scale, skip_input_first,
+                backend: as in the constructor; Linear layer i's in_features must match them.
 
         Returns:
             A JacobianMLP holding the very same layer modules, so it shares their Parameters:
-            training either trains both. A Conv1d stack keeps its channels-first layout: x
-            (B, C_in, N) gives y (B, C_out, N) and J (B, N, C_out, k).
+            training either trains both, and the network's own checkpoints and optimizer keep
+            working. A Sequential's children keep their names (its state_dict loads into the
+            result); a list's layers are registered as `layers`. A Conv1d stack keeps its
+            channels-first layout: x (B, C_in, N) gives y (B, C_out, N) and J (B, N, m, k).
 
         Example:
             >>> seq = nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, 3))
             >>> y, J = JacobianMLP.from_module(seq)(torch.randn(100, 3))
+            >>> sdf = JacobianMLP.from_module([net.lin0, ..., net.lin8], activation=nn.Softplus(beta=100),
+            ...     encoding=PositionalEncoding(6), skips=(4,), skip_scale=2 ** -0.5, jacobian_outputs=1)
         """
-        if isinstance(module, JacobianMLP) or type(module) is nn.Sequential:
-            named = list(module.named_children())
+        sequential = True
+        if isinstance(module, JacobianMLP):  # its layers and structure; jacobian_inputs/outputs may change
+            if any(a is not None for a in (activation, output_activation, encoding)) or skips:
+                raise ValueError(
+                    "from_module(JacobianMLP) takes the layers and structure of the model; pass only "
+                    "jacobian_inputs, jacobian_outputs and backend"
+                )
+            spec = module._spec
+            children = [(n, m) for n, m in module.named_children() if n != "encoding"]
+            layers = _flatten(children)
+            sequential, encoding = module._sequential, module.encoding
+            skips, skip_scale, skip_input_first = spec.skips, spec.skip_scale, spec.skip_input_first
+            if not sequential:
+                activation, output_activation = spec.activations[0], spec.activations[-1]
+                if any(a != activation for a in spec.activations[:-1]):
+                    raise ValueError("from_module of a model converted from a list: use the model itself")
+        elif type(module) is nn.Sequential:
+            children = list(module.named_children())
+            layers = _flatten(children)
+        elif isinstance(module, (list, tuple, nn.ModuleList)):
+            holder = module if isinstance(module, nn.ModuleList) else nn.ModuleList(module)
+            children = [("layers", holder)]
+            layers = _flatten([(f"layers.{i}", m) for i, m in enumerate(holder)])
+            sequential = False
         else:
             raise TypeError(
-                f"from_module expects an nn.Sequential of Linear/Conv1d(kernel_size=1) layers and "
-                f"activations, got {type(module).__name__}"
+                f"from_module expects an nn.Sequential, a list or nn.ModuleList of layers, or a JacobianMLP, "
+                f"got {type(module).__name__}"
             )
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._install(named, jacobian_inputs, backend)
+        structure = spec_args(jacobian_inputs, jacobian_outputs, skips, skip_scale, skip_input_first)
+        self._install(children, layers, encoding, structure, backend, activation, output_activation, sequential)
         return self
 
     # ---- properties ------------------------------------------------------------------------------
@@ -183,7 +312,17 @@ class JacobianMLP(nn.Module):
 
     @property
     def jacobian_inputs(self) -> int:
+        """k, the number of inputs J differentiates (from `input_start`)."""
         return self._spec.jacobian_inputs
+
+    @property
+    def jacobian_outputs(self) -> int:
+        """m, the number of outputs J holds."""
+        return self._spec.jacobian_outputs(self.out_features)
+
+    @property
+    def skips(self) -> tuple[int, ...]:
+        return self._spec.skips
 
     @property
     def activations(self) -> tuple[Activation, ...]:
@@ -192,7 +331,7 @@ class JacobianMLP(nn.Module):
 
     @property
     def linear_layers(self) -> list[nn.Module]:
-        return [self._modules[n] for n in self._linear_names]
+        return [self.get_submodule(p) for p in self._linear_paths]
 
     @property
     def out_features(self) -> int:
@@ -204,10 +343,27 @@ class JacobianMLP(nn.Module):
 
     def to_sequential(self) -> nn.Sequential:
         """The equivalent `nn.Sequential`, holding the same layer modules (shared parameters)."""
+        if self._spec.skips or self.encoding is not None:
+            raise ValueError("a network with skips or an encoding has no nn.Sequential equivalent")
+        if not self._sequential:
+            raise ValueError("a model converted from a list of layers has no nn.Sequential of its own; use its layers")
         return nn.Sequential(OrderedDict(self.named_children()))
 
     def extra_repr(self) -> str:
-        return f"jacobian_inputs={self.jacobian_inputs}, backend={self.backend!r}"
+        spec, extras = self._spec, []
+        d_out = self.out_features
+        if spec.input_start == 0:
+            extras.append(f"jacobian_inputs={spec.jacobian_inputs}")
+        else:
+            extras.append(f"jacobian_inputs=slice({spec.input_start}, {spec.input_start + spec.jacobian_inputs})")
+        rows = spec.output_rows(d_out)
+        if (rows.start, rows.stop) != (0, d_out):
+            extras.append(f"jacobian_outputs=slice({rows.start}, {rows.stop})")
+        if spec.skips:
+            extras.append(f"skips={spec.skips}, skip_scale={spec.skip_scale:g}")
+        if spec.skip_input_first:
+            extras.append("skip_input_first=True")
+        return ", ".join([*extras, f"backend={self.backend!r}"])
 
     def _weights(self) -> list[torch.Tensor]:
         # read on every call: parametrized weights (weight_norm) are recomputed on access, and the
@@ -218,9 +374,7 @@ class JacobianMLP(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, jacobian: bool = True):
         if not jacobian and not (isinstance(x, torch.Tensor) and self._fused_without_jacobian(x)):
-            for m in self.children():  # exactly the nn.Sequential forward
-                x = m(x)
-            return x
+            return self._plain_forward(x)
         weights = self._weights()
         biases = [m.bias for m in self.linear_layers]
         if self.channels_first:
@@ -233,11 +387,34 @@ class JacobianMLP(nn.Module):
                     f"expects {self.in_features} (x.shape = {tuple(x.shape)})"
                 )
             x = x.transpose(-1, -2)
-        check_tensors(x, weights, biases)
-        y, J = apply_spec(x, weights, biases, self._spec, self.backend, jacobian)
+        check_tensors(x, weights, biases, self._spec)
+        bands = self.encoding.band_weights(x) if self.encoding is not None else None
+        y, J = apply_spec(x, weights, biases, self._spec, self.backend, jacobian, bands)
         if self.channels_first:
             y = y.transpose(-1, -2).contiguous()
         return (y, J) if jacobian else y
+
+    def _plain_forward(self, x):
+        """y alone, in plain PyTorch: the nn.Sequential forward where there is one."""
+        if self._sequential and self.encoding is None and not self._spec.skips:
+            for name, m in self.named_children():  # exactly the nn.Sequential forward
+                if name != "encoding":
+                    x = m(x)
+            return x
+        spec = self._spec
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have {self.in_features} features in its last dimension, got {shape}")
+        a0 = x
+        if self.encoding is not None:
+            k = spec.jacobian_inputs
+            a0 = torch.cat([self.encoding(x[..., :k]), x[..., k:]], -1)
+        h = a0
+        for l, (m, act) in enumerate(zip(self.linear_layers, spec.activations)):
+            if l in spec.skips:
+                h = torch.cat([a0, h] if spec.skip_input_first else [h, a0], -1) * spec.skip_scale
+            h = act.value(m(h))
+        return h
 
     def _fused_without_jacobian(self, x: torch.Tensor) -> bool:
         """Whether forward(x, jacobian=False) runs the Triton kernels' forward-only variant."""
@@ -246,9 +423,48 @@ class JacobianMLP(nn.Module):
         if self.backend == "triton":
             return True  # resolve_backend names the problem if x does not suit the kernels
         try:
-            return resolve_backend(self.backend, x) == "triton"
+            return resolve_backend(self.backend, x, self._spec) == "triton"
         except TypeError:
             return False
+
+
+def spec_args(jacobian_inputs, jacobian_outputs, skips, skip_scale, skip_input_first) -> dict:
+    """The structure arguments the constructor and from_module share, for `make_spec`."""
+    return dict(
+        jacobian_inputs=jacobian_inputs,
+        jacobian_outputs=jacobian_outputs,
+        skips=tuple(skips),
+        skip_scale=skip_scale,
+        skip_input_first=skip_input_first,
+    )
+
+
+def _encoded_inputs(encoding: PositionalEncoding, first_layer_inputs: int, jacobian_inputs) -> int:
+    """k, the encoded inputs, for a converted network: from jacobian_inputs (an int or slice(0, k)),
+    or, when it is None, the k whose encoding fills the first layer's inputs."""
+    if isinstance(jacobian_inputs, int) and not isinstance(jacobian_inputs, bool):
+        return jacobian_inputs
+    if isinstance(jacobian_inputs, slice) and jacobian_inputs.start in (0, None) and jacobian_inputs.stop:
+        if jacobian_inputs.stop > 0:
+            return jacobian_inputs.stop
+    per_input = encoding.width(1)
+    if jacobian_inputs is None and first_layer_inputs % per_input == 0:
+        return first_layer_inputs // per_input
+    raise ValueError(
+        f"cannot tell how many inputs the encoding encodes for a first layer of {first_layer_inputs} inputs: "
+        "pass jacobian_inputs=k (the encoded inputs come first)"
+    )
+
+
+def _flatten(named) -> list:
+    """(path, module) of the layers, nested nn.Sequentials flattened."""
+    flat = []
+    for name, m in named:
+        if type(m) is nn.Sequential:
+            flat += _flatten([(f"{name}.{n}", c) for n, c in m.named_children()])
+        else:
+            flat.append((name, m))
+    return flat
 
 
 def _layer_type(m: nn.Module) -> type:

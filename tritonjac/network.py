@@ -12,16 +12,19 @@ Also here: the checks every entry point runs on its inputs, with errors that nam
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Sequence
 
 import torch
 
 from .activations import ACTIVATION_NAMES, Activation, as_activation
+from .encoding import ORDERS, EncodingSpec
 
 __all__ = [
     "NetworkSpec",
     "make_spec",
     "check_tensors",
+    "check_input",
     "check_backend",
     "BACKENDS",
     "SUPPORTED_DTYPES",
@@ -35,38 +38,165 @@ TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """One activation per Linear layer (identity where none follows it) and the tangent count k:
-    J holds the derivatives with respect to the first k inputs."""
+    """The network's structure besides its tensors.
+
+    - activations: one per Linear layer (identity where none follows it).
+    - jacobian_inputs (k) and input_start: J differentiates with respect to
+      x[..., input_start : input_start + k].
+    - output_start, output_stop: J holds the outputs y[..., output_start:output_stop] (None: to
+      the last), and nothing is computed for the tangents of the others.
+    - encoding: the first k inputs are encoded (then input_start is 0); the first layer's input is
+      a0 = cat([encoding(x[..., :k]), x[..., k:]]), or x itself without an encoding.
+    - skips: layers whose input is cat([h, a0]) * skip_scale (cat([a0, h]) with skip_input_first),
+      h being the previous layer's activated output.
+    """
 
     activations: tuple[Activation, ...]
     jacobian_inputs: int
+    input_start: int = 0
+    output_start: int = 0
+    output_stop: int | None = None
+    encoding: EncodingSpec | None = None
+    skips: tuple[int, ...] = ()
+    skip_scale: float = 1.0
+    skip_input_first: bool = False
 
     @property
     def num_layers(self) -> int:
         return len(self.activations)
 
-    def to_op_args(self) -> tuple[list[int], list[float], list[float], int]:
+    @property
+    def is_plain(self) -> bool:
+        """A chain of layers differentiated with respect to its first k inputs, every output in J:
+        what the Triton kernels compute today."""
+        return (
+            self.input_start == 0
+            and self.output_start == 0
+            and self.output_stop is None
+            and self.encoding is None
+            and not self.skips
+        )
+
+    def output_rows(self, out_features: int) -> slice:
+        """The outputs J holds, as a slice of y's features."""
+        return slice(self.output_start, out_features if self.output_stop is None else self.output_stop)
+
+    def jacobian_outputs(self, out_features: int) -> int:
+        rows = self.output_rows(out_features)
+        return rows.stop - rows.start
+
+    def first_input_width(self, in_features: int) -> int:
+        """Features of a0, the first layer's (and every skip layer's) input from x."""
+        if self.encoding is None:
+            return in_features
+        return self.encoding.width + in_features - self.jacobian_inputs
+
+    def to_op_args(self) -> tuple[list[int], list[float], list[float], list[int], list[float]]:
         """The spec as the `torch.library` operators' primitive arguments (custom ops take no
-        strings in lists: activations travel as their registry ids)."""
+        strings or objects: activations travel as their registry ids, the rest as ints and floats)."""
         acts = self.activations
         ids = [a.kind.kernel_id for a in acts]
-        return ids, [float(a.param) for a in acts], [float(a.threshold) for a in acts], self.jacobian_inputs
+        encoding = [1, *self.encoding.to_op_args()] if self.encoding is not None else [0]
+        structure = [
+            self.jacobian_inputs,
+            self.input_start,
+            self.output_start,
+            -1 if self.output_stop is None else self.output_stop,
+            int(self.skip_input_first),
+            len(self.skips),
+            *self.skips,
+            *encoding,
+        ]
+        scalars = [self.skip_scale, self.encoding.frequency_scale if self.encoding is not None else 1.0]
+        return ids, [float(a.param) for a in acts], [float(a.threshold) for a in acts], structure, scalars
 
     @staticmethod
-    def from_op_args(ids, params, thresholds, k) -> NetworkSpec:
-        acts = (Activation(ACTIVATION_NAMES[i], p, t) for i, p, t in zip(ids, params, thresholds))
-        return NetworkSpec(tuple(acts), k)
+    def from_op_args(ids, params, thresholds, structure, scalars) -> NetworkSpec:
+        acts = tuple(Activation(ACTIVATION_NAMES[i], p, t) for i, p, t in zip(ids, params, thresholds))
+        k, input_start, output_start, output_stop, skip_first, num_skips, *rest = structure
+        skips, (has_encoding, *encoding) = tuple(rest[:num_skips]), rest[num_skips:]
+        if has_encoding:
+            coordinates, frequencies, include_input, order, windowed = encoding
+            enc = EncodingSpec(coordinates, frequencies, bool(include_input), ORDERS[order], scalars[1], bool(windowed))
+        else:
+            enc = None
+        stop = None if output_stop < 0 else output_stop
+        return NetworkSpec(acts, k, input_start, output_start, stop, enc, skips, scalars[0], bool(skip_first))
 
 
-def make_spec(activations: Sequence, num_layers: int, in_features: int, jacobian_inputs) -> NetworkSpec:
-    """Parse one activation per layer (names, modules, None) and check `jacobian_inputs`."""
+def make_spec(
+    activations: Sequence,
+    num_layers: int,
+    in_features: int,
+    jacobian_inputs=None,
+    *,
+    out_features: int | None = None,
+    jacobian_outputs=None,
+    encoding=None,
+    skips: Sequence[int] = (),
+    skip_scale: float = 1.0,
+    skip_input_first: bool = False,
+) -> NetworkSpec:
+    """Parse one activation per layer (names, modules, None) and check the rest of the structure.
+
+    jacobian_inputs / jacobian_outputs: None (all), an int n (the first n) or a slice of
+    contiguous indices (step 1; negative indices count from the end). With an encoding (an
+    `EncodingSpec` or a `PositionalEncoding`), the differentiated inputs must be the first k (they
+    are the encoded ones).
+    """
     acts = tuple(as_activation(a) for a in activations)
     if len(acts) != num_layers:
         raise ValueError(f"got {len(acts)} activations for {num_layers} layers; give one per layer (None for identity)")
-    k = in_features if jacobian_inputs is None else jacobian_inputs
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= in_features:
-        raise ValueError(f"jacobian_inputs must be an int from 1 to in_features={in_features}, not {jacobian_inputs!r}")
-    return NetworkSpec(acts, k)
+    start, stop = _index_range("jacobian_inputs", jacobian_inputs, in_features, "in_features")
+    output_start, output_stop = 0, None
+    if jacobian_outputs is not None:
+        if out_features is None:
+            raise ValueError("jacobian_outputs needs the output width")
+        output_start, output_stop = _index_range("jacobian_outputs", jacobian_outputs, out_features, "out_features")
+        if (output_start, output_stop) == (0, out_features):
+            output_stop = None
+    if encoding is not None and not isinstance(encoding, EncodingSpec):
+        if not hasattr(encoding, "spec"):
+            raise TypeError(f"encoding must be a tritonjac.PositionalEncoding, not {type(encoding).__name__}")
+        encoding = encoding.spec(stop - start)
+    if encoding is not None and start != 0:
+        raise ValueError(
+            f"with an encoding the differentiated inputs must be the first ones (they are what is encoded), "
+            f"not jacobian_inputs={jacobian_inputs!r}; put the encoded inputs first in x"
+        )
+    if encoding is not None and encoding.coordinates != stop - start:
+        raise ValueError(f"the encoding encodes {encoding.coordinates} inputs but jacobian_inputs selects {stop - start}")
+    skips = tuple(skips)
+    for s in skips:
+        if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s < num_layers:
+            raise ValueError(
+                f"skips must be indices of Linear layers from 1 to {num_layers - 1} (layer 0 already "
+                f"takes the input), not {s!r}"
+            )
+    if len(set(skips)) != len(skips):
+        raise ValueError(f"skips has repeated layers: {skips}")
+    scale = float(skip_scale)
+    if not math.isfinite(scale) or scale == 0.0:
+        raise ValueError(f"skip_scale must be finite and non-zero, not {skip_scale!r}")
+    return NetworkSpec(
+        acts, stop - start, start, output_start, output_stop, encoding, tuple(sorted(skips)), scale, bool(skip_input_first)
+    )
+
+
+def _index_range(name: str, selection, size: int, size_name: str) -> tuple[int, int]:
+    """(start, stop) of None (all), an int n (the first n) or a slice with step 1, within range(size)."""
+    if selection is None:
+        return 0, size
+    if isinstance(selection, slice):
+        start, stop, step = selection.indices(size)
+        if step != 1 or stop <= start:
+            raise ValueError(f"{name} must select at least one index, contiguously (step 1), not {selection!r} of {size}")
+        return start, stop
+    if isinstance(selection, bool) or not isinstance(selection, int) or not 1 <= selection <= size:
+        raise ValueError(
+            f"{name} must be None, an int from 1 to {size_name}={size} or a slice, not {selection!r}"
+        )
+    return 0, selection
 
 
 def check_backend(backend: str) -> str:
@@ -75,8 +205,8 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def check_tensors(x, weights, biases) -> None:
-    """x and the parameters: types, dtypes, devices and shapes that chain from layer to layer."""
+def check_input(x, weights) -> None:
+    """x's type, dtype and rank, and that there is a layer: what parsing the spec relies on."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, not {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -85,9 +215,17 @@ def check_tensors(x, weights, biases) -> None:
         raise ValueError("x must have at least one dimension, its last being the input features")
     if len(weights) == 0:
         raise ValueError("the MLP needs at least one layer")
+
+
+def check_tensors(x, weights, biases, spec: NetworkSpec | None = None) -> None:
+    """x and the parameters: types, dtypes, devices and shapes that chain from layer to layer
+    (through the encoding and the skip connections when spec has them)."""
+    check_input(x, weights)
     if len(biases) != len(weights):
         raise ValueError(f"got {len(biases)} biases for {len(weights)} layers; use None for a layer without bias")
-    width = x.shape[-1]
+    a0 = x.shape[-1] if spec is None else spec.first_input_width(x.shape[-1])
+    skips = () if spec is None else spec.skips
+    width = a0
     for l, (W, b) in enumerate(zip(weights, biases)):
         for name, t in (("weight", W), ("bias", b)):
             if t is None:
@@ -101,8 +239,16 @@ def check_tensors(x, weights, biases) -> None:
                 raise RuntimeError(f"layer {l} {name} is on {t.device} but x is on {x.device}")
         if W.dim() != 2:
             raise ValueError(f"layer {l} weight must be 2-D (out, in), got shape {tuple(W.shape)}")
-        if W.shape[1] != width:
-            what = f"x has {width} features in its last dimension" if l == 0 else f"layer {l - 1} has {width} outputs"
+        expected = width + a0 if l in skips else width
+        if W.shape[1] != expected:
+            if l == 0:
+                what = f"x has {x.shape[-1]} features in its last dimension"
+                if spec is not None and spec.encoding is not None:
+                    what += f", {a0} after the encoding"
+            elif l in skips:
+                what = f"layer {l} is a skip layer: layer {l - 1}'s {width} outputs plus {a0} input features make {expected}"
+            else:
+                what = f"layer {l - 1} has {width} outputs"
             raise ValueError(f"{what} but layer {l} expects {W.shape[1]} inputs (x.shape = {tuple(x.shape)})")
         if b is not None and tuple(b.shape) != (W.shape[0],):
             raise ValueError(f"layer {l} bias has shape {tuple(b.shape)}, expected ({W.shape[0]},)")

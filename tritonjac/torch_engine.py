@@ -1,4 +1,4 @@
-"""The PyTorch engine: forward tangents and a first-order backward (docs/design.md, sections 2-3).
+"""The PyTorch engine: forward tangents and a first-order backward (docs/design.md, sections 2-3, 8).
 
 It runs on any device and dtype (float64 included), and is the CPU path users run; the tests use
 its float64 results as one of their oracles for the Triton kernels.
@@ -6,8 +6,15 @@ its float64 results as one of their oracles for the Triton kernels.
 Layout: a layer's input is one stacked tensor A = [h; T] of shape (1+k, P, d): row 0 the values,
 rows 1..k the tangents (tangent-major). So each layer is one GEMM over (1+k)*P rows giving
 Z = [z; U], and the backward needs two GEMMs per layer (weight gradient, propagation). A loss on y
-alone uses row 0 only. The first layer is special: its tangent U_1 is the first k columns of W_1 for
-every point (no matmul, nothing saved).
+alone uses row 0 only.
+
+The input a0 (x, or x's encoding followed by its other features) enters the first layer and every
+skip layer, and its tangent is sparse: without an encoding it is k unit vectors, so its product
+with the weight is k columns of W, the same for every point (no matmul); with an encoding each
+feature depends on one coordinate, so it is k batched products over that coordinate's features
+alone (`_InputMap`). A skip layer's matmul is two: the previous layer's [h; T] times its columns
+of W, plus a0's term. When J holds only some outputs (`jacobian_outputs`), the last layer's
+tangents are computed for those rows of W alone.
 
 Points are processed in chunks of about 1.5 MB each, which bounds temporary memory and keeps the
 temporaries in cache, reused from chunk to chunk (see `CHUNK_BYTES`).
@@ -15,10 +22,13 @@ temporaries in cache, reused from chunk to chunk (see `CHUNK_BYTES`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .activations import Activation
+from .encoding import COS, SIN
 from .grad_mode import records_autograd, refuse_double_backward
 from .network import NetworkSpec
 
@@ -58,12 +68,159 @@ class _Scratch:
         return buf[:n].view(shape)
 
 
+# ---- the input a0 and its tangent ------------------------------------------------------------------
+class _InputMap:
+    """a0 = x, or cat([encoding(x[:, :k]), x[:, k:]]), and the non-zeros of its tangent.
+
+    Without an encoding, a0's tangent is the unit vectors of the columns input_start..+k, so a
+    layer's tangent term is those columns of its weight (`tangent_weight`, (k, 1, d): broadcast
+    over the points). With one, encoded feature c is w_c f_c(freq_c x_j) for one coordinate j;
+    grouped by coordinate (`perm`: coordinate-major order, n features each) its non-zero
+    derivatives are D (k, P, n), and the tangent term is the batched product D @ W[:, perm]^T.
+    """
+
+    def __init__(self, spec: NetworkSpec, band_weights: torch.Tensor | None, like: torch.Tensor):
+        self.k, self.start, self.encoding = spec.jacobian_inputs, spec.input_start, spec.encoding
+        enc = self.encoding
+        if enc is None:
+            return
+        columns = enc.columns
+        device = like.device
+        self.coordinate = torch.tensor([j for j, _, _ in columns], device=device)
+        function = torch.tensor([f for _, f, _ in columns], device=device)
+        self.is_sin, self.is_cos = function == SIN, function == COS
+        frequency = torch.tensor([enc.frequency(i) for _, _, i in columns], dtype=like.dtype, device=device)
+        weight = torch.ones_like(frequency)
+        if band_weights is not None:
+            band = torch.tensor([i for _, _, i in columns], device=device)
+            windowed = band >= 0
+            weight[windowed] = band_weights.to(like.dtype)[band[windowed]]
+        self.frequency, self.weight = frequency, weight
+        order = sorted(range(len(columns)), key=lambda c: columns[c][0])  # stable: keeps each coordinate's order
+        self.perm = torch.tensor(order, device=device)
+        self.n = len(columns) // self.k
+
+    @property
+    def width(self) -> int:
+        return 0 if self.encoding is None else self.encoding.width
+
+    def tangent_weight(self, W_a: torch.Tensor) -> torch.Tensor:
+        """The factor of a layer's tangent term taken from its a0 columns W_a (d, len(a0)):
+        (k, 1, d) columns without an encoding, (k, n, d) per-coordinate blocks with one."""
+        if self.encoding is None:
+            return W_a[:, self.start : self.start + self.k].t().contiguous().unsqueeze(1)
+        d = W_a.shape[0]
+        return W_a[:, self.perm].view(d, self.k, self.n).permute(1, 2, 0).contiguous()
+
+    def evaluate(self, x: torch.Tensor, second: bool = False):
+        """(a0, D, d1, d2) for points x (P, d_in): D (k, P, n) the tangent's non-zeros (None without
+        an encoding); d1, d2 (P, len(encoding)) the first and (if asked) second derivatives."""
+        if self.encoding is None:
+            return x, None, None, None
+        t = x[:, self.coordinate] * self.frequency
+        s, c = torch.sin(t), torch.cos(t)
+        a0 = torch.where(self.is_sin, s, torch.where(self.is_cos, c, t)) * self.weight
+        if x.shape[1] > self.k:  # the inputs after the encoded ones (a latent code) pass through
+            a0 = torch.cat([a0, x[:, self.k :]], 1)
+        scale = self.weight * self.frequency
+        d1 = torch.where(self.is_sin, c, torch.where(self.is_cos, -s, 1.0)) * scale
+        d2 = torch.where(self.is_sin, -s, torch.where(self.is_cos, -c, 0.0)) * (scale * self.frequency) if second else None
+        D = d1[:, self.perm].view(-1, self.k, self.n).transpose(0, 1).contiguous()
+        return a0, D, d1, d2
+
+    def tangent(self, D, tangent_weight):
+        """a0's tangent times a layer's a0 columns: (k, 1, d) (broadcast) or (k, P, d)."""
+        return tangent_weight if D is None else torch.bmm(D, tangent_weight)
+
+    def add_weight_grad(self, grad_W_a, gU, D):
+        """grad of the a0 columns W_a (d, len(a0)) from dLoss/dU, (k, P, d), through the tangent term."""
+        if D is None:
+            grad_W_a[:, self.start : self.start + self.k] += gU.sum(1).t()
+        else:
+            blocks = torch.bmm(gU.transpose(1, 2), D)  # (k, d, n)
+            grad_W_a.index_add_(1, self.perm, blocks.permute(1, 0, 2).reshape(gU.shape[2], -1))
+
+    def tangent_grad(self, gU, tangent_weight):
+        """dLoss/dD (k, P, n) from dLoss/dU through the tangent term (encodings only)."""
+        return torch.bmm(gU, tangent_weight.transpose(1, 2))
+
+    def input_grad(self, x, g_a0, g_D, d1, d2):
+        """dLoss/dx (P, d_in) from dLoss/da0 and dLoss/dD (None where there is none)."""
+        if self.encoding is None:
+            return g_a0  # a0 is x; its tangent does not depend on x
+        C = self.width
+        g_x = torch.zeros_like(x)
+        g_x[:, self.k :] = g_a0[:, C:]
+        g_x[:, : self.k].index_add_(1, self.coordinate, g_a0[:, :C] * d1)
+        if g_D is not None:
+            d2 = d2[:, self.perm].view(-1, self.k, self.n)
+            g_x[:, : self.k] += (g_D.transpose(0, 1) * d2).sum(-1)
+        return g_x
+
+
+@dataclass
+class _Layer:
+    """One Linear layer as the engine computes it: its weight split into the columns that multiply
+    the previous layer's output (`hidden`, None for the first layer) and a0's (`inputs`, None for
+    layers without a skip), the skip scale folded in; `rows`: the outputs with tangents when the
+    last layer computes fewer than all (else None)."""
+
+    hidden: torch.Tensor | None
+    inputs: torch.Tensor | None
+    bias: torch.Tensor | None
+    act: Activation
+    rows: slice | None
+    scale: float
+    hidden_cols: slice | None
+    input_cols: slice | None
+    tangent_weight: torch.Tensor | None  # _InputMap.tangent_weight of inputs[rows]
+
+
+class _Network:
+    """The layers of one call, and its input map."""
+
+    def __init__(self, x2d, weights, biases, spec: NetworkSpec, band_weights):
+        self.spec = spec
+        self.input_map = _InputMap(spec, band_weights, x2d)
+        a0_width = spec.first_input_width(x2d.shape[1])
+        L = len(weights)
+        rows = spec.output_rows(weights[-1].shape[0])
+        self.selected = rows if rows != slice(0, weights[-1].shape[0]) else None
+        self.layers = []
+        for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
+            skip = l in spec.skips
+            scale = spec.skip_scale if skip else 1.0
+            Ws = W * scale if scale != 1.0 else W
+            d_in = W.shape[1]
+            if l == 0:
+                hidden_cols, input_cols = None, slice(0, d_in)
+            elif not skip:
+                hidden_cols, input_cols = slice(0, d_in), None
+            elif spec.skip_input_first:
+                hidden_cols, input_cols = slice(a0_width, d_in), slice(0, a0_width)
+            else:
+                hidden_cols, input_cols = slice(0, d_in - a0_width), slice(d_in - a0_width, d_in)
+            layer_rows = self.selected if l == L - 1 else None
+            inputs = Ws[:, input_cols] if input_cols is not None else None
+            tangent_weight = None
+            if inputs is not None:
+                tangent_weight = self.input_map.tangent_weight(inputs if layer_rows is None else inputs[layer_rows])
+            self.layers.append(
+                _Layer(
+                    Ws[:, hidden_cols] if hidden_cols is not None else None,
+                    inputs,
+                    b,
+                    act,
+                    layer_rows,
+                    scale,
+                    hidden_cols,
+                    input_cols,
+                    tangent_weight,
+                )
+            )
+
+
 # ---- building blocks -------------------------------------------------------------------------------
-def _first_tangent(weight: torch.Tensor, k: int) -> torch.Tensor:
-    """U_1 = W_1 E, the first k columns of W_1, as (k, 1, d_1): it broadcasts over the points."""
-    return weight[:, :k].t().contiguous().unsqueeze(1)
-
-
 def _stack(h, slope, U, with_tangents: bool, scratch: _Scratch):
     """A = [h; slope * U] as one (1+k, P, d) tensor (or (1, P, d) without tangents)."""
     k = U.shape[0] if with_tangents else 0
@@ -106,133 +263,171 @@ def _linear(A, weight, bias):
     return Z
 
 
+def _pre_activation(net: _Network, layer: _Layer, A, a0, D):
+    """z (P, d) and U (k, P, d_rows) of one layer (U may be (k, 1, d): the same for every point)."""
+    if layer.hidden is None:  # the first layer: a0 alone
+        return F.linear(a0, layer.inputs, layer.bias), net.input_map.tangent(D, layer.tangent_weight)
+    if layer.rows is None:
+        Z = _linear(A, layer.hidden, layer.bias)
+        z, U = Z[0], Z[1:]
+    else:
+        z = F.linear(A[0], layer.hidden, layer.bias)
+        U = torch.matmul(A[1:], layer.hidden[layer.rows].t())
+    if layer.inputs is not None:  # a skip: a0's term
+        z.addmm_(a0, layer.inputs.t())
+        U += net.input_map.tangent(D, layer.tangent_weight)
+    return z, U
+
+
 # ---- forward ---------------------------------------------------------------------------------------
-def _forward_chunk(x, weights, biases, spec: NetworkSpec, saved: list | None, scratch: _Scratch):
-    """The stacked [y; T_L] (1+k, P, d_L) for one chunk of points x (P, d_0).
+def _forward_chunk(x, net: _Network, saved: list | None, scratch: _Scratch):
+    """y (P, d_L) and the output tangents T_L (k, P or 1, m) for one chunk of points x (P, d_0).
 
-    With `saved`, appends per layer what the backward needs: z_1 for the first layer, the stacked
-    Z_l = [z_l; U_l] for the others (None for an identity last layer, whose Z is never read).
+    With `saved`, appends (z_l, U_l) per layer, what the backward needs ((None, None) for an
+    identity last layer, whose pre-activations are never read).
     """
-    k, L = spec.jacobian_inputs, len(weights)
+    a0, D, _, _ = net.input_map.evaluate(x)
+    last = len(net.layers) - 1
     A = None
-    for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
-        if l == 0:
-            z, U = F.linear(x, W, b), _first_tangent(W, k)
-            keep = z
-        else:
-            Z = _linear(A, W, b)
-            z, U = Z[0], Z[1:]
-            keep = Z
+    for l, layer in enumerate(net.layers):
+        z, U = _pre_activation(net, layer, A, a0, D)
         if saved is not None:
-            saved.append(None if (l == L - 1 and act.is_identity) else keep)
-        if l == L - 1 and act.is_identity and l > 0:
-            return Z  # y and T_L as they come out of the GEMM
-        A, _, _ = _activate(act, z, U, scratch)
-    return A
+            saved.append((None, None) if (l == last and layer.act.is_identity) else (z, U))
+        if l < last:
+            A, _, _ = _activate(layer.act, z, U, scratch)
+    if layer.act.is_identity:
+        return z, U
+    h, slope, _ = layer.act.evaluate(z)
+    return h, U * (slope if layer.rows is None else slope[:, layer.rows])
 
 
-def forward_points(x2d, weights, biases, spec: NetworkSpec, saved: list | None):
-    """Chunked forward over (P, d_0) points -> y (P, d_L), J (P, d_L, k)."""
+def forward_points(x2d, weights, biases, spec: NetworkSpec, saved: list | None, band_weights=None):
+    """Chunked forward over (P, d_0) points -> y (P, d_L), J (P, m, k)."""
     P = x2d.shape[0]
+    net = _Network(x2d, weights, biases, spec, band_weights)
     d_out, k = weights[-1].shape[0], spec.jacobian_inputs
     y = x2d.new_empty(P, d_out)
-    J = x2d.new_empty(P, d_out, k)
+    J = x2d.new_empty(P, spec.jacobian_outputs(d_out), k)
     step = chunk_points(P, weights, spec, x2d.element_size())
     scratch = _Scratch(x2d)
     for start in range(0, P, step):
         stop = min(P, start + step)
         chunk_saved = [] if saved is not None else None
-        A = _forward_chunk(x2d[start:stop], weights, biases, spec, chunk_saved, scratch)
-        y[start:stop] = A[0]
-        J[start:stop] = A[1:].permute(1, 2, 0)
+        y[start:stop], T = _forward_chunk(x2d[start:stop], net, chunk_saved, scratch)
+        J[start:stop] = T.permute(1, 2, 0)
         if saved is not None:
             saved.append(chunk_saved)
     return y, J
 
 
 # ---- backward --------------------------------------------------------------------------------------
-def _backward_chunk(x, layer_saved, weights, spec: NetworkSpec, G, grad_W, grad_b, need_x: bool, scratch: _Scratch):
+def _backward_chunk(x, layer_saved, net: _Network, G, gy, gT, grad_W, grad_b, need_x: bool, scratch: _Scratch):
     """Accumulate one chunk's weight and bias gradients into grad_W / grad_b; return the grad of x.
 
-    G is dLoss/d[y; T_L], (1+k, P, d_L), or (1, P, d_L) when there is no loss on J.
-    grad_W[l] / grad_b[l] are None where that gradient is not wanted.
+    gy (P, d_L) and gT (k, P, m) (None: no loss on J) are dLoss/d[y; T_L], in buffers this function
+    may overwrite. G is the stacked (1+k, P, d_L) tensor they are views of when the last layer has
+    tangents for every output (None otherwise). grad_W[l] / grad_b[l] are None where not wanted.
     """
-    k, L = spec.jacobian_inputs, len(weights)
-    acts = spec.activations
-    tangents = G.shape[0] > 1
-
-    def saved_zU(l):
-        if l == 0:
-            return layer_saved[0], _first_tangent(weights[0], k)
-        Z = layer_saved[l]
-        return Z[0], Z[1:]
+    tangents = gT is not None
+    layers, input_map = net.layers, net.input_map
+    L = len(layers)
+    a0, D, d1, d2 = input_map.evaluate(x, second=need_x and tangents)
+    g_a0 = g_D = None
 
     # s'(z_l) and s''(z_l), carried from one layer to the next so each activation is evaluated once
     slope = second = None
-    if not acts[-1].is_identity:
-        _, slope, second = acts[-1].evaluate(saved_zU(L - 1)[0], value=False, curvature=tangents)
+    if not layers[-1].act.is_identity:
+        _, slope, second = layers[-1].act.evaluate(layer_saved[-1][0], value=False, curvature=tangents)
 
     for l in range(L - 1, -1, -1):
-        W = weights[l]
-        # GZ = dLoss/d[z_l; U_l]
-        if acts[l].is_identity:
-            GZ = G
-        else:  # in place: G is this function's own buffer
-            curvature = _rowsum_product(G[1:], saved_zU(l)[1]) if tangents and second is not None else None
-            GZ = G.mul_(slope)
+        layer = layers[l]
+        rows = layer.rows if layer.rows is not None else slice(None)
+        # through the activation, in place: then gy, gT = dLoss/d[z_l; U_l]
+        if not layer.act.is_identity:
+            curvature = _rowsum_product(gT, layer_saved[l][1]) if tangents and second is not None else None
+            gy.mul_(slope)
+            if tangents:
+                gT.mul_(slope[:, rows])
             if curvature is not None:
-                GZ[0].addcmul_(second, curvature)
+                gy[:, rows].addcmul_(second[:, rows], curvature)
 
-        # this layer's input A = [h_{l-1}; T_{l-1}], rebuilt from what the forward saved
-        if l > 0:
-            z_prev, U_prev = saved_zU(l - 1)
+        # this layer's input from the previous layer, A = [h_{l-1}; T_{l-1}], rebuilt from what the forward saved
+        if layer.hidden is not None:
+            z_prev, U_prev = layer_saved[l - 1]
             A, slope, second = _activate(
-                acts[l - 1], z_prev, U_prev, scratch, curvature=tangents, with_tangents=tangents
+                layers[l - 1].act, z_prev, U_prev, scratch, curvature=tangents, with_tangents=tangents
             )
 
         if grad_W[l] is not None:
-            if l > 0:
-                grad_W[l].addmm_(GZ.flatten(0, 1).t(), A.flatten(0, 1))
-            else:  # A = [x; E]: the tangent rows land in the first k columns
-                grad_W[0].addmm_(GZ[0].t(), x)
+            if layer.hidden is not None:
+                g_hidden = grad_W[l][:, layer.hidden_cols]
+                if G is not None:  # values and tangents in one GEMM
+                    g_hidden.addmm_(G.flatten(0, 1).t(), A.flatten(0, 1))
+                else:
+                    g_hidden.addmm_(gy.t(), A[0])
+                    if tangents:
+                        g_hidden[rows].addmm_(gT.flatten(0, 1).t(), A[1:].flatten(0, 1))
+            if layer.inputs is not None:
+                g_inputs = grad_W[l][:, layer.input_cols]
+                g_inputs.addmm_(gy.t(), a0)
                 if tangents:
-                    grad_W[0][:, :k] += GZ[1:].sum(1).t()
+                    input_map.add_weight_grad(g_inputs[rows], gT, D)
         if grad_b[l] is not None:
-            grad_b[l] += GZ[0].sum(0)
+            grad_b[l] += gy.sum(0)
 
-        if l > 0:  # ping-pong between two buffers: GZ is read while G is written
-            rows, P, d = GZ.shape
-            G = scratch.get("G" if l % 2 else "G'", rows, P, W.shape[1])
-            torch.mm(GZ.view(rows * P, d), W, out=G.view(rows * P, W.shape[1]))
-    return GZ[0] @ weights[0] if need_x else None
+        if layer.inputs is not None and need_x:  # a0's share: from the first layer and the skips
+            g = gy @ layer.inputs
+            g_a0 = g if g_a0 is None else g_a0.add_(g)
+            if tangents and D is not None:
+                g = input_map.tangent_grad(gT, layer.tangent_weight)
+                g_D = g if g_D is None else g_D.add_(g)
+
+        if layer.hidden is not None:  # to the previous layer; ping-pong between two buffers
+            stack_rows, P = A.shape[0], gy.shape[0]
+            G_next = scratch.get("G" if l % 2 else "G'", stack_rows, P, layer.hidden.shape[1])
+            if G is not None:
+                torch.mm(G.flatten(0, 1), layer.hidden, out=G_next.view(stack_rows * P, -1))
+            else:
+                torch.mm(gy, layer.hidden, out=G_next[0])
+                if tangents:
+                    torch.matmul(gT, layer.hidden[rows], out=G_next[1:])
+            G, gy, gT = G_next, G_next[0], (G_next[1:] if tangents else None)
+    return input_map.input_grad(x, g_a0, g_D, d1, d2) if need_x else None
 
 
-def _stack_output_grads(gy, gJ, start, stop, d_out, spec: NetworkSpec, scratch: _Scratch):
-    """dLoss/d[y; T_L] for points start:stop as (1+k, P, d_L), or (1, P, d_L) without a loss on J."""
-    rows = 1 if gJ is None else 1 + spec.jacobian_inputs
-    G = scratch.get("G_out", rows, stop - start, d_out)
-    if gy is None:
-        G[0] = 0
+def _output_grads(gy, gJ, start, stop, d_out, net: _Network, scratch: _Scratch):
+    """dLoss/d[y; T_L] for points start:stop as (G, gy, gT): gy (P, d_L), gT (k, P, m) or None (no
+    loss on J), views of the stacked G (1+k, P, d_L) when J holds every output (else G is None)."""
+    P = stop - start
+    stacked = gJ is None or net.selected is None
+    G = scratch.get("G_out", 1 if gJ is None else 1 + gJ.shape[2], P, d_out) if stacked else None
+    g_values = G[0] if stacked else scratch.get("G_out", P, d_out)
+    if gJ is None:
+        gT = None
     else:
-        G[0] = gy[start:stop]
-    if gJ is not None:
-        G[1:] = gJ[start:stop].permute(2, 0, 1)
-    return G
+        gT = G[1:] if stacked else scratch.get("GT_out", gJ.shape[2], P, gJ.shape[1])
+        gT.copy_(gJ[start:stop].permute(2, 0, 1))
+    if gy is None:
+        g_values.zero_()
+    else:
+        g_values.copy_(gy[start:stop])
+    return G, g_values, gT
 
 
 class _AnalyticJacobian(torch.autograd.Function):
     """(y, J) with an analytic first-order backward that saves x and, per layer, z_l and U_l."""
 
     @staticmethod
-    def forward(ctx, spec: NetworkSpec, x2d, *params):
+    def forward(ctx, spec: NetworkSpec, band_weights, x2d, *params):
         L = len(spec.activations)
         weights, biases = list(params[:L]), list(params[L:])
         saved = []
-        y, J = forward_points(x2d, weights, biases, spec, saved)
+        y, J = forward_points(x2d, weights, biases, spec, saved, band_weights)
         ctx.set_materialize_grads(False)  # a loss on y alone or J alone gives None for the other
         ctx.spec = spec
+        ctx.band_weights = band_weights
         ctx.has_bias = [b is not None for b in biases]
-        ctx.save_for_backward(x2d, *weights, *(t for chunk in saved for t in chunk))
+        ctx.save_for_backward(x2d, *weights, *(t for chunk in saved for zU in chunk for t in zU))
         return y, J
 
     @staticmethod
@@ -242,66 +437,73 @@ class _AnalyticJacobian(torch.autograd.Function):
         L = len(spec.activations)
         x2d, *rest = ctx.saved_tensors
         weights, flat = rest[:L], rest[L:]
-        needs = ctx.needs_input_grad  # (spec, x, W_1..W_L, b_1..b_L)
+        needs = ctx.needs_input_grad  # (spec, band_weights, x, W_1..W_L, b_1..b_L)
         gx, grad_W, grad_b = _backward(
             x2d,
             weights,
             spec,
+            ctx.band_weights,
             gy,
             gJ,
-            needs[1],
-            needs[2 : 2 + L],
-            [h and n for h, n in zip(ctx.has_bias, needs[2 + L :])],
-            lambda c, start, stop: flat[L * c : L * (c + 1)],
+            needs[2],
+            needs[3 : 3 + L],
+            [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])],
+            lambda c, start, stop: list(zip(flat[2 * L * c : 2 * L * (c + 1) : 2], flat[2 * L * c + 1 : 2 * L * (c + 1) : 2])),
         )
-        return (None, gx, *grad_W, *grad_b)
+        return (None, None, gx, *grad_W, *grad_b)
 
 
-def _backward(x2d, weights, spec: NetworkSpec, gy, gJ, need_x, need_W, need_b, layer_saved):
+def _backward(x2d, weights, spec: NetworkSpec, band_weights, gy, gJ, need_x, need_W, need_b, layer_saved):
     """Chunked backward: gradients of x, the weights and the biases (None where not needed).
 
-    `layer_saved(c, start, stop)` gives chunk c's per-layer saved tensors (see `_forward_chunk`).
+    `layer_saved(c, start, stop)` gives chunk c's per-layer (z, U) (see `_forward_chunk`).
     """
     grad_W = [torch.zeros_like(W) if need else None for W, need in zip(weights, need_W)]
     grad_b = [W.new_zeros(W.shape[0]) if need else None for W, need in zip(weights, need_b)]
     gx = torch.empty_like(x2d) if need_x else None
     P, d_out = x2d.shape[0], weights[-1].shape[0]
     if P > 0:
+        net = _Network(x2d, weights, [None] * len(weights), spec, band_weights)
         step = chunk_points(P, weights, spec, x2d.element_size())
         scratch = _Scratch(x2d)
         for c, start in enumerate(range(0, P, step)):
             stop = min(P, start + step)
-            G = _stack_output_grads(gy, gJ, start, stop, d_out, spec, scratch)
+            G, gy_c, gT_c = _output_grads(gy, gJ, start, stop, d_out, net, scratch)
             gx_c = _backward_chunk(
-                x2d[start:stop], layer_saved(c, start, stop), weights, spec, G, grad_W, grad_b, need_x, scratch
+                x2d[start:stop], layer_saved(c, start, stop), net, G, gy_c, gT_c, grad_W, grad_b, need_x, scratch
             )
             if need_x:
                 gx[start:stop] = gx_c
+    for l in spec.skips:  # the engine used scale * W: d/dW = scale * d/d(scale * W)
+        if grad_W[l] is not None:
+            grad_W[l] *= spec.skip_scale
     return gx, grad_W, grad_b
 
 
-def backward_by_recompute(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x, need_W, need_b):
+def backward_by_recompute(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x, need_W, need_b, band_weights=None):
     """The analytic backward for a forward that kept nothing but its inputs (the torch.compile op):
     each chunk's forward is recomputed before its backward."""
     scratch = _Scratch(x2d)
+    net = _Network(x2d, weights, biases, spec, band_weights)
 
     def recompute(c, start, stop):
         saved = []
-        _forward_chunk(x2d[start:stop], weights, biases, spec, saved, scratch)
+        _forward_chunk(x2d[start:stop], net, saved, scratch)
         return saved
 
     with torch.no_grad():
-        return _backward(x2d, weights, spec, gy, gJ, need_x, need_W, need_b, recompute)
+        return _backward(x2d, weights, spec, band_weights, gy, gJ, need_x, need_W, need_b, recompute)
 
 
-def mlp_jacobian(x2d, weights, biases, spec: NetworkSpec):
-    """y (P, d_L) and J (P, d_L, k) of the MLP at the points x2d (P, d_0), differentiable.
+def mlp_jacobian(x2d, weights, biases, spec: NetworkSpec, band_weights=None):
+    """y (P, d_L) and J (P, m, k) of the MLP at the points x2d (P, d_0), differentiable.
 
     Inputs are assumed validated (`tritonjac.network`). Autograd is recorded only when some input
     requires a gradient; otherwise nothing is saved and memory stays at one chunk's worth.
+    `band_weights`: the encoding's window per band (constants), when it has one.
     """
     params = [*weights, *biases]
     if not records_autograd(x2d, *params):
         with torch.no_grad():
-            return forward_points(x2d, weights, biases, spec, None)
-    return _AnalyticJacobian.apply(spec, x2d, *params)
+            return forward_points(x2d, weights, biases, spec, None, band_weights)
+    return _AnalyticJacobian.apply(spec, band_weights, x2d, *params)

@@ -17,14 +17,16 @@ def triton_mlp_jacobian_op(
     x: torch.Tensor,
     weights: list[torch.Tensor],
     biases: list[torch.Tensor],
+    band_weights: torch.Tensor,
     activation_ids: list[int],
     params: list[float],
     thresholds: list[float],
-    k: int,
+    structure: list[int],
+    scalars: list[float],
     jacobian: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # the body is traced (fake tensors) and becomes the kernel launches in the compiled graph
-    spec = NetworkSpec.from_op_args(activation_ids, params, thresholds, k)
+    spec = NetworkSpec.from_op_args(activation_ids, params, thresholds, structure, scalars)
     y, J = triton_engine.mlp_forward(x, weights, optional_biases(biases), spec, jacobian=jacobian)
     return y, J if jacobian else no_jacobian(x)
 
@@ -34,21 +36,23 @@ def triton_mlp_jacobian_backward_op(
     x: torch.Tensor,
     weights: list[torch.Tensor],
     biases: list[torch.Tensor],
+    band_weights: torch.Tensor,
     dy: torch.Tensor,
     dJ: torch.Tensor,
     activation_ids: list[int],
     params: list[float],
     thresholds: list[float],
-    k: int,
+    structure: list[int],
+    scalars: list[float],
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    spec = NetworkSpec.from_op_args(activation_ids, params, thresholds, k)
+    spec = NetworkSpec.from_op_args(activation_ids, params, thresholds, structure, scalars)
     dx, dW, db = triton_engine.mlp_backward(x, weights, optional_biases(biases), spec, dy, loss_on_jacobian(dJ), True)
     return dx, list(dW), bias_arguments(db, x)  # an empty gradient for an empty bias
 
 
 def _backward(ctx, dy, dJ):
     dx, dW, db = triton_mlp_jacobian_backward_op(*saved_inputs(ctx), dy, dJ, *ctx.spec_args)
-    return dx, dW, db, None, None, None, None, None
+    return dx, dW, db, None, None, None, None, None, None, None
 
 
 triton_mlp_jacobian_op.register_autograd(_backward, setup_context=setup_context)
