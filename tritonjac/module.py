@@ -262,8 +262,11 @@ class JacobianMLP(nn.Module):
         Example:
             >>> seq = nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, 3))
             >>> y, J = JacobianMLP.from_module(seq)(torch.randn(100, 3))
-            >>> sdf = JacobianMLP.from_module([net.lin0, ..., net.lin8], activation=nn.Softplus(beta=100),
-            ...     encoding=PositionalEncoding(6), skips=(4,), skip_scale=2 ** -0.5, jacobian_outputs=1)
+            >>> lins = [nn.Linear(39, 64), nn.Linear(64, 64), nn.Linear(64 + 39, 65)]  # a NeuS-like net's
+            >>> sdf = JacobianMLP.from_module(lins, activation=nn.Softplus(beta=100),
+            ...     encoding=PositionalEncoding(6), skips=(2,), skip_scale=2 ** -0.5, jacobian_outputs=1)
+            >>> [t.shape for t in sdf(torch.randn(10, 3))]
+            [torch.Size([10, 65]), torch.Size([10, 1, 3])]
         """
         sequential = True
         if isinstance(module, JacobianMLP):  # its layers and structure; jacobian_inputs/outputs may change
