@@ -221,25 +221,72 @@ def mlp_forward_kernel(
             tl.store(p_j, to_storage(r, j_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_j)
 
 
-@triton.jit(do_not_specialize=["num_points", "d_in", "d_out", "points_bucket"])
+@triton.jit
+def encoded_input(
+    acc3, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, o_p, m_p, o_n, m_n, o_s,
+    enc_per_coord, stride_xp, stride_xf, stride_wen,
+    NUM_TANGENTS: tl.constexpr, SLOTS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):  # fmt: skip
+    """acc3 (BLOCK_M, SLOTS, BLOCK_N) plus the encoded features' share of [z; U], computed from x.
+
+    The encoded features come grouped by coordinate (tritonjac/encoding.py: w f(c x_j), f the
+    identity, sin or cos), enc_per_coord per coordinate, with w_enc's columns in the same order.
+    Coordinate j's features depend on x_j alone, so their tangent is one non-zero per feature:
+    the values take one dot per coordinate over its features, and tangent slot j + 1 another over
+    their derivatives; no product with the zeros of the other coordinates.
+    """
+    operand_ty = w_enc_ptr.dtype.element_ty
+    o_e = tl.arange(0, BLOCK_E)
+    m_e = o_e < enc_per_coord
+    for j in tl.static_range(NUM_TANGENTS):
+        col = j * enc_per_coord + o_e
+        function = tl.load(enc_func_ptr + col, mask=m_e, other=0)
+        frequency = tl.load(enc_freq_ptr + col, mask=m_e, other=0.0)
+        weight = tl.load(enc_weight_ptr + col, mask=m_e, other=0.0)
+        b_x = tl.load(x_ptr + o_p * stride_xp + j * stride_xf, mask=m_p, other=0.0).to(tl.float32)
+        t = b_x[:, None] * frequency[None, :]
+        sin_t, cos_t = tl.sin(t), tl.cos(t)
+        is_sin, is_cos = function[None, :] == 1, function[None, :] == 2  # encoding.SIN, encoding.COS
+        value = tl.where(is_sin, sin_t, tl.where(is_cos, cos_t, t)) * weight[None, :]
+        b_w = tl.load(
+            w_enc_ptr + o_n[None, :] * stride_wen + col[:, None], mask=m_e[:, None] & m_n[None, :], other=0.0
+        ).to(operand_ty)
+        v = dot_f32(to_operand(value, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
+        acc3 += tl.where(o_s[None, :, None] == 0, v[:, None, :], 0.0)
+        if JACOBIAN:
+            slope = tl.where(is_sin, cos_t, tl.where(is_cos, -sin_t, 1.0)) * (weight * frequency)[None, :]
+            u = dot_f32(to_operand(slope, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
+            acc3 += tl.where(o_s[None, :, None] == j + 1, u[:, None, :], 0.0)
+    return acc3
+
+
+@triton.jit(do_not_specialize=["num_points", "d_in", "d_out", "points_bucket", "d_plain", "x_col0", "input_start", "enc_per_coord"])
 def layer_forward_kernel(
     a_ptr, w_ptr, bias_ptr, h_ptr, t_ptr, z_ptr,
-    num_points, d_in, d_out, points_bucket,
+    x_ptr, w_in_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr,
+    num_points, d_in, d_out, points_bucket, d_plain, x_col0, input_start, enc_per_coord, scale,
     stride_ap, stride_as, stride_af, stride_wn, stride_wk,
     stride_hp, stride_hf, stride_tp, stride_ts, stride_tf, stride_zp, stride_zs,
-    NUM_TANGENTS: tl.constexpr, FIRST: tl.constexpr,
+    stride_xp, stride_xf, stride_win, stride_wik, stride_wen,
+    NUM_TANGENTS: tl.constexpr, HAS_HIDDEN: tl.constexpr, HAS_INPUT: tl.constexpr, ENCODED: tl.constexpr,
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
     SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    STORE_Z: tl.constexpr = False, INTERPRET_BF16: tl.constexpr = False,
+    BLOCK_E: tl.constexpr = 16, STORE_Z: tl.constexpr = False, INTERPRET_BF16: tl.constexpr = False,
 ):  # fmt: skip
-    """One layer for BLOCK_M points and BLOCK_N output features: [h; T] -> [s(z); s'(z) W T].
+    """One layer for BLOCK_M points and BLOCK_N output features: [a] -> [s(z); s'(z) U].
 
-    The input is read at a[p, slot, f] (slot stride stride_as); with FIRST it is x (P, d_in) and the
-    tangent slots are the identity's first NUM_TANGENTS columns, built on the fly. Values are written to
-    h[p, n], tangent slot s to t[p, s - 1, n] (strides given), so the last layer writes y and J.
-    With STORE_Z (the backward's recompute) the stacked pre-activation Z is also written, in fp32,
-    to z[p, slot, n].
+    Its input has up to two parts, each with its own columns of W:
+    - HAS_HIDDEN: the previous layer's [h; T], read at a[p, slot, f] (slot stride stride_as), d_in
+      features, times w (w_ptr).
+    - HAS_INPUT: the network's input a0 (the first layer, and skip layers): d_plain columns of x
+      from x_col0 times w_in, whose tangents are unit vectors for x's columns input_start.. (none
+      with ENCODED: those columns then follow the encoding, a latent code); and with ENCODED the
+      encoded features of x's first NUM_TANGENTS columns times w_enc (`encoded_input`).
+    z = scale * (both parts) + bias (scale: a skip's). Values are written to h[p, n], tangent slot
+    s to t[p, s - 1, n] (strides given), so the last layer writes y and J. With STORE_Z (the
+    backward's recompute) the stacked pre-activation Z is also written, in fp32, to z[p, slot, n].
     """
     tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not JACOBIAN, "SLOTS must hold the value and the tangents")
     i_m = tl.program_id(0).to(tl.int64)
@@ -253,28 +300,50 @@ def layer_forward_kernel(
     operand_ty = w_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M * SLOTS, BLOCK_N), tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < d_in
-        if FIRST:
-            b_x = tl.load(
-                a_ptr + o_p[:, None] * stride_ap + o_k[None, :] * stride_af, mask=m_p[:, None] & m_k[None, :], other=0.0
-            )
-            identity = tl.where(o_k[None, None, :] == o_s[None, :, None] - 1, 1.0, 0.0)
-            b_a = tl.where(o_s[None, :, None] == 0, b_x.to(tl.float32)[:, None, :], identity)
-        else:
+    if HAS_HIDDEN:
+        for k0 in range(0, d_in, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < d_in
             p_a = (
                 a_ptr + o_p[:, None, None] * stride_ap + o_s[None, :, None] * stride_as + o_k[None, None, :] * stride_af
             )
-            m_a = m_p[:, None, None] & m_s[None, :, None] & m_k[None, None, :]
-            b_a = tl.load(p_a, mask=m_a, other=0.0)
-        b_wt = tl.load(
-            w_ptr + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk, mask=m_k[:, None] & m_n[None, :], other=0.0
-        )
-        b_a = to_operand(tl.reshape(b_a, (BLOCK_M * SLOTS, BLOCK_K)), operand_ty, INTERPRET_BF16)
-        acc = dot_f32(b_a, b_wt.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
+            b_a = tl.load(p_a, mask=m_p[:, None, None] & m_s[None, :, None] & m_k[None, None, :], other=0.0)
+            b_wt = tl.load(
+                w_ptr + o_n[None, :] * stride_wn + o_k[:, None] * stride_wk, mask=m_k[:, None] & m_n[None, :], other=0.0
+            )
+            b_a = to_operand(tl.reshape(b_a, (BLOCK_M * SLOTS, BLOCK_K)), operand_ty, INTERPRET_BF16)
+            acc = dot_f32(b_a, b_wt.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
+    if HAS_INPUT:
+        for k0 in range(0, d_plain, BLOCK_K):
+            o_k = k0 + tl.arange(0, BLOCK_K)
+            m_k = o_k < d_plain
+            column = x_col0 + o_k
+            b_x = tl.load(
+                x_ptr + o_p[:, None] * stride_xp + column[None, :] * stride_xf,
+                mask=m_p[:, None] & m_k[None, :],
+                other=0.0,
+            )
+            if ENCODED:  # the columns after the encoded ones are not differentiated
+                unit = tl.zeros((1, SLOTS, BLOCK_K), tl.float32)
+            else:
+                unit = tl.where(column[None, None, :] == input_start + o_s[None, :, None] - 1, 1.0, 0.0)
+            b_a = tl.where(o_s[None, :, None] == 0, b_x.to(tl.float32)[:, None, :], unit)
+            b_wt = tl.load(
+                w_in_ptr + o_n[None, :] * stride_win + o_k[:, None] * stride_wik,
+                mask=m_k[:, None] & m_n[None, :],
+                other=0.0,
+            )
+            b_a = to_operand(tl.reshape(b_a, (BLOCK_M * SLOTS, BLOCK_K)), operand_ty, INTERPRET_BF16)
+            acc = dot_f32(b_a, b_wt.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
 
     Z = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_N))
+    if HAS_INPUT and ENCODED:
+        Z = encoded_input(
+            Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, o_p, m_p, o_n, m_n, o_s,
+            enc_per_coord, stride_xp, stride_xf, stride_wen,
+            NUM_TANGENTS, SLOTS, JACOBIAN, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E, INTERPRET_BF16,
+        )  # fmt: skip
+    Z = Z * scale
     if HAS_BIAS:
         bias_row = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
         Z += tl.where(o_s[None, :, None] == 0, bias_row[None, None, :], 0.0)

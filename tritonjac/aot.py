@@ -46,7 +46,8 @@ class Case:
     def label(self) -> str:
         c = dict(self.constexprs)
         if self.kernel == "layer_forward":
-            shape = f"first={int(c['FIRST'])}" + (" +Z" if c.get("STORE_Z") else "")
+            parts = "h" * c["HAS_HIDDEN"] + ("+x" if c["HAS_INPUT"] else "") + ("+enc" if c["ENCODED"] else "")
+            shape = f"in={parts}" + (" +Z" if c.get("STORE_Z") else "")
         elif self.kernel.startswith("layer_"):
             shape = f"rows={c.get('LIVE_SLOTS', c.get('LIVE_SLOTS_A'))}" + (" last" if c.get("LAST_STEP") else "")
         else:
@@ -110,10 +111,12 @@ def compile_config(case: Case) -> CompileReport:
     for name in fn.arg_names:
         if name in constexprs:
             signature[name] = "constexpr"
+        elif name in info.int32_pointers:
+            signature[name] = "*i32"
         elif name in pointers:
             signature[name] = "*fp32" if name in info.fp32_pointers else f"*{case.dtype}"
         else:
-            signature[name] = "i32"
+            signature[name] = info.scalar_types.get(name, "i32")
     # pointers from torch's allocator are 16-byte aligned, as the JIT would find at launch
     attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in pointers}
     start = time.perf_counter()
@@ -200,15 +203,20 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                     bx |= {"HAS_GY": True, "HAS_GJ": jacobian, "NEED_X": True}
                     for config in tuning.backward_configs(named, arch):
                         cases.append(_case("mlp_backward", bx, config, dtype, arch))
-        for first, jacobian in ((True, True), (False, True), (False, False)):
+        # (previous layer's output, x, encoded x) parts: hidden, first, skip, encoded first, encoded skip
+        layer_parts = ((False, True, False), (True, False, False), (True, True, False), (False, True, True), (True, True, True))
+        for (hidden, has_input, encoded), jacobian in [(p, True) for p in layer_parts] + [((True, False, False), False)]:
+            first = not hidden
             for dtype, precision in (("fp32", "tf32"), ("fp32", "tf32x3"), ("bf16", "ieee")):
-                cx = forward.layer_constexprs(softplus, 3, first, True, jacobian, precision)
+                cx = forward.layer_constexprs(softplus, 3, hidden, has_input, encoded, True, jacobian, precision)
+                if encoded:
+                    cx["BLOCK_E"] = 16
                 for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
                     cases.append(_case("layer_forward", cx, config, dtype, arch))
                 # the per-layer backward: its recompute (storing Z) and its two kernels
                 recompute = tuning.recompute_config(cx["SLOTS"], arch)
                 cases.append(_case("layer_forward", cx | {"STORE_Z": True}, recompute, dtype, arch))
-                if first:
+                if first or has_input:
                     continue
                 slots, rows = cx["SLOTS"], 4 if jacobian else 1
                 backward_config, _ = tuning.layer_backward_configs(arch, precision, slots)

@@ -88,19 +88,11 @@ def mlp_jacobian(
     return apply_spec(x, weights, biases, spec, backend, band_weights=band_weights)
 
 
-def resolve_backend(backend: str, x: torch.Tensor, spec: NetworkSpec | None = None) -> str:
-    """ "auto": the Triton kernels for CUDA tensors and networks they support, the PyTorch engine
-    otherwise (skips, encodings, input or output selections: the kernels do not have them yet)."""
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """ "auto": the Triton kernels for CUDA tensors they support, the PyTorch engine otherwise."""
     check_backend(backend)
-    plain = spec is None or spec.is_plain
     if backend == "auto":
-        backend = "triton" if x.device.type == "cuda" and x.dtype in TRITON_DTYPES and plain else "torch"
-    if backend == "triton" and not plain:
-        raise NotImplementedError(
-            "the Triton kernels do not yet compute networks with skips, encodings or selected "
-            "jacobian_inputs / jacobian_outputs; use backend='auto' or 'torch' (the PyTorch engine "
-            "computes them on any device)"
-        )
+        backend = "triton" if x.device.type == "cuda" and x.dtype in TRITON_DTYPES else "torch"
     if backend == "triton":
         from . import triton_engine  # imports triton: only when the kernels are asked for
 
@@ -119,7 +111,7 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
     lead, d_in = x.shape[:-1], x.shape[-1]
     d_out = weights[-1].shape[0]
     x2d = x.reshape(-1, d_in)
-    engine = resolve_backend(backend, x, spec)
+    engine = resolve_backend(backend, x)
     half = _autocast_dtype(x)
     if half is not None:  # what a built-in layer does under autocast: compute and return in half
         x2d = x2d.to(half)
@@ -137,7 +129,7 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
     elif engine == "triton":
         from . import triton_engine
 
-        y, J = triton_engine.mlp_jacobian(x2d, weights, biases, spec, jacobian)
+        y, J = triton_engine.mlp_jacobian(x2d, weights, biases, spec, jacobian, band_weights)
     else:
         y, J = torch_engine.mlp_jacobian(x2d, weights, biases, spec, band_weights)
     y = y.view(*lead, d_out)

@@ -426,7 +426,7 @@ class JacobianMLP(nn.Module):
         if self.backend == "triton":
             return True  # resolve_backend names the problem if x does not suit the kernels
         try:
-            return resolve_backend(self.backend, x, self._spec) == "triton"
+            return resolve_backend(self.backend, x) == "triton"
         except TypeError:
             return False
 

@@ -91,6 +91,21 @@ class NetworkSpec:
             return in_features
         return self.encoding.width + in_features - self.jacobian_inputs
 
+    def layer_columns(self, l: int, d_in: int, in_features: int) -> tuple[slice | None, slice | None]:
+        """Layer l's weight columns that multiply the previous layer's output and those that
+        multiply a0 (None where the layer has no such part); d_in is the layer's input width."""
+        a0 = self.first_input_width(in_features)
+        if l == 0:
+            return None, slice(0, d_in)
+        if l not in self.skips:
+            return slice(0, d_in), None
+        if self.skip_input_first:
+            return slice(a0, d_in), slice(0, a0)
+        return slice(0, d_in - a0), slice(d_in - a0, d_in)
+
+    def layer_scale(self, l: int) -> float:
+        return self.skip_scale if l in self.skips else 1.0
+
     def to_op_args(self) -> tuple[list[int], list[float], list[float], list[int], list[float]]:
         """The spec as the `torch.library` operators' primitive arguments (custom ops take no
         strings or objects: activations travel as their registry ids, the rest as ints and floats)."""

@@ -12,7 +12,7 @@ The input a0 (x, or x's encoding followed by its other features) enters the firs
 skip layer, and its tangent is sparse: without an encoding it is k unit vectors, so its product
 with the weight is k columns of W, the same for every point (no matmul); with an encoding each
 feature depends on one coordinate, so it is k batched products over that coordinate's features
-alone (`_InputMap`). A skip layer's matmul is two: the previous layer's [h; T] times its columns
+alone (`InputMap`). A skip layer's matmul is two: the previous layer's [h; T] times its columns
 of W, plus a0's term. When J holds only some outputs (`jacobian_outputs`), the last layer's
 tangents are computed for those rows of W alone.
 
@@ -32,7 +32,7 @@ from .encoding import COS, SIN
 from .grad_mode import records_autograd, refuse_double_backward
 from .network import NetworkSpec
 
-__all__ = ["mlp_jacobian", "forward_points", "backward_by_recompute"]
+__all__ = ["mlp_jacobian", "forward_points", "backward_by_recompute", "InputMap"]
 
 # Bytes of one chunk's stacked (1+k, P, width) tensor at the widest layer. On CPU, touching fresh
 # memory costs about 7x the arithmetic that fills it; 1-2 MB chunks were fastest for forward and
@@ -69,7 +69,7 @@ class _Scratch:
 
 
 # ---- the input a0 and its tangent ------------------------------------------------------------------
-class _InputMap:
+class InputMap:
     """a0 = x, or cat([encoding(x[:, :k]), x[:, k:]]), and the non-zeros of its tangent.
 
     Without an encoding, a0's tangent is the unit vectors of the columns input_start..+k, so a
@@ -88,6 +88,7 @@ class _InputMap:
         device = like.device
         self.coordinate = torch.tensor([j for j, _, _ in columns], device=device)
         function = torch.tensor([f for _, f, _ in columns], device=device)
+        self.function = function  # in the encoding's order, as the others
         self.is_sin, self.is_cos = function == SIN, function == COS
         frequency = torch.tensor([enc.frequency(i) for _, _, i in columns], dtype=like.dtype, device=device)
         weight = torch.ones_like(frequency)
@@ -173,7 +174,7 @@ class _Layer:
     scale: float
     hidden_cols: slice | None
     input_cols: slice | None
-    tangent_weight: torch.Tensor | None  # _InputMap.tangent_weight of inputs[rows]
+    tangent_weight: torch.Tensor | None  # InputMap.tangent_weight of inputs[rows]
 
 
 class _Network:
@@ -181,25 +182,15 @@ class _Network:
 
     def __init__(self, x2d, weights, biases, spec: NetworkSpec, band_weights):
         self.spec = spec
-        self.input_map = _InputMap(spec, band_weights, x2d)
-        a0_width = spec.first_input_width(x2d.shape[1])
+        self.input_map = InputMap(spec, band_weights, x2d)
         L = len(weights)
         rows = spec.output_rows(weights[-1].shape[0])
         self.selected = rows if rows != slice(0, weights[-1].shape[0]) else None
         self.layers = []
         for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
-            skip = l in spec.skips
-            scale = spec.skip_scale if skip else 1.0
+            scale = spec.layer_scale(l)
             Ws = W * scale if scale != 1.0 else W
-            d_in = W.shape[1]
-            if l == 0:
-                hidden_cols, input_cols = None, slice(0, d_in)
-            elif not skip:
-                hidden_cols, input_cols = slice(0, d_in), None
-            elif spec.skip_input_first:
-                hidden_cols, input_cols = slice(a0_width, d_in), slice(0, a0_width)
-            else:
-                hidden_cols, input_cols = slice(0, d_in - a0_width), slice(d_in - a0_width, d_in)
+            hidden_cols, input_cols = spec.layer_columns(l, W.shape[1], x2d.shape[1])
             layer_rows = self.selected if l == L - 1 else None
             inputs = Ws[:, input_cols] if input_cols is not None else None
             tangent_weight = None

@@ -39,7 +39,9 @@ def mlp_jacobian_op(
         if backend == "triton":
             from .. import triton_engine
 
-            y, J = triton_engine.mlp_forward(x, weights, biases, spec, jacobian=jacobian)
+            y, J = triton_engine.mlp_forward(
+                x, weights, biases, spec, jacobian=jacobian, band_weights=optional_band_weights(band_weights)
+            )
         else:  # the module never asks the PyTorch engine for y alone (it runs its plain forward)
             y, J = torch_engine.forward_points(x, weights, biases, spec, None, optional_band_weights(band_weights))
     return y, J if jacobian else no_jacobian(x)
@@ -75,7 +77,7 @@ def mlp_jacobian_backward_op(
     if backend == "triton":
         from .. import triton_engine
 
-        dx, dW, db = triton_engine.mlp_backward(x, weights, biases, spec, dy, gJ, True)
+        dx, dW, db = triton_engine.mlp_backward(x, weights, biases, spec, dy, gJ, True, optional_band_weights(band_weights))
     else:
         has_bias = [b is not None for b in biases]
         dx, dW, db = torch_engine.backward_by_recompute(

@@ -7,7 +7,15 @@ import torch
 
 from .. import triton_engine
 from ..network import NetworkSpec
-from .common import bias_arguments, loss_on_jacobian, no_jacobian, optional_biases, saved_inputs, setup_context
+from .common import (
+    bias_arguments,
+    loss_on_jacobian,
+    no_jacobian,
+    optional_band_weights,
+    optional_biases,
+    saved_inputs,
+    setup_context,
+)
 
 __all__ = ["triton_mlp_jacobian_op", "triton_mlp_jacobian_backward_op"]
 
@@ -27,7 +35,8 @@ def triton_mlp_jacobian_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # the body is traced (fake tensors) and becomes the kernel launches in the compiled graph
     spec = NetworkSpec.from_op_args(activation_ids, params, thresholds, structure, scalars)
-    y, J = triton_engine.mlp_forward(x, weights, optional_biases(biases), spec, jacobian=jacobian)
+    bands = optional_band_weights(band_weights)
+    y, J = triton_engine.mlp_forward(x, weights, optional_biases(biases), spec, jacobian=jacobian, band_weights=bands)
     return y, J if jacobian else no_jacobian(x)
 
 
@@ -46,7 +55,10 @@ def triton_mlp_jacobian_backward_op(
     scalars: list[float],
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     spec = NetworkSpec.from_op_args(activation_ids, params, thresholds, structure, scalars)
-    dx, dW, db = triton_engine.mlp_backward(x, weights, optional_biases(biases), spec, dy, loss_on_jacobian(dJ), True)
+    bands = optional_band_weights(band_weights)
+    dx, dW, db = triton_engine.mlp_backward(
+        x, weights, optional_biases(biases), spec, dy, loss_on_jacobian(dJ), True, bands
+    )
     return dx, list(dW), bias_arguments(db, x)  # an empty gradient for an empty bias
 
 

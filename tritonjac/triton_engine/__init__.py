@@ -35,13 +35,14 @@ __all__ = [
 ]
 
 
-def mlp_jacobian(x2d, weights, biases, spec: NetworkSpec, jacobian: bool = True):
-    """y (P, d_L) and J (P, d_L, k) (None without `jacobian`) from the kernels, differentiable
-    with respect to x2d, the weights and the biases when any of them requires a gradient."""
+def mlp_jacobian(x2d, weights, biases, spec: NetworkSpec, jacobian: bool = True, band_weights=None):
+    """y (P, d_L) and J (P, m, k) (None without `jacobian`) from the kernels, differentiable
+    with respect to x2d, the weights and the biases when any of them requires a gradient.
+    `band_weights`: the encoding's window (constants), when it has one."""
     params = [*weights, *biases]
     if not records_autograd(x2d, *params):
-        return mlp_forward(x2d, weights, biases, spec, jacobian=jacobian)
-    out = _TritonMLP.apply(spec, jacobian, x2d, *params)
+        return mlp_forward(x2d, weights, biases, spec, jacobian=jacobian, band_weights=band_weights)
+    out = _TritonMLP.apply(spec, jacobian, band_weights, x2d, *params)
     return out if jacobian else (out, None)
 
 
@@ -54,12 +55,13 @@ class _TritonMLP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, spec: NetworkSpec, jacobian: bool, x2d, *params):
+    def forward(ctx, spec: NetworkSpec, jacobian: bool, band_weights, x2d, *params):
         L = spec.num_layers
         weights, biases = list(params[:L]), list(params[L:])
-        y, J = mlp_forward(x2d, weights, biases, spec, jacobian=jacobian)
+        y, J = mlp_forward(x2d, weights, biases, spec, jacobian=jacobian, band_weights=band_weights)
         ctx.set_materialize_grads(False)
         ctx.spec = spec
+        ctx.band_weights = band_weights
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x2d, *weights, *(b for b in biases if b is not None))
         if J is None:
@@ -74,11 +76,11 @@ class _TritonMLP(torch.autograd.Function):
         x2d, *rest = ctx.saved_tensors
         weights, present = rest[:L], iter(rest[L:])
         biases = [next(present) if has else None for has in ctx.has_bias]
-        needs = ctx.needs_input_grad  # (spec, jacobian, x, W_1..W_L, b_1..b_L)
-        need_W, need_b = needs[3 : 3 + L], [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])]
+        needs = ctx.needs_input_grad  # (spec, jacobian, band_weights, x, W_1..W_L, b_1..b_L)
+        need_W, need_b = needs[4 : 4 + L], [h and n for h, n in zip(ctx.has_bias, needs[4 + L :])]
         if gy is None and gJ is None:
             return (None,) * len(needs)
-        gx, grad_W, grad_b = mlp_backward(x2d, weights, biases, spec, gy, gJ, needs[2])
+        gx, grad_W, grad_b = mlp_backward(x2d, weights, biases, spec, gy, gJ, needs[3], ctx.band_weights)
         grad_W = [g if need else None for g, need in zip(grad_W, need_W)]
         grad_b = [g if need else None for g, need in zip(grad_b, need_b)]
-        return (None, None, gx, *grad_W, *grad_b)
+        return (None, None, None, gx, *grad_W, *grad_b)

@@ -13,7 +13,7 @@ import triton
 from ..network import NetworkSpec
 from ..precision import matmul_precision
 from . import launch, tuning
-from .forward import layer_args, layer_constexprs, network_constexprs, network_parameters
+from .forward import LayerInputs, layer_args, layer_constexprs, layer_launches, network_constexprs, network_parameters
 from .launch import (
     activation_constexprs,
     allocate,
@@ -29,12 +29,12 @@ from .plans import fused_backward_available, slots
 __all__ = ["mlp_backward", "fused_mlp_backward", "layers_backward"]
 
 
-def mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool):
+def mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None):
     """dLoss/dx (None unless `need_x`), the weight gradients and the bias gradients (None where a
-    layer has no bias), in the parameters' dtypes. gy (P, d_L) or gJ (P, d_L, k) may be None."""
-    fused = fused_backward_available(x2d, weights, spec, gJ is not None)
-    run = fused_mlp_backward if fused else layers_backward
-    return run(x2d, weights, biases, spec, gy, gJ, need_x)
+    layer has no bias), in the parameters' dtypes. gy (P, d_L) or gJ (P, m, k) may be None."""
+    if fused_backward_available(x2d, weights, spec, gJ is not None):
+        return fused_mlp_backward(x2d, weights, biases, spec, gy, gJ, need_x)
+    return layers_backward(x2d, weights, biases, spec, gy, gJ, need_x, band_weights)
 
 
 def _fp32_sums_to(params, sums):
@@ -112,9 +112,13 @@ def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: 
 
 
 # ---- the per-layer backward ------------------------------------------------------------------------
-def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool):
-    """`mlp_backward` by the per-layer kernels (any widths, depths, activations): recompute a chunk's
-    forward layer by layer keeping [h; T] and [z; U], then two kernels per layer (kernels/backward.py)."""
+def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None):
+    """`mlp_backward` by the per-layer kernels (any widths, depths, activations, skips and
+    encodings): recompute a chunk's forward layer by layer keeping [h; T] and [z; U], then two
+    kernels per layer (kernels/backward.py) for the part of its weight that multiplies the previous
+    layer's output. The part that multiplies a0 (the first layer's, and a skip layer's) is x's
+    columns through the same weight-gradient kernel, or with an encoding a few small matmuls on its
+    features (`torch_engine.InputMap`), which also carries dLoss/da0 back to x."""
     launch.check_device(x2d)
     P = x2d.shape[0]
     L, k = len(weights), spec.jacobian_inputs
@@ -126,150 +130,215 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     grad_b = [None if b is None else torch.zeros(b.shape, **f32) for b in biases]
     gx = allocate("dLoss/dx", x2d, *x2d.shape) if need_x else None
     arch = device_arch(x2d)
-    fwd_cfg = tuning.recompute_config(num_slots, arch)
     widths = [W.shape[0] for W in weights]
     per_point = rows * sum(widths) * (x2d.element_size() + 4) + 2 * rows * max(W.shape[1] for W in weights) * 4
     free = torch.cuda.mem_get_info(x2d.device)[0] if x2d.device.type == "cuda" else None
     chunk = tuning.layers_backward_chunk(P, per_point, free)
     is_traced = traced(x2d)
     bf16 = interpret_bf16(x2d.dtype)
+    inputs = LayerInputs(x2d, spec, band_weights)
+    encoded = inputs.encoded_width > 0
+    # x's gradient straight from the first layer's propagation kernel when a0 is x and nothing
+    # else reads it; otherwise dLoss/da0 is summed over the layers that read a0, then taken to x
+    direct_gx = not encoded and not spec.skips
+    d_out_last = weights[-1].shape[0]
+    selected = spec.output_rows(d_out_last)
 
     with device_guard(x2d):
         for start in range(0, P, chunk):
             xc = x2d[start : start + chunk]
             C = xc.shape[0]
-            # forward again, keeping A_l = [h; T] (compute dtype) and Z_l = [z; U] (fp32)
-            As, Zs = [], []
-            a, a_strides = xc, (xc.stride(0), 0, xc.stride(1))
-            for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
-                d_out, d_in = W.shape
-                A = allocate(f"recomputed [h; T] of layer {l}", x2d, C, rows, d_out)
-                Z = allocate(f"recomputed [z; U] of layer {l}", x2d, C, rows, d_out, dtype=torch.float32)
-                args = layer_args(
-                    a,
-                    a_strides,
-                    W,
-                    b,
-                    C,
-                    (A, A.stride(0), A.stride(2)),
-                    (A[:, 1:] if jacobian else A, A.stride(0), A.stride(1), A.stride(2)),
-                    (Z, Z.stride(0), Z.stride(1)),
-                )
-                args |= layer_constexprs(act, k, l == 0, b is not None, jacobian, precision)
-                grid = (triton.cdiv(C, fwd_cfg.kwargs["BLOCK_M"]), triton.cdiv(d_out, fwd_cfg.kwargs["BLOCK_N"]))
-                run_kernel("layer_forward", grid, fwd_cfg, args | {"STORE_Z": True, **bf16}, is_traced)
-                As.append(A)
-                Zs.append(Z)
-                a, a_strides = A, (A.stride(0), A.stride(1), A.stride(2))
+            As, Zs = _recompute(xc, weights, biases, spec, inputs, jacobian, precision, arch, bf16, is_traced)
 
             # dLoss/d[z; U] of the last layer, from dLoss/d[y; J]
-            G = torch.zeros(C, rows, weights[-1].shape[0], **f32)
+            G = torch.zeros(C, rows, d_out_last, **f32)
             if gy is not None:
                 G[:, 0] = gy[start : start + chunk]
             if jacobian:
-                G[:, 1:] = gJ[start : start + chunk].transpose(1, 2)
+                G[:, 1:, selected] = gJ[start : start + chunk].transpose(1, 2)
             G = _last_activation_backward(spec.activations[-1], G, Zs[-1], jacobian)
 
+            a0 = D = d1 = d2 = None
+            if encoded:  # the features and their derivatives, in fp32 as the kernels compute them
+                a0, D, d1, d2 = inputs.map.evaluate(xc.float(), second=need_x and jacobian)
+            g_a0 = g_D = None
             for l in range(L - 1, -1, -1):
-                W = weights[l]
-                d_out, d_in = W.shape
-                # weight and bias gradients: G_Z^T A_{l-1}, split over the points, summed in order
-                if l > 0:
-                    A_prev, live_a = As[l - 1], rows
-                    a_st = (A_prev.stride(0), A_prev.stride(1), A_prev.stride(2))
-                else:  # A_0 = [x; E]: the x row here, the identity rows below
-                    A_prev, live_a, a_st = xc, 1, (xc.stride(0), 0, xc.stride(1))
-                slots_a = num_slots if live_a > 1 else 1
-                propagate_cfg, wgrad_cfg = tuning.layer_backward_configs(arch, precision, num_slots, slots_a)
-                splits, per_split = tuning.weight_grad_splits(C, wgrad_cfg.kwargs["BLOCK_P"])
-                gw_part = allocate(f"weight-gradient splits of layer {l}", x2d, splits, *W.shape, dtype=torch.float32)
-                gb_part = (
-                    allocate(f"bias-gradient splits of layer {l}", x2d, splits, d_out, dtype=torch.float32)
-                    if biases[l] is not None
-                    else gw_part  # not written without a bias
-                )
-                grid = (
-                    triton.cdiv(d_out, wgrad_cfg.kwargs["BLOCK_N"]),
-                    triton.cdiv(d_in, wgrad_cfg.kwargs["BLOCK_K"]),
-                    splits,
-                )
-                run_kernel(
-                    "layer_weight_grad",
-                    grid,
-                    wgrad_cfg,
-                    dict(
-                        gz_ptr=G,
-                        a_ptr=A_prev,
-                        gw_ptr=gw_part,
-                        gb_ptr=gb_part,
-                        num_points=C,
-                        d_in=d_in,
-                        d_out=d_out,
-                        points_per_split=per_split,
-                        stride_gp=G.stride(0),
-                        stride_gs=G.stride(1),
-                        stride_ap=a_st[0],
-                        stride_as=a_st[1],
-                        stride_af=a_st[2],
-                        LIVE_SLOTS_A=live_a,
-                        HAS_BIAS=biases[l] is not None,
-                        PRECISION=precision,
-                        SLOTS=slots_a,
-                        **bf16,
-                    ),
-                    is_traced,
-                )
-                grad_W[l] += gw_part.sum(0)
-                if biases[l] is not None:
-                    grad_b[l] += gb_part.sum(0)
-                if l == 0 and jacobian:
-                    grad_W[0][:, :k] += G[:, 1:].sum(0).t()
-                # propagate: G_Z of the previous layer, or dLoss/dx after the first
-                if l == 0 and not need_x:
-                    break
-                out = (
-                    gx[start : start + chunk]
-                    if l == 0
-                    else allocate(f"dLoss/d[z; U] of layer {l - 1}", x2d, C, rows, d_in, dtype=torch.float32)
-                )
-                prev_act = spec.activations[l - 1] if l > 0 else spec.activations[0]
-                z_prev = Zs[l - 1] if l > 0 else G
-                grid = (
-                    triton.cdiv(C, propagate_cfg.kwargs["BLOCK_M"]),
-                    triton.cdiv(d_in, propagate_cfg.kwargs["BLOCK_K"]),
-                )
-                run_kernel(
-                    "layer_backward",
-                    grid,
-                    propagate_cfg,
-                    dict(
-                        gz_ptr=G,
-                        w_ptr=W,
-                        z_prev_ptr=z_prev,
-                        out_ptr=out,
-                        num_points=C,
-                        d_in=d_in,
-                        d_out=d_out,
-                        stride_gp=G.stride(0),
-                        stride_gs=G.stride(1),
-                        stride_wn=W.stride(0),
-                        stride_wk=W.stride(1),
-                        stride_zp=z_prev.stride(0),
-                        stride_zs=z_prev.stride(1),
-                        stride_op=out.stride(0),
-                        stride_os=out.stride(1) if l > 0 else 0,
-                        stride_of=out.stride(-1),
-                        LIVE_SLOTS=rows,
-                        LAST_STEP=l == 0,
-                        **activation_constexprs(prev_act, "ACT"),
-                        PRECISION=precision,
-                        SLOTS=num_slots,
-                        **bf16,
-                    ),
-                    is_traced,
-                )
-                G = out
+                W, scale = weights[l], spec.layer_scale(l)
+                d_out = W.shape[0]
+                W_hidden, W_input = inputs.parts(l, W)
+                hidden_cols, input_cols = spec.layer_columns(l, W.shape[1], x2d.shape[1])
+                propagate_cfg, _ = tuning.layer_backward_configs(arch, precision, num_slots)
+                # the part of W that multiplies the previous layer's [h; T]: weight gradient, then propagation
+                if W_hidden is not None:
+                    gw = _weight_grad(G, As[l - 1], rows, biases[l] is not None, spec, l, x2d, arch, precision, num_slots, bf16, is_traced)
+                    grad_W[l][:, hidden_cols] += gw[0] if scale == 1.0 else scale * gw[0]
+                    if gw[1] is not None:
+                        grad_b[l] += gw[1]
+                # the part that multiplies a0
+                if W_input is not None:
+                    if encoded:
+                        g_values = G[:, 0]
+                        grad_W[l][:, input_cols].addmm_(g_values.t(), a0, alpha=scale)
+                        if jacobian:
+                            gU = G[:, 1:].transpose(0, 1)
+                            g_input = grad_W[l][:, input_cols]
+                            partial = torch.zeros_like(g_input)
+                            inputs.map.add_weight_grad(partial, gU, D)
+                            g_input.add_(partial, alpha=scale)
+                        if biases[l] is not None and W_hidden is None:
+                            grad_b[l] += G[:, 0].sum(0)
+                    else:  # a0 = x: the weight-gradient kernel on x (value rows), tangents' unit vectors here
+                        gw = _weight_grad(G, xc, 1, biases[l] is not None and W_hidden is None, spec, l, x2d, arch, precision, num_slots, bf16, is_traced)
+                        grad_W[l][:, input_cols] += gw[0] if scale == 1.0 else scale * gw[0]
+                        if gw[1] is not None:
+                            grad_b[l] += gw[1]
+                        if jacobian:
+                            columns = slice(input_cols.start + spec.input_start, input_cols.start + spec.input_start + k)
+                            grad_W[l][:, columns] += scale * G[:, 1:].sum(0).t()
+                # propagate: to the previous layer's dLoss/d[z; U], and a0's share
+                if W_hidden is not None:
+                    out = allocate(f"dLoss/d[z; U] of layer {l - 1}", x2d, C, rows, W_hidden.shape[1], dtype=torch.float32)
+                    Wp = W_hidden if scale == 1.0 else W_hidden * scale
+                    _propagate(G, Wp, Zs[l - 1], out, spec.activations[l - 1], rows, False, propagate_cfg, precision, num_slots, bf16, is_traced)
+                if W_input is not None and need_x:
+                    if direct_gx:
+                        _propagate(G, W_input, G, gx[start : start + chunk], spec.activations[0], rows, True, propagate_cfg, precision, num_slots, bf16, is_traced)
+                    else:
+                        Wi = (W_input if scale == 1.0 else W_input * scale).float()
+                        g = G[:, 0] @ Wi
+                        g_a0 = g if g_a0 is None else g_a0.add_(g)
+                        if encoded and jacobian:
+                            g = inputs.map.tangent_grad(G[:, 1:].transpose(0, 1), inputs.map.tangent_weight(Wi))
+                            g_D = g if g_D is None else g_D.add_(g)
+                if W_hidden is not None:
+                    G = out
+            if need_x and not direct_gx:
+                gx[start : start + chunk] = inputs.map.input_grad(xc.float(), g_a0, g_D, d1, d2) if encoded else g_a0
     return gx, _fp32_sums_to(weights, grad_W), _fp32_sums_to(biases, grad_b)
+
+
+def _recompute(xc, weights, biases, spec, inputs, jacobian, precision, arch, bf16, is_traced):
+    """The forward of a chunk again, keeping A_l = [h; T] (compute dtype) and Z_l = [z; U] (fp32)."""
+    L, k = len(weights), spec.jacobian_inputs
+    rows = 1 + k if jacobian else 1
+    C = xc.shape[0]
+    As, Zs = [], []
+    a, a_strides = None, (0, 0, 0)
+    for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
+        d_out = W.shape[0]
+        W_hidden, W_input = inputs.parts(l, W)
+        launches = layer_launches(l, spec, jacobian, d_out)
+        partial = len(launches) > 1  # J holds some outputs: the others' tangent rows stay zero
+        A = allocate(f"recomputed [h; T] of layer {l}", xc, C, rows, d_out, zeroed=partial)
+        Z = allocate(f"recomputed [z; U] of layer {l}", xc, C, rows, d_out, dtype=torch.float32, zeroed=partial)
+        for out_rows, tangents in launches:
+            Av, Zv = A[:, :, out_rows], Z[:, :, out_rows]
+            Wh = None if W_hidden is None else W_hidden[out_rows]
+            Wi = None if W_input is None else W_input[out_rows]
+            bias = None if b is None else b[out_rows]
+            args = layer_args(
+                a,
+                a_strides,
+                Wh,
+                bias,
+                C,
+                Av.shape[2],
+                (Av, A.stride(0), A.stride(2)),
+                (Av[:, 1:] if tangents else Av, A.stride(0), A.stride(1), A.stride(2)),
+                (Zv, Z.stride(0), Z.stride(1)),
+            )
+            constexprs = layer_constexprs(
+                act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, precision
+            )
+            args |= inputs.args(xc, Wi) | constexprs | {"scale": spec.layer_scale(l)}
+            cfg = tuning.recompute_config(constexprs["SLOTS"], arch)
+            grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(Av.shape[2], cfg.kwargs["BLOCK_N"]))
+            run_kernel("layer_forward", grid, cfg, args | {"STORE_Z": True, **bf16}, is_traced)
+        As.append(A)
+        Zs.append(Z)
+        a, a_strides = A, (A.stride(0), A.stride(1), A.stride(2))
+    return As, Zs
+
+
+def _weight_grad(G, A_prev, live_a, has_bias, spec, l, like, arch, precision, num_slots, bf16, is_traced):
+    """(G_Z^T A_prev summed over the points and live slots, the bias gradient or None): fp32 partial
+    sums over splits of the points, summed in a fixed order."""
+    C, d_out, d_in = G.shape[0], G.shape[2], A_prev.shape[-1]
+    a_st = (A_prev.stride(0), A_prev.stride(1), A_prev.stride(2)) if A_prev.dim() == 3 else (A_prev.stride(0), 0, A_prev.stride(1))
+    slots_a = num_slots if live_a > 1 else 1
+    _, wgrad_cfg = tuning.layer_backward_configs(arch, precision, num_slots, slots_a)
+    splits, per_split = tuning.weight_grad_splits(C, wgrad_cfg.kwargs["BLOCK_P"])
+    gw_part = allocate(f"weight-gradient splits of layer {l}", like, splits, d_out, d_in, dtype=torch.float32)
+    gb_part = (
+        allocate(f"bias-gradient splits of layer {l}", like, splits, d_out, dtype=torch.float32)
+        if has_bias
+        else gw_part  # not written without a bias
+    )
+    grid = (triton.cdiv(d_out, wgrad_cfg.kwargs["BLOCK_N"]), triton.cdiv(d_in, wgrad_cfg.kwargs["BLOCK_K"]), splits)
+    run_kernel(
+        "layer_weight_grad",
+        grid,
+        wgrad_cfg,
+        dict(
+            gz_ptr=G,
+            a_ptr=A_prev,
+            gw_ptr=gw_part,
+            gb_ptr=gb_part,
+            num_points=C,
+            d_in=d_in,
+            d_out=d_out,
+            points_per_split=per_split,
+            stride_gp=G.stride(0),
+            stride_gs=G.stride(1),
+            stride_ap=a_st[0],
+            stride_as=a_st[1],
+            stride_af=a_st[2],
+            LIVE_SLOTS_A=live_a,
+            HAS_BIAS=has_bias,
+            PRECISION=precision,
+            SLOTS=slots_a,
+            **bf16,
+        ),
+        is_traced,
+    )
+    return gw_part.sum(0), (gb_part.sum(0) if has_bias else None)
+
+
+def _propagate(G, W, z_prev, out, prev_act, rows, last_step, cfg, precision, num_slots, bf16, is_traced):
+    """out = G_Z W, then the previous layer's activation backward with its Z (or, with last_step,
+    the value row alone: dLoss/dx of a first layer whose input is x)."""
+    C, d_out, d_in = G.shape[0], W.shape[0], W.shape[1]
+    grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(d_in, cfg.kwargs["BLOCK_K"]))
+    run_kernel(
+        "layer_backward",
+        grid,
+        cfg,
+        dict(
+            gz_ptr=G,
+            w_ptr=W,
+            z_prev_ptr=z_prev,
+            out_ptr=out,
+            num_points=C,
+            d_in=d_in,
+            d_out=d_out,
+            stride_gp=G.stride(0),
+            stride_gs=G.stride(1),
+            stride_wn=W.stride(0),
+            stride_wk=W.stride(1),
+            stride_zp=z_prev.stride(0),
+            stride_zs=z_prev.stride(1),
+            stride_op=out.stride(0),
+            stride_os=0 if last_step else out.stride(1),
+            stride_of=out.stride(-1),
+            LIVE_SLOTS=rows,
+            LAST_STEP=last_step,
+            **activation_constexprs(prev_act, "ACT"),
+            PRECISION=precision,
+            SLOTS=num_slots,
+            **bf16,
+        ),
+        is_traced,
+    )
 
 
 def _last_activation_backward(act, G, Z, jacobian: bool):

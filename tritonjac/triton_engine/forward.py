@@ -20,17 +20,25 @@ from .launch import (
 )
 from .plans import pad_width, planned_kind, slots
 
-__all__ = ["mlp_forward", "network_constexprs", "layer_constexprs", "network_parameters", "layer_args"]
+__all__ = [
+    "mlp_forward",
+    "network_constexprs",
+    "layer_constexprs",
+    "network_parameters",
+    "layer_args",
+    "LayerInputs",
+    "layer_launches",
+]
 
 
-def mlp_forward(x2d: torch.Tensor, weights, biases, spec: NetworkSpec, *, jacobian: bool = True):
-    """y (P, d_L) and J (P, d_L, k) (None without `jacobian`) from the forward kernels; no autograd."""
+def mlp_forward(x2d: torch.Tensor, weights, biases, spec: NetworkSpec, *, jacobian: bool = True, band_weights=None):
+    """y (P, d_L) and J (P, m, k) (None without `jacobian`) from the forward kernels; no autograd."""
     launch.check_device(x2d)
     check_dtype(x2d.dtype)
     P = x2d.shape[0]
     d_out, k = weights[-1].shape[0], spec.jacobian_inputs
     y = allocate("y", x2d, P, d_out)
-    J = allocate("J", x2d, P, d_out, k) if jacobian else None
+    J = allocate("J", x2d, P, spec.jacobian_outputs(d_out), k) if jacobian else None
     if P == 0:
         return y, J
     precision = matmul_precision(x2d.dtype)
@@ -38,7 +46,7 @@ def mlp_forward(x2d: torch.Tensor, weights, biases, spec: NetworkSpec, *, jacobi
         if planned_kind(x2d, weights, spec, jacobian) == "network":
             _run_network(x2d, weights, biases, spec, y, J, jacobian, precision)
         else:
-            _run_layers(x2d, weights, biases, spec, y, J, jacobian, precision)
+            _run_layers(x2d, weights, biases, spec, y, J, jacobian, precision, band_weights)
     return y, J
 
 
@@ -112,11 +120,16 @@ def _run_network(x, weights, biases, spec, y, J, jacobian, precision):
 
 
 # ---- the per-layer plan ----------------------------------------------------------------------------
-def layer_constexprs(act, k: int, first: bool, has_bias: bool, jacobian: bool, precision: str) -> dict:
-    """`layer_forward_kernel`'s constexprs for one layer."""
+def layer_constexprs(
+    act, k: int, has_hidden: bool, has_input: bool, encoded: bool, has_bias: bool, jacobian: bool, precision: str
+) -> dict:
+    """`layer_forward_kernel`'s constexprs for one layer: which input parts it has (the previous
+    layer's output; the network's input a0, encoded or not), its activation and precision."""
     return {
         "NUM_TANGENTS": k,
-        "FIRST": first,
+        "HAS_HIDDEN": has_hidden,
+        "HAS_INPUT": has_input,
+        "ENCODED": has_input and encoded,
         **activation_constexprs(act, "ACT"),
         "HAS_BIAS": has_bias,
         "JACOBIAN": jacobian,
@@ -125,22 +138,89 @@ def layer_constexprs(act, k: int, first: bool, has_bias: bool, jacobian: bool, p
     }
 
 
-def layer_args(a, a_strides, W, b, num_points: int, h_out, t_out, z_out=None) -> dict:
-    """`layer_forward_kernel`'s runtime arguments. h_out = (tensor, point stride, feature stride),
-    t_out = (tensor, point, tangent and feature strides), z_out = (tensor, point and slot strides)."""
-    d_out, d_in = W.shape
+class LayerInputs:
+    """What the per-layer kernels need about a0, the network's input to its first and skip layers:
+    the encoding's column tables in coordinate-major order (the kernels' `encoded_input`), and per
+    layer the split of its weight into the previous layer's columns and a0's."""
+
+    def __init__(self, x2d: torch.Tensor, spec: NetworkSpec, band_weights=None):
+        self.spec, self.x = spec, x2d
+        self.map = None
+        if spec.encoding is not None:
+            from ..torch_engine import InputMap
+
+            self.map = InputMap(spec, band_weights, x2d.float())  # fp32 tables, as the kernels use
+            perm = self.map.perm
+            self.tables = dict(
+                enc_func_ptr=self.map.function[perm].to(torch.int32).contiguous(),
+                enc_freq_ptr=self.map.frequency[perm].float().contiguous(),
+                enc_weight_ptr=self.map.weight[perm].float().contiguous(),
+            )
+        else:
+            self.tables = dict(
+                enc_func_ptr=x2d.new_zeros(1, dtype=torch.int32),
+                enc_freq_ptr=x2d.new_zeros(1, dtype=torch.float32),
+                enc_weight_ptr=x2d.new_zeros(1, dtype=torch.float32),
+            )
+
+    @property
+    def encoded_width(self) -> int:
+        return 0 if self.map is None else self.map.width
+
+    def parts(self, l: int, W: torch.Tensor):
+        """(W's columns for the previous layer's output or None, W's a0 columns or None)."""
+        hidden, inputs = self.spec.layer_columns(l, W.shape[1], self.x.shape[1])
+        return (None if hidden is None else W[:, hidden]), (None if inputs is None else W[:, inputs])
+
+    def args(self, x: torch.Tensor, W_input: torch.Tensor | None) -> dict:
+        """The kernel's input-part arguments for a layer whose a0 columns are W_input (placeholders
+        when it has none). x: the points (a chunk of them in the backward)."""
+        spec, C = self.spec, self.encoded_width
+        if W_input is None:
+            W_plain, W_enc, d_plain, x_col0, per_coord = self.x.new_zeros(1, 1), self.x.new_zeros(1, 1), 0, 0, 0
+        else:
+            W_plain = W_input[:, C:]
+            W_enc = W_input[:, :C][:, self.map.perm].contiguous() if C else W_input
+            d_plain = W_plain.shape[1]
+            x_col0 = spec.jacobian_inputs if C else 0
+            per_coord = self.map.n if C else 0
+        return dict(
+            x_ptr=x,
+            w_in_ptr=W_plain,
+            w_enc_ptr=W_enc,
+            **self.tables,
+            d_plain=d_plain,
+            x_col0=x_col0,
+            input_start=spec.input_start,
+            enc_per_coord=per_coord,
+            stride_xp=x.stride(0),
+            stride_xf=x.stride(1),
+            stride_win=W_plain.stride(0),
+            stride_wik=W_plain.stride(1),
+            stride_wen=W_enc.stride(0),
+            BLOCK_E=max(16, triton.next_power_of_2(max(per_coord, 1))),
+        )
+
+
+def layer_args(a, a_strides, W_hidden, b, num_points: int, d_out: int, h_out, t_out, z_out=None) -> dict:
+    """`layer_forward_kernel`'s runtime arguments for the previous layer's part and the outputs
+    (`LayerInputs.args` gives a0's). a: [h; T] with a_strides (point, slot, feature), or None for
+    a first layer; W_hidden: W's columns it multiplies; h_out = (tensor, point stride, feature
+    stride), t_out = (tensor, point, tangent and feature strides), z_out = (tensor, point and slot
+    strides)."""
     h, t = h_out[0], t_out[0]
     z = z_out if z_out is not None else (h, 0, 0)
+    W = W_hidden if W_hidden is not None else h.new_zeros(1, 1)
     return dict(
         # the kernel reads the bias with unit stride (a column of a matrix is not): copy it then
-        a_ptr=a,
+        a_ptr=a if a is not None else W,
         w_ptr=W,
         bias_ptr=b.contiguous() if b is not None else W,
         h_ptr=h,
         t_ptr=t,
         z_ptr=z[0],
         num_points=num_points,
-        d_in=d_in,
+        d_in=W_hidden.shape[1] if W_hidden is not None else 0,
         d_out=d_out,
         points_bucket=tuning.points_bucket(num_points),
         stride_ap=a_strides[0],
@@ -158,28 +238,47 @@ def layer_args(a, a_strides, W, b, num_points: int, h_out, t_out, z_out=None) ->
     )
 
 
-def _run_layers(x, weights, biases, spec, y, J, jacobian, precision):
+def layer_launches(l, spec: NetworkSpec, jacobian: bool, num_outputs: int):
+    """The launches of layer l as (W rows, bias, whether with tangents): one, or for a last layer
+    whose J holds some outputs only, the values of all outputs without tangents and then the
+    selected rows with them (so no tangent of an unselected output is computed)."""
+    rows = spec.output_rows(num_outputs)
+    last = l == spec.num_layers - 1
+    if not (last and jacobian) or (rows.start, rows.stop) == (0, num_outputs):
+        return [(slice(None), jacobian)]
+    return [(slice(None), False), (rows, True)]
+
+
+def _run_layers(x, weights, biases, spec, y, J, jacobian, precision, band_weights=None):
     P = x.shape[0]
     k, L = spec.jacobian_inputs, len(weights)
     rows = 1 + k if jacobian else 1
-    a = x
-    a_strides = (x.stride(0), 0, x.stride(1))
+    inputs = LayerInputs(x, spec, band_weights)
+    a, a_strides = None, (0, 0, 0)
     for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
-        d_out, d_in = W.shape
-        if l == L - 1:
-            h, t = y, (J if jacobian else y)
-            h_strides = (y.stride(0), y.stride(1))
-            t_strides = (J.stride(0), J.stride(2), J.stride(1)) if jacobian else (0, 0, 0)
-        else:  # [h; T] as (P, 1+k, d_out) in the compute dtype
-            buf = allocate(f"[h; T] of layer {l}", x, P, rows, d_out)
-            h, t = buf, buf[:, 1:] if jacobian else buf
-            h_strides = (buf.stride(0), buf.stride(2))
-            t_strides = (buf.stride(0), buf.stride(1), buf.stride(2))
-        constexprs = layer_constexprs(act, k, l == 0, b is not None, jacobian, precision)
-        args = layer_args(a, a_strides, W, b, P, (h, *h_strides), (t, *t_strides)) | constexprs
-        args |= {"STORE_Z": False, **interpret_bf16(x.dtype)}
-        key = tuning_key(x.dtype, constexprs, d_in=d_in, d_out=d_out, bucket=args["points_bucket"])
-        grid = lambda meta, d_out=d_out: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(d_out, meta["BLOCK_N"]))  # noqa: E731
-        launch_autotuned("layer_forward", grid, args, key, x.device, traced(x))
+        d_out = W.shape[0]
+        W_hidden, W_input = inputs.parts(l, W)
+        for out_rows, tangents in layer_launches(l, spec, jacobian, d_out):
+            if l == L - 1:
+                h, h_strides = y[:, out_rows], (y.stride(0), y.stride(1))
+                t, t_strides = (J, (J.stride(0), J.stride(2), J.stride(1))) if tangents else (h, (0, 0, 0))
+            else:  # [h; T] as (P, 1+k, d_out) in the compute dtype
+                buf = allocate(f"[h; T] of layer {l}", x, P, rows, d_out)
+                h, t = buf, buf[:, 1:] if jacobian else buf
+                h_strides = (buf.stride(0), buf.stride(2))
+                t_strides = (buf.stride(0), buf.stride(1), buf.stride(2))
+            Wh = None if W_hidden is None else W_hidden[out_rows]
+            Wi = None if W_input is None else W_input[out_rows]
+            bias = None if b is None else b[out_rows]
+            constexprs = layer_constexprs(
+                act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, precision
+            )
+            d_rows = (Wh if Wh is not None else Wi).shape[0]
+            args = layer_args(a, a_strides, Wh, bias, P, d_rows, (h, *h_strides), (t, *t_strides))
+            args |= inputs.args(x, Wi) | constexprs | {"scale": spec.layer_scale(l)}
+            args |= {"STORE_Z": False, **interpret_bf16(x.dtype)}
+            key = tuning_key(x.dtype, constexprs, d_in=W.shape[1], d_out=args["d_out"], bucket=args["points_bucket"])
+            grid = lambda meta, n=args["d_out"]: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+            launch_autotuned("layer_forward", grid, args, key, x.device, traced(x))
         if l < L - 1:
             a, a_strides = buf, (buf.stride(0), buf.stride(1), buf.stride(2))

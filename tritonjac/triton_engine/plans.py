@@ -64,6 +64,8 @@ def plan_for(weights, spec: NetworkSpec, jacobian: bool = True, precision: str =
     L = len(weights)
     d_in, d_out = weights[0].shape[1], weights[-1].shape[0]
     hidden = {w.shape[0] for w in weights[:-1]}
+    if not spec.is_plain:
+        return Plan("layers", "skips, encodings and input or output selections run per layer")
     if L < 2:
         return Plan("layers", "a single layer")
     if len(hidden) > 1:

@@ -9,7 +9,7 @@ launchers (`launch.py`) and the ahead-of-time compile step (`tritonjac.aot`) bot
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from . import tuning
@@ -34,6 +34,8 @@ class KernelInfo:
     function: str
     pointers: tuple[str, ...]
     fp32_pointers: frozenset = frozenset()  # fp32 whatever the data dtype (partial sums, workspaces)
+    int32_pointers: frozenset = frozenset()  # int32 tables
+    scalar_types: dict = field(default_factory=dict)  # non-int32 scalar arguments, as triton names their types
     autotune_key: tuple[str, ...] = ()  # empty: launched with a fixed configuration (tuning.py)
     # the autotuner's candidates, and candidates -> those that fit (by register budget); looked up in
     # tuning.py at each call
@@ -73,11 +75,28 @@ KERNELS: dict[str, KernelInfo] = {
             "layer_forward",
             "forward",
             "layer_forward_kernel",
-            pointers=("a_ptr", "w_ptr", "bias_ptr", "h_ptr", "t_ptr", "z_ptr"),
-            fp32_pointers=frozenset({"z_ptr"}),
+            pointers=(
+                "a_ptr",
+                "w_ptr",
+                "bias_ptr",
+                "h_ptr",
+                "t_ptr",
+                "z_ptr",
+                "x_ptr",
+                "w_in_ptr",
+                "w_enc_ptr",
+                "enc_func_ptr",
+                "enc_freq_ptr",
+                "enc_weight_ptr",
+            ),
+            fp32_pointers=frozenset({"z_ptr", "enc_freq_ptr", "enc_weight_ptr"}),
+            int32_pointers=frozenset({"enc_func_ptr"}),
+            scalar_types={"scale": "fp32"},
             autotune_key=(
                 "NUM_TANGENTS",
-                "FIRST",
+                "HAS_HIDDEN",
+                "HAS_INPUT",
+                "ENCODED",
                 "SLOTS",
                 "ACT",
                 "HAS_BIAS",
