@@ -27,7 +27,7 @@ from functools import cached_property
 import torch
 from torch import nn
 
-__all__ = ["PositionalEncoding", "EncodingSpec", "IDENTITY", "SIN", "COS", "ORDERS", "window_weights"]
+__all__ = ["PositionalEncoding", "EncodingSpec", "IDENTITY", "SIN", "COS", "ORDERS"]
 
 IDENTITY, SIN, COS = 0, 1, 2  # the column functions (the kernels read the same ids)
 ORDERS = ("nerf", "nerfstudio")
@@ -66,11 +66,6 @@ class EncodingSpec:
 
     def to_op_args(self) -> list:
         return [self.coordinates, self.num_frequencies, int(self.include_input), ORDERS.index(self.order), int(self.windowed)]
-
-
-def window_weights(alpha: float, num_frequencies: int) -> list[float]:
-    """Nerfies' coarse-to-fine window: band i scaled by (1 - cos(pi * clamp(alpha - i, 0, 1))) / 2."""
-    return [(1.0 - math.cos(math.pi * min(max(alpha - i, 0.0), 1.0))) / 2.0 for i in range(num_frequencies)]
 
 
 class PositionalEncoding(nn.Module):
@@ -115,7 +110,23 @@ class PositionalEncoding(nn.Module):
         self.include_input = bool(include_input)
         self.order = order
         self.frequency_scale = float(frequency_scale)
+        # alpha lives in a tensor (not saved in state_dicts): changing it each step under
+        # torch.compile reads a new value instead of recompiling for a new constant
+        self.register_buffer("_alpha", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.windowed = False
         self.alpha = alpha
+
+    @property
+    def alpha(self) -> float | None:
+        """The window's alpha (None: no window)."""
+        return float(self._alpha) if self.windowed else None
+
+    @alpha.setter
+    def alpha(self, value: float | None):
+        self.windowed = value is not None
+        if value is not None:
+            with torch.no_grad():
+                self._alpha.fill_(float(value))
 
     def spec(self, coordinates: int) -> EncodingSpec:
         """The structure for k = coordinates encoded inputs."""
@@ -125,14 +136,17 @@ class PositionalEncoding(nn.Module):
             self.include_input,
             self.order,
             self.frequency_scale,
-            self.alpha is not None,
+            self.windowed,
         )
 
     def band_weights(self, like: torch.Tensor) -> torch.Tensor | None:
-        """The window's weight per band at the current alpha (None without a window), on like's device."""
-        if self.alpha is None:
+        """The window's weight per band at the current alpha (None without a window), in like's
+        dtype and on its device: (1 - cos(pi * clamp(alpha - i, 0, 1))) / 2 for band i."""
+        if not self.windowed:
             return None
-        return torch.tensor(window_weights(float(self.alpha), self.num_frequencies), dtype=like.dtype, device=like.device)
+        bands = torch.arange(self.num_frequencies, device=like.device, dtype=torch.float64)
+        ramp = (self._alpha.to(like.device) - bands).clamp(0.0, 1.0)
+        return ((1.0 - torch.cos(math.pi * ramp)) / 2.0).to(like.dtype)
 
     def width(self, coordinates: int) -> int:
         return self.spec(coordinates).width
@@ -153,6 +167,6 @@ class PositionalEncoding(nn.Module):
             extras.append(f"order={self.order!r}")
         if self.frequency_scale != 1.0:
             extras.append(f"frequency_scale={self.frequency_scale}")
-        if self.alpha is not None:
-            extras.append(f"alpha={self.alpha}")
+        if self.windowed:
+            extras.append(f"alpha={self.alpha:g}")
         return ", ".join(extras)
