@@ -221,6 +221,32 @@ def mlp_forward_kernel(
             tl.store(p_j, to_storage(r, j_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_j)
 
 
+# sin and cos by a three-part Cody-Waite reduction to [-pi/4, pi/4] and Cephes' single-precision
+# polynomials: accurate to a few ulp for |t| < 2^16 (the encodings' arguments reach 2^9 * pi),
+# and unlike tl.sin / tl.cos (libdevice) without the slow path for huge arguments, whose 32-byte
+# local array counted as spills in every kernel using it.
+_TWO_OVER_PI = tl.constexpr(0.6366197723675814)
+_PIO2_1 = tl.constexpr(1.5703125)  # 8 significant bits: q * _PIO2_1 is exact for |q| < 2^16
+_PIO2_2 = tl.constexpr(4.837512969970703125e-4)
+_PIO2_3 = tl.constexpr(7.54978995489188216e-8)
+
+
+@triton.jit
+def sin_cos(t):
+    """(sin t, cos t) for fp32 t."""
+    q = tl.floor(t * _TWO_OVER_PI + 0.5)
+    r = t - q * _PIO2_1
+    r = r - q * _PIO2_2
+    r = r - q * _PIO2_3
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
+    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
+    quadrant = q.to(tl.int32) & 3
+    sin_t = tl.where(quadrant == 0, sin_r, tl.where(quadrant == 1, cos_r, tl.where(quadrant == 2, -sin_r, -cos_r)))
+    cos_t = tl.where(quadrant == 0, cos_r, tl.where(quadrant == 1, -sin_r, tl.where(quadrant == 2, -cos_r, sin_r)))
+    return sin_t, cos_t
+
+
 @triton.jit
 def encoded_input(
     acc3, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, o_p, m_p, o_n, m_n, o_s,
@@ -246,7 +272,7 @@ def encoded_input(
         weight = tl.load(enc_weight_ptr + col, mask=m_e, other=0.0)
         b_x = tl.load(x_ptr + o_p * stride_xp + j * stride_xf, mask=m_p, other=0.0).to(tl.float32)
         t = b_x[:, None] * frequency[None, :]
-        sin_t, cos_t = tl.sin(t), tl.cos(t)
+        sin_t, cos_t = sin_cos(t)
         is_sin, is_cos = function[None, :] == 1, function[None, :] == 2  # encoding.SIN, encoding.COS
         value = tl.where(is_sin, sin_t, tl.where(is_cos, cos_t, t)) * weight[None, :]
         b_w = tl.load(

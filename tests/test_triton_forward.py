@@ -10,12 +10,15 @@ import copy
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import tritonjac
 from helpers import TOLERANCE as TABLE
 from helpers import TRITON_DEVICE, assert_close, kernel_tolerances, model_gradients, rel_err
 from tritonjac import triton_engine
 from tritonjac.activations import ACTIVATION_NAMES, as_activation
+from tritonjac.kernels.forward import sin_cos
 from tritonjac.network import make_spec
 from tritonjac.precision import matmul_precision
 from tritonjac.triton_engine import launch
@@ -352,3 +355,24 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.setattr(launch, "interpreting", lambda: False)
     with pytest.raises(RuntimeError, match=r"backend='triton' needs CUDA tensors \(x is on cpu\)"):
         launch.check_device(torch.zeros(1))
+
+
+@triton.jit
+def sin_cos_kernel(t_ptr, s_ptr, c_ptr, n, BLOCK: tl.constexpr):
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = o < n
+    s, c = sin_cos(tl.load(t_ptr + o, mask=m, other=0.0))
+    tl.store(s_ptr + o, s, mask=m)
+    tl.store(c_ptr + o, c, mask=m)
+
+
+def test_sin_cos_of_the_encodings():
+    """The kernels' own sin and cos (no libdevice slow path) over the arguments encodings reach,
+    |t| up to 2^9 * pi: within a few fp32 ulps of |t| (the argument's own rounding) of float64's."""
+    t = torch.cat([torch.linspace(-1700, 1700, 20001), torch.randn(2000) * 3]).to(TRITON_DEVICE, torch.float32)
+    s, c = torch.empty_like(t), torch.empty_like(t)
+    sin_cos_kernel[(triton.cdiv(t.numel(), 1024),)](t, s, c, t.numel(), BLOCK=1024)
+    t64 = t.double().cpu()
+    allowed = 4 * torch.finfo(torch.float32).eps * t64.abs().clamp_min(1.0)
+    assert ((s.double().cpu() - torch.sin(t64)).abs() <= allowed).all()
+    assert ((c.double().cpu() - torch.cos(t64)).abs() <= allowed).all()

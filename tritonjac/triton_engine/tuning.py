@@ -189,24 +189,33 @@ def prune_network_configs(configs, named_args, arch: int | None = None, **kwargs
     ]
 
 
-def _no_known_spill(config: triton.Config, arch: int) -> bool:
-    """Before sm_90, triton 3.8 (the version torch 2.14 pins) compiles the 16x32 tile with 4 warps
-    and 3 stages to 96 registers and 8 spilled bytes per thread (ahead-of-time compile, first
-    layer; 2 stages and triton 3.6/3.9 do not spill): leave that configuration out there."""
+def _no_known_spill(config: triton.Config, arch: int, named: dict) -> bool:
+    """Configurations that spill before sm_90 (ahead-of-time compile), left out there:
+    - triton 3.8 (the version torch 2.14 pins) compiles the 16x32 tile with 4 warps and 3 stages
+      to 96 registers and 8 spilled bytes per thread (first layer; 2 stages and triton 3.6/3.9 do
+      not spill);
+    - a skip layer (the previous layer's part and x's) in half precision ("ieee" dots) with the
+      32x32 tile and 8 warps: 128 registers and 16 spilled bytes (triton 3.9)."""
+    if arch >= 90:
+        return True
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
-    return not (arch < 90 and tile == (16, 32, 4, 3))
+    if tile == (16, 32, 4, 3):
+        return False
+    skip_layer = named.get("HAS_HIDDEN") and named.get("HAS_INPUT")
+    return not (skip_layer and named.get("PRECISION") == "ieee" and tile[:3] == (32, 32, 8))
 
 
 def prune_layer_configs(configs, named_args, arch: int | None = None, **kwargs):
     """Keep the configurations within the register budget, with wgmma-sized dots on sm_90 (the
     arguments arrive as in `prune_network_configs`)."""
     arch = current_arch() if arch is None else arch
-    slots = {**named_args, **kwargs}["SLOTS"]
+    named = {**named_args, **kwargs}
+    slots = named["SLOTS"]
 
     def cost(c):
         return layer_cost(c.kwargs["BLOCK_M"], slots, c.kwargs["BLOCK_N"], c.num_warps)
 
-    fits = [c for c in configs if cost(c) <= LAYER_BUDGET and _no_known_spill(c, arch)]
+    fits = [c for c in configs if cost(c) <= LAYER_BUDGET and _no_known_spill(c, arch, named)]
     big = [c for c in fits if arch < 90 or c.kwargs["BLOCK_M"] * slots >= WGMMA_ROWS]
     # many tangents (SLOTS >= 16): nothing fits; the smallest tile spills least
     return big or fits or [min(configs, key=cost)]
