@@ -287,7 +287,18 @@ def encoded_input(
     return acc3
 
 
-@triton.jit(do_not_specialize=["num_points", "d_in", "d_out", "points_bucket", "d_plain", "x_col0", "input_start", "enc_per_coord"])
+@triton.jit(
+    do_not_specialize=[
+        "num_points",
+        "d_in",
+        "d_out",
+        "points_bucket",
+        "d_plain",
+        "x_col0",
+        "input_start",
+        "enc_per_coord",
+    ]
+)
 def layer_forward_kernel(
     a_ptr, w_ptr, bias_ptr, h_ptr, t_ptr, z_ptr,
     x_ptr, w_in_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr,

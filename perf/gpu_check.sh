@@ -19,17 +19,20 @@
 # step's limit to what is left; a step that no longer fits is skipped and reported as such).
 #   --quick step         limit  kernel variants compiled cold (counted by the dry run's launches)
 #   environment            30   0
-#   correctness            75   92 over 24 cases, spread over 14 processes (~7 each, 2-6 s each)
+#   correctness            75   138 over 28 cases, spread over 14 processes (~10 each, 2-6 s each)
 #   main-tf32              60   4: 3 forward candidates (compiled by 12 processes at once) + fused backward
-#   main-tf32-compiled     75   4 of ours (from the cache) + inductor's own compiles of the two peers
+#   real-networks          35   ~20 per-layer variants (NeuS's SDF and Nerfies' warp field in TF32 at
+#                               N = 65,536 and 2^18, fixed configurations) against plain autograd
+#   main-tf32-compiled     60   4 of ours (from the cache) + inductor's own compiles of the two peers
 #   main-bf16              35   4, as main-tf32
-#   Prediction on an H100 (16 cores): install 15 s, environment 10 s, correctness 35-55 s,
-#   main-tf32 30-40 s, compiled peers 40-75 s, bf16 25-35 s: 150-220 s in all.
+#   Prediction on an H100 (16 cores): install 15 s, environment 10 s, correctness 40-60 s,
+#   main-tf32 30-40 s, real networks 20-35 s, compiled peers 40-60 s (cut to what is left), bf16
+#   25-35 s: 180-235 s in all.
 #   --tune: 9 cases, each precompiled in parallel then autotuned and timed; ~85 variants, the
 #   whole-network cases first (10-15 s each), then 3xTF32 and widths 256/512 (their per-layer
 #   backward kernels compile in one process: ~30 s each). Limit 200 s.
 # Measured here (2-core Intel Xeon VM, torch 2.13, triton 3.9, interpreter, tiny sizes):
-#   --dry-run 53 s (78 s with inductor's cache cold), --dry-run --tune 158 s.
+#   --dry-run 57 s (78 s with inductor's cache cold), --dry-run --tune 158 s.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}

@@ -33,21 +33,24 @@ from tritonjac import JacobianMLP, PositionalEncoding, benchmark
 LIMIT = "limit: the matmuls alone"
 
 
-def neus(device, dtype):
+def neus(device, dtype, width=256):
     model = JacobianMLP(
-        3, [256, 256, 256, 217, 256, 256, 256, 256], 257, torch.nn.Softplus(beta=100),
+        3, [width] * 3 + [width - 39] + [width] * 4, width + 1, torch.nn.Softplus(beta=100),
         encoding=PositionalEncoding(6), skips=(4,), skip_scale=2**-0.5, jacobian_outputs=1,
         device=device, dtype=dtype,
     )  # fmt: skip
     return model, 65536
 
 
-def nerfies(device, dtype):
+def nerfies(device, dtype, width=128):
     model = JacobianMLP(
-        3 + 8, [128] * 6, 6, "relu", jacobian_inputs=3, encoding=PositionalEncoding(8, alpha=6.0),
+        3 + 8, [width] * 6, 6, "relu", jacobian_inputs=3, encoding=PositionalEncoding(8, alpha=6.0),
         skips=(4,), device=device, dtype=dtype,
     )  # fmt: skip
     return model, 2**18
+
+
+SMALL_WIDTHS = {"neus": 48, "nerfies": 16}  # the same structures, narrow: dry runs in the interpreter
 
 
 NETWORKS = {"NeuS SDF (PE6, 8x256, skip 4, 257 out, grad of out 0)": neus,
@@ -156,9 +159,10 @@ def methods(model, x, include_compile: bool):
     return table
 
 
-def run(name, build, device, dtype, scale, rounds, include_compile, max_seconds):
+def run(name, build, device, dtype, scale, rounds, include_compile, max_seconds, small=False):
+    """The rows of one network: both modes, every method, times relative to tritonjac's."""
     torch.manual_seed(0)
-    model, n = build(device, dtype)
+    model, n = build(device, dtype, SMALL_WIDTHS[build.__name__]) if small else build(device, dtype)
     n = max(1, int(n * scale))
     x = torch.rand(n, model.in_features, device=device, dtype=dtype)
     table = methods(model, x, include_compile)

@@ -147,7 +147,15 @@ def test_opcheck(jacobian, structure):
         y, J = mlp_jacobian_op(*args)
     # the backward op is first-order: checked without inputs that require a gradient
     detached = [t.detach() for t in weights], [t.detach() for t in biases]
-    back_args = (x.detach(), *detached, bands, torch.ones_like(y), torch.ones_like(J), *model._spec.to_op_args(), "torch")
+    back_args = (
+        x.detach(),
+        *detached,
+        bands,
+        torch.ones_like(y),
+        torch.ones_like(J),
+        *model._spec.to_op_args(),
+        "torch",
+    )
     torch.library.opcheck(mlp_jacobian_backward_op, back_args)
 
 

@@ -86,7 +86,7 @@ def test_dry_run_summary_parses_and_covers_every_kernel_path(quick_dry_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "quick" and summary["environment"]["dry_run"]
     assert {"torch", "triton", "date", "card"} <= set(summary["environment"])
-    for name in ("environment", "correctness", "main-tf32", "main-bf16"):
+    for name in ("environment", "correctness", "main-tf32", "real-networks", "main-bf16"):
         assert summary["steps"][name]["status"] == "ok", summary["steps"][name]
     assert summary["steps"]["correctness"]["variants"] > 20
     checks = summary["correctness"]
@@ -112,6 +112,15 @@ def test_dry_run_summary_parses_and_covers_every_kernel_path(quick_dry_run):
         methods = {r["method"] for r in summary["runs"][label]["rows"]}
         assert {"tritonjac (triton)", "vmap(jacfwd)", "3x autograd.grad (seed)", "limit: the matmuls alone"} <= methods
     assert any(t["run"] == "main TF32" for t in summary["targets"])
+    # real networks: skips (scaled), encodings (windowed), a latent code, input and output selections
+    assert any(c.get("encoding") and c["encoding"][1] is not None for c in checks)
+    assert any(c.get("skip_scale", 1.0) != 1.0 for c in checks) and any(isinstance(c.get("k"), list) for c in checks)
+    assert any(isinstance(c.get("outputs"), int) for c in checks) and any(
+        isinstance(c.get("outputs"), list) for c in checks
+    )
+    real = {record["label"].split(" (")[0] for record in summary["real_networks"]}
+    assert real == {"NeuS SDF", "Nerfies warp"}
+    assert {t["run"] for t in summary["targets"]} >= real
 
 
 def test_every_benchmark_step_saves_its_tuned_configurations(quick_dry_run):

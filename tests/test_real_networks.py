@@ -274,13 +274,11 @@ def test_nerfies_window_follows_alpha(window):
     """The window is read at every call: setting alpha changes y and J as the reference does."""
     model, _, x, inputs, outputs, loss = nerfies(alpha=3.5)
     model.encoding.alpha = window
-    _, forward, *_ = nerfies(alpha=window)
-    forward_same_layers = lambda x: run_layers(  # noqa: E731
-        model.linear_layers,
-        torch.cat([nerf_encoding(x[..., :3], 8, window), x[..., 3:]], -1),
-        4,
-        activation=torch.relu,
-    )
+
+    def forward_same_layers(x):
+        inputs_ = torch.cat([nerf_encoding(x[..., :3], 8, window), x[..., 3:]], -1)
+        return run_layers(model.linear_layers, inputs_, 4, activation=torch.relu)
+
     check_against_reference(model, forward_same_layers, x, inputs, outputs, loss)
 
 
@@ -395,7 +393,10 @@ def test_selection_costs_only_what_it_keeps():
         (dict(jacobian_outputs=3), "jacobian_outputs must be None, an int from 1 to out_features=2"),
         (dict(jacobian_outputs=slice(1, 1)), "jacobian_outputs must select at least one index"),
         (dict(jacobian_inputs=slice(0, 3, 2)), "contiguously"),
-        (dict(encoding=PositionalEncoding(2), jacobian_inputs=slice(1, 3)), "the differentiated inputs must be the first"),
+        (
+            dict(encoding=PositionalEncoding(2), jacobian_inputs=slice(1, 3)),
+            "the differentiated inputs must be the first",
+        ),
         (dict(encoding="nerf"), "encoding must be a tritonjac.PositionalEncoding"),
         (dict(skip_scale=0.0), "skip_scale must be finite and non-zero"),
     ],

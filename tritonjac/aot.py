@@ -204,8 +204,16 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                     for config in tuning.backward_configs(named, arch):
                         cases.append(_case("mlp_backward", bx, config, dtype, arch))
         # (previous layer's output, x, encoded x) parts: hidden, first, skip, encoded first, encoded skip
-        layer_parts = ((False, True, False), (True, False, False), (True, True, False), (False, True, True), (True, True, True))
-        for (hidden, has_input, encoded), jacobian in [(p, True) for p in layer_parts] + [((True, False, False), False)]:
+        layer_parts = (
+            (False, True, False),
+            (True, False, False),
+            (True, True, False),
+            (False, True, True),
+            (True, True, True),
+        )
+        for (hidden, has_input, encoded), jacobian in [(p, True) for p in layer_parts] + [
+            ((True, False, False), False)
+        ]:
             first = not hidden
             for dtype, precision in (("fp32", "tf32"), ("fp32", "tf32x3"), ("bf16", "ieee")):
                 cx = forward.layer_constexprs(softplus, 3, hidden, has_input, encoded, True, jacobian, precision)

@@ -65,7 +65,13 @@ class EncodingSpec:
         return 1.0 if band < 0 else self.frequency_scale * 2.0**band
 
     def to_op_args(self) -> list:
-        return [self.coordinates, self.num_frequencies, int(self.include_input), ORDERS.index(self.order), int(self.windowed)]
+        return [
+            self.coordinates,
+            self.num_frequencies,
+            int(self.include_input),
+            ORDERS.index(self.order),
+            int(self.windowed),
+        ]
 
 
 class PositionalEncoding(nn.Module):
@@ -156,10 +162,12 @@ class PositionalEncoding(nn.Module):
         weights = self.band_weights(x)
         features = []
         for j, function, band in spec.columns:
-            t = x[..., j] * spec.frequency(band)
+            # x[..., j : j + 1], not x[..., j]: under torch.func.vmap a 0-d slice times a Python
+            # float promotes to float64
+            t = x[..., j : j + 1] * spec.frequency(band)
             value = t if function == IDENTITY else torch.sin(t) if function == SIN else torch.cos(t)
             features.append(value if band < 0 or weights is None else value * weights[band])
-        return torch.stack(features, -1)
+        return torch.cat(features, -1)
 
     def extra_repr(self) -> str:
         extras = [str(self.num_frequencies), f"include_input={self.include_input}"]

@@ -13,8 +13,8 @@ from typing import Sequence
 import torch
 
 from . import torch_engine
-from .network import TRITON_DTYPES, NetworkSpec, check_backend, check_input, check_tensors, make_spec
 from .encoding import PositionalEncoding
+from .network import TRITON_DTYPES, NetworkSpec, check_backend, check_input, check_tensors, make_spec
 from .ops.common import band_weights_argument, bias_arguments
 from .ops.opaque import mlp_jacobian_op
 

@@ -124,7 +124,15 @@ class JacobianMLP(nn.Module):
 
     # ---- construction shared with from_module --------------------------------------------------
     def _install(
-        self, children, layers, encoding, structure: dict, backend, activation=None, output_activation=None, sequential=True
+        self,
+        children,
+        layers,
+        encoding,
+        structure: dict,
+        backend,
+        activation=None,
+        output_activation=None,
+        sequential=True,
     ):
         """Register `children` (name, module) and derive the engine's description from `layers`,
         the flat (path, module) sequence of Linear/Conv1d layers and activations they hold.
@@ -220,7 +228,8 @@ class JacobianMLP(nn.Module):
             if outputs + skip != inputs:
                 extra = f" (plus the skip's {a0} input features: {outputs + skip})" if skip else ""
                 raise ValueError(
-                    f"layer {paths[l - 1]!r} has {outputs} outputs{extra} but the next layer {paths[l]!r} expects {inputs} inputs"
+                    f"layer {paths[l - 1]!r} has {outputs} outputs{extra} but the next layer "
+                    f"{paths[l]!r} expects {inputs} inputs"
                 )
 
     @classmethod

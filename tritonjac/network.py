@@ -11,8 +11,8 @@ Also here: the checks every entry point runs on its inputs, with errors that nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -180,7 +180,9 @@ def make_spec(
             f"not jacobian_inputs={jacobian_inputs!r}; put the encoded inputs first in x"
         )
     if encoding is not None and encoding.coordinates != stop - start:
-        raise ValueError(f"the encoding encodes {encoding.coordinates} inputs but jacobian_inputs selects {stop - start}")
+        raise ValueError(
+            f"the encoding encodes {encoding.coordinates} inputs but jacobian_inputs selects {stop - start}"
+        )
     skips = tuple(skips)
     for s in skips:
         if isinstance(s, bool) or not isinstance(s, int) or not 1 <= s < num_layers:
@@ -194,7 +196,15 @@ def make_spec(
     if not math.isfinite(scale) or scale == 0.0:
         raise ValueError(f"skip_scale must be finite and non-zero, not {skip_scale!r}")
     return NetworkSpec(
-        acts, stop - start, start, output_start, output_stop, encoding, tuple(sorted(skips)), scale, bool(skip_input_first)
+        acts,
+        stop - start,
+        start,
+        output_start,
+        output_stop,
+        encoding,
+        tuple(sorted(skips)),
+        scale,
+        bool(skip_input_first),
     )
 
 
@@ -205,12 +215,12 @@ def _index_range(name: str, selection, size: int, size_name: str) -> tuple[int, 
     if isinstance(selection, slice):
         start, stop, step = selection.indices(size)
         if step != 1 or stop <= start:
-            raise ValueError(f"{name} must select at least one index, contiguously (step 1), not {selection!r} of {size}")
+            raise ValueError(
+                f"{name} must select at least one index, contiguously (step 1), not {selection!r} of {size}"
+            )
         return start, stop
     if isinstance(selection, bool) or not isinstance(selection, int) or not 1 <= selection <= size:
-        raise ValueError(
-            f"{name} must be None, an int from 1 to {size_name}={size} or a slice, not {selection!r}"
-        )
+        raise ValueError(f"{name} must be None, an int from 1 to {size_name}={size} or a slice, not {selection!r}")
     return 0, selection
 
 
@@ -261,7 +271,7 @@ def check_tensors(x, weights, biases, spec: NetworkSpec | None = None) -> None:
                 if spec is not None and spec.encoding is not None:
                     what += f", {a0} after the encoding"
             elif l in skips:
-                what = f"layer {l} is a skip layer: layer {l - 1}'s {width} outputs plus {a0} input features make {expected}"
+                what = f"layer {l} skips: layer {l - 1}'s {width} outputs and {a0} input features make {expected}"
             else:
                 what = f"layer {l - 1} has {width} outputs"
             raise ValueError(f"{what} but layer {l} expects {W.shape[1]} inputs (x.shape = {tuple(x.shape)})")

@@ -125,7 +125,11 @@ class InputMap:
             a0 = torch.cat([a0, x[:, self.k :]], 1)
         scale = self.weight * self.frequency
         d1 = torch.where(self.is_sin, c, torch.where(self.is_cos, -s, 1.0)) * scale
-        d2 = torch.where(self.is_sin, -s, torch.where(self.is_cos, -c, 0.0)) * (scale * self.frequency) if second else None
+        d2 = (
+            torch.where(self.is_sin, -s, torch.where(self.is_cos, -c, 0.0)) * (scale * self.frequency)
+            if second
+            else None
+        )
         D = d1[:, self.perm].view(-1, self.k, self.n).transpose(0, 1).contiguous()
         return a0, D, d1, d2
 
@@ -454,7 +458,9 @@ class _AnalyticJacobian(torch.autograd.Function):
             needs[2],
             needs[3 : 3 + L],
             [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])],
-            lambda c, start, stop: list(zip(flat[2 * L * c : 2 * L * (c + 1) : 2], flat[2 * L * c + 1 : 2 * L * (c + 1) : 2])),
+            lambda c, start, stop: list(
+                zip(flat[2 * L * c : 2 * L * (c + 1) : 2], flat[2 * L * c + 1 : 2 * L * (c + 1) : 2])
+            ),
         )
         return (None, None, gx, *grad_W, *grad_b)
 

@@ -8,7 +8,12 @@ __all__ = [
     "bias_arguments",
     "optional_biases",
     "band_weights_argument",
-    "optional_band_weights", "no_jacobian", "loss_on_jacobian", "setup_context", "saved_inputs"]
+    "optional_band_weights",
+    "no_jacobian",
+    "loss_on_jacobian",
+    "setup_context",
+    "saved_inputs",
+]
 
 
 def bias_arguments(biases, like: torch.Tensor) -> list[torch.Tensor]:
@@ -43,7 +48,9 @@ def optional_band_weights(band_weights: torch.Tensor) -> torch.Tensor | None:
 
 def setup_context(ctx, inputs, output):
     """Each forward op saves its inputs; the spec arguments (and the backend) travel to the backward."""
-    x, weights, biases, band_weights, activation_ids, params, thresholds, structure, scalars, _jacobian, *backend = inputs
+    x, weights, biases, band_weights, activation_ids, params, thresholds, structure, scalars, _jacobian, *backend = (
+        inputs
+    )
     ctx.save_for_backward(x, *weights, *biases, band_weights)
     ctx.spec_args = (activation_ids, params, thresholds, structure, scalars, *backend)
 

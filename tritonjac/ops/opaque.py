@@ -77,7 +77,9 @@ def mlp_jacobian_backward_op(
     if backend == "triton":
         from .. import triton_engine
 
-        dx, dW, db = triton_engine.mlp_backward(x, weights, biases, spec, dy, gJ, True, optional_band_weights(band_weights))
+        dx, dW, db = triton_engine.mlp_backward(
+            x, weights, biases, spec, dy, gJ, True, optional_band_weights(band_weights)
+        )
     else:
         has_bias = [b is not None for b in biases]
         dx, dW, db = torch_engine.backward_by_recompute(

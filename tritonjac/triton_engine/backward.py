@@ -7,6 +7,8 @@ their fp32 partial gradients in a fixed order: the same inputs give bit-identica
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 
@@ -137,6 +139,7 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     is_traced = traced(x2d)
     bf16 = interpret_bf16(x2d.dtype)
     inputs = LayerInputs(x2d, spec, band_weights)
+    run = _Launches(arch, precision, num_slots, bf16, is_traced)
     encoded = inputs.encoded_width > 0
     # x's gradient straight from the first layer's propagation kernel when a0 is x and nothing
     # else reads it; otherwise dLoss/da0 is summed over the layers that read a0, then taken to x
@@ -148,7 +151,7 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
         for start in range(0, P, chunk):
             xc = x2d[start : start + chunk]
             C = xc.shape[0]
-            As, Zs = _recompute(xc, weights, biases, spec, inputs, jacobian, precision, arch, bf16, is_traced)
+            As, Zs = _recompute(xc, weights, biases, spec, inputs, jacobian, run)
 
             # dLoss/d[z; U] of the last layer, from dLoss/d[y; J]
             G = torch.zeros(C, rows, d_out_last, **f32)
@@ -164,13 +167,11 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
             g_a0 = g_D = None
             for l in range(L - 1, -1, -1):
                 W, scale = weights[l], spec.layer_scale(l)
-                d_out = W.shape[0]
                 W_hidden, W_input = inputs.parts(l, W)
                 hidden_cols, input_cols = spec.layer_columns(l, W.shape[1], x2d.shape[1])
-                propagate_cfg, _ = tuning.layer_backward_configs(arch, precision, num_slots)
                 # the part of W that multiplies the previous layer's [h; T]: weight gradient, then propagation
                 if W_hidden is not None:
-                    gw = _weight_grad(G, As[l - 1], rows, biases[l] is not None, spec, l, x2d, arch, precision, num_slots, bf16, is_traced)
+                    gw = _weight_grad(G, As[l - 1], rows, biases[l] is not None, l, x2d, run)
                     grad_W[l][:, hidden_cols] += gw[0] if scale == 1.0 else scale * gw[0]
                     if gw[1] is not None:
                         grad_b[l] += gw[1]
@@ -188,21 +189,22 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                         if biases[l] is not None and W_hidden is None:
                             grad_b[l] += G[:, 0].sum(0)
                     else:  # a0 = x: the weight-gradient kernel on x (value rows), tangents' unit vectors here
-                        gw = _weight_grad(G, xc, 1, biases[l] is not None and W_hidden is None, spec, l, x2d, arch, precision, num_slots, bf16, is_traced)
+                        gw = _weight_grad(G, xc, 1, biases[l] is not None and W_hidden is None, l, x2d, run)
                         grad_W[l][:, input_cols] += gw[0] if scale == 1.0 else scale * gw[0]
                         if gw[1] is not None:
                             grad_b[l] += gw[1]
                         if jacobian:
-                            columns = slice(input_cols.start + spec.input_start, input_cols.start + spec.input_start + k)
-                            grad_W[l][:, columns] += scale * G[:, 1:].sum(0).t()
+                            first = input_cols.start + spec.input_start
+                            grad_W[l][:, first : first + k] += scale * G[:, 1:].sum(0).t()
                 # propagate: to the previous layer's dLoss/d[z; U], and a0's share
                 if W_hidden is not None:
-                    out = allocate(f"dLoss/d[z; U] of layer {l - 1}", x2d, C, rows, W_hidden.shape[1], dtype=torch.float32)
+                    d_prev = W_hidden.shape[1]
+                    out = allocate(f"dLoss/d[z; U] of layer {l - 1}", x2d, C, rows, d_prev, dtype=torch.float32)
                     Wp = W_hidden if scale == 1.0 else W_hidden * scale
-                    _propagate(G, Wp, Zs[l - 1], out, spec.activations[l - 1], rows, False, propagate_cfg, precision, num_slots, bf16, is_traced)
+                    _propagate(G, Wp, Zs[l - 1], out, spec.activations[l - 1], rows, False, run)
                 if W_input is not None and need_x:
                     if direct_gx:
-                        _propagate(G, W_input, G, gx[start : start + chunk], spec.activations[0], rows, True, propagate_cfg, precision, num_slots, bf16, is_traced)
+                        _propagate(G, W_input, G, gx[start : start + chunk], spec.activations[0], rows, True, run)
                     else:
                         Wi = (W_input if scale == 1.0 else W_input * scale).float()
                         g = G[:, 0] @ Wi
@@ -217,9 +219,20 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     return gx, _fp32_sums_to(weights, grad_W), _fp32_sums_to(biases, grad_b)
 
 
-def _recompute(xc, weights, biases, spec, inputs, jacobian, precision, arch, bf16, is_traced):
+@dataclass(frozen=True)
+class _Launches:
+    """What every per-layer backward launch of one call shares."""
+
+    arch: int
+    precision: str
+    num_slots: int
+    bf16: dict  # interpret_bf16's argument
+    is_traced: bool
+
+
+def _recompute(xc, weights, biases, spec, inputs, jacobian, run: _Launches):
     """The forward of a chunk again, keeping A_l = [h; T] (compute dtype) and Z_l = [z; U] (fp32)."""
-    L, k = len(weights), spec.jacobian_inputs
+    k = spec.jacobian_inputs
     rows = 1 + k if jacobian else 1
     C = xc.shape[0]
     As, Zs = [], []
@@ -248,25 +261,28 @@ def _recompute(xc, weights, biases, spec, inputs, jacobian, precision, arch, bf1
                 (Zv, Z.stride(0), Z.stride(1)),
             )
             constexprs = layer_constexprs(
-                act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, precision
+                act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, run.precision
             )
             args |= inputs.args(xc, Wi) | constexprs | {"scale": spec.layer_scale(l)}
-            cfg = tuning.recompute_config(constexprs["SLOTS"], arch)
+            cfg = tuning.recompute_config(constexprs["SLOTS"], run.arch)
             grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(Av.shape[2], cfg.kwargs["BLOCK_N"]))
-            run_kernel("layer_forward", grid, cfg, args | {"STORE_Z": True, **bf16}, is_traced)
+            run_kernel("layer_forward", grid, cfg, args | {"STORE_Z": True, **run.bf16}, run.is_traced)
         As.append(A)
         Zs.append(Z)
         a, a_strides = A, (A.stride(0), A.stride(1), A.stride(2))
     return As, Zs
 
 
-def _weight_grad(G, A_prev, live_a, has_bias, spec, l, like, arch, precision, num_slots, bf16, is_traced):
+def _weight_grad(G, A_prev, live_a, has_bias, l, like, run: _Launches):
     """(G_Z^T A_prev summed over the points and live slots, the bias gradient or None): fp32 partial
-    sums over splits of the points, summed in a fixed order."""
+    sums over splits of the points, summed in a fixed order. A_prev: (P, slots, d_in), or x (P, d_in)."""
     C, d_out, d_in = G.shape[0], G.shape[2], A_prev.shape[-1]
-    a_st = (A_prev.stride(0), A_prev.stride(1), A_prev.stride(2)) if A_prev.dim() == 3 else (A_prev.stride(0), 0, A_prev.stride(1))
-    slots_a = num_slots if live_a > 1 else 1
-    _, wgrad_cfg = tuning.layer_backward_configs(arch, precision, num_slots, slots_a)
+    if A_prev.dim() == 3:
+        a_st = (A_prev.stride(0), A_prev.stride(1), A_prev.stride(2))
+    else:
+        a_st = (A_prev.stride(0), 0, A_prev.stride(1))
+    slots_a = run.num_slots if live_a > 1 else 1
+    _, wgrad_cfg = tuning.layer_backward_configs(run.arch, run.precision, run.num_slots, slots_a)
     splits, per_split = tuning.weight_grad_splits(C, wgrad_cfg.kwargs["BLOCK_P"])
     gw_part = allocate(f"weight-gradient splits of layer {l}", like, splits, d_out, d_in, dtype=torch.float32)
     gb_part = (
@@ -295,18 +311,19 @@ def _weight_grad(G, A_prev, live_a, has_bias, spec, l, like, arch, precision, nu
             stride_af=a_st[2],
             LIVE_SLOTS_A=live_a,
             HAS_BIAS=has_bias,
-            PRECISION=precision,
+            PRECISION=run.precision,
             SLOTS=slots_a,
-            **bf16,
+            **run.bf16,
         ),
-        is_traced,
+        run.is_traced,
     )
     return gw_part.sum(0), (gb_part.sum(0) if has_bias else None)
 
 
-def _propagate(G, W, z_prev, out, prev_act, rows, last_step, cfg, precision, num_slots, bf16, is_traced):
+def _propagate(G, W, z_prev, out, prev_act, rows, last_step, run: _Launches):
     """out = G_Z W, then the previous layer's activation backward with its Z (or, with last_step,
     the value row alone: dLoss/dx of a first layer whose input is x)."""
+    cfg, _ = tuning.layer_backward_configs(run.arch, run.precision, run.num_slots)
     C, d_out, d_in = G.shape[0], W.shape[0], W.shape[1]
     grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(d_in, cfg.kwargs["BLOCK_K"]))
     run_kernel(
@@ -333,11 +350,11 @@ def _propagate(G, W, z_prev, out, prev_act, rows, last_step, cfg, precision, num
             LIVE_SLOTS=rows,
             LAST_STEP=last_step,
             **activation_constexprs(prev_act, "ACT"),
-            PRECISION=precision,
-            SLOTS=num_slots,
-            **bf16,
+            PRECISION=run.precision,
+            SLOTS=run.num_slots,
+            **run.bf16,
         ),
-        is_traced,
+        run.is_traced,
     )
 
 
