@@ -11,7 +11,7 @@ PACKAGES = {"tritonjac": ROOT / "tritonjac", "tritonjac.kernels": ROOT / "kernel
 
 # From the bottom up: a module may import only modules of its own layer or below.
 LAYERS = [
-    {"tritonjac.activations", "tritonjac.precision", "tritonjac.grad_mode"},
+    {"tritonjac.activations", "tritonjac.precision", "tritonjac.grad_mode", "tritonjac.encoding"},
     {"tritonjac.network"},
     {"tritonjac.kernels", "tritonjac.kernels.activations", "tritonjac.kernels.forward", "tritonjac.kernels.backward"},
     {
@@ -28,6 +28,7 @@ LAYERS = [
     {"tritonjac.ops", "tritonjac.ops.common", "tritonjac.ops.opaque", "tritonjac.ops.traced"},
     {"tritonjac.functional"},
     {"tritonjac.module"},
+    {"tritonjac.init"},
     {"tritonjac", "tritonjac.benchmark", "tritonjac.aot", "tritonjac.__main__"},
 ]
 
