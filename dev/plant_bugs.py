@@ -26,6 +26,7 @@ KERNEL_TESTS = [
     "tests/test_triton_backward.py",
     "tests/test_strided_inputs.py",
     "tests/test_compile.py",
+    "tests/test_real_networks.py",
 ]
 
 
@@ -49,8 +50,8 @@ BUGS = [
     Bug(
         "forward-mask-off-by-one",
         "kernels/forward.py",
-        "    m_p = o_p < num_points\n    o_s = tl.arange(0, SLOTS)\n    Z = first_layer(",
-        "    m_p = o_p <= num_points\n    o_s = tl.arange(0, SLOTS)\n    Z = first_layer(",
+        "    m_p = o_p < num_points\n    o_s = tl.arange(0, SLOTS)\n    o_w = tl.arange(0, WIDTH_PAD)\n    if PLAIN_INPUT:",
+        "    m_p = o_p <= num_points\n    o_s = tl.arange(0, SLOTS)\n    o_w = tl.arange(0, WIDTH_PAD)\n    if PLAIN_INPUT:",
         "the whole-network forward writes one row past the end of y and J",
     ),
     Bug(
@@ -80,6 +81,34 @@ BUGS = [
         "G[:, 0] = gy[start : start + chunk]",
         "G[:, 0] = gy[: xc.shape[0]]",
         "every chunk of the per-layer backward reads the first chunk's dLoss/dy",
+    ),
+    Bug(
+        "encoding-cosine-slope-sign",
+        "kernels/forward.py",
+        "slope = tl.where(is_sin, cos_t, tl.where(is_cos, -sin_t, 1.0))",
+        "slope = tl.where(is_sin, cos_t, tl.where(is_cos, sin_t, 1.0))",
+        "the encoded cosines' derivative with the wrong sign (J of encoded networks)",
+    ),
+    Bug(
+        "per-layer-backward-skip-unscaled",
+        "tritonjac/triton_engine/backward.py",
+        "Wp = W_hidden if scale == 1.0 else W_hidden * scale",
+        "Wp = W_hidden",
+        "the per-layer backward propagates through a scaled skip layer without its scale",
+    ),
+    Bug(
+        "selected-outputs-wrong-rows",
+        "tritonjac/triton_engine/forward.py",
+        "return [(slice(None), False), (rows, True)]",
+        "return [(slice(None), False), (slice(0, rows.stop - rows.start), True)]",
+        "the last layer's tangents taken from the first rows of W instead of the selected outputs'",
+    ),
+    Bug(
+        "whole-network-skip-recomputed-with-first-weights",
+        "tritonjac/triton_engine/forward.py",
+        "        skip_plain, skip_enc = split(W_a)",
+        "        skip_plain, skip_enc = first_plain, first_enc",
+        "the whole-network kernel's skip layer multiplies a0 by the first layer's weights",
     ),
 ]
 

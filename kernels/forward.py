@@ -124,8 +124,10 @@ def hidden_layer(
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
     INTERPRET_BF16: tl.constexpr,
+    acc=None,
 ):
-    """Z = [h W_l^T + b_l; T W_l^T] from A = [h; T]: one dot over the BLOCK_M * SLOTS stacked rows.
+    """Z = [h W_l^T + b_l; T W_l^T] (+ acc, (BLOCK_M * SLOTS, WIDTH_PAD) fp32, if given: the dot's
+    initial accumulator) from A = [h; T]: one dot over the BLOCK_M * SLOTS stacked rows.
 
     w_ptr / bias_ptr hold the hidden layers contiguously, (num_hidden, WIDTH, WIDTH) / (num_hidden, WIDTH).
     """
@@ -136,7 +138,7 @@ def hidden_layer(
     p_w = w_ptr + l * WIDTH * WIDTH + o_w[None, :] * WIDTH + o_w[:, None]
     b_wt = tl.load(p_w, mask=m_w[:, None] & m_w[None, :], other=0.0)
     b_a = to_operand(tl.reshape(A, (BLOCK_M * SLOTS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
-    Z = tl.reshape(dot_f32(b_a, b_wt.to(operand_ty), None, PRECISION, INTERPRET_BF16), (BLOCK_M, SLOTS, WIDTH_PAD))
+    Z = tl.reshape(dot_f32(b_a, b_wt.to(operand_ty), acc, PRECISION, INTERPRET_BF16), (BLOCK_M, SLOTS, WIDTH_PAD))
     if HAS_BIAS:
         bias_row = tl.load(bias_ptr + l * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
         Z += tl.where(tl.arange(0, SLOTS)[None, :, None] == 0, bias_row[None, None, :], 0.0)
@@ -156,22 +158,93 @@ def last_layer_output(
     return r
 
 
-@triton.jit(do_not_specialize=["num_points", "num_hidden", "points_bucket"])
+@triton.jit
+def network_input(
+    Z, x_ptr, w_plain_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, o_p, m_p, o_s,
+    x_col0, input_start, enc_per_coord, stride_xp, stride_xf,
+    IN_PLAIN: tl.constexpr, NUM_TANGENTS: tl.constexpr, WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr,
+    SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, ENCODED: tl.constexpr, JACOBIAN: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_E: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):  # fmt: skip
+    """Z (BLOCK_M, SLOTS, WIDTH_PAD) plus a0's share of [z; U] for a layer reading the network's input
+    (the first layer, a skip layer), from x: IN_PLAIN columns of x from x_col0 as outer products with
+    w_plain (WIDTH, IN_PLAIN), their tangents the columns for x's inputs input_start.. (none with
+    ENCODED: those columns are a latent code), and with ENCODED the encoded features of x's first
+    NUM_TANGENTS columns times w_enc (WIDTH, len(encoding)), coordinate-major (`encoded_input`)."""
+    o_w = tl.arange(0, WIDTH_PAD)
+    m_w = o_w < WIDTH
+    z = tl.zeros((BLOCK_M, WIDTH_PAD), tl.float32)
+    u = tl.zeros((SLOTS, WIDTH_PAD), tl.float32)
+    for i in tl.static_range(IN_PLAIN):
+        b_x = tl.load(x_ptr + o_p * stride_xp + (x_col0 + i) * stride_xf, mask=m_p, other=0.0).to(tl.float32)
+        b_col = tl.load(w_plain_ptr + o_w * IN_PLAIN + i, mask=m_w, other=0.0).to(tl.float32)
+        z += b_x[:, None] * b_col[None, :]
+        if JACOBIAN and not ENCODED:
+            u += tl.where(input_start + o_s[:, None] - 1 == x_col0 + i, b_col[None, :], 0.0)
+    Z += tl.where(o_s[None, :, None] == 0, z[:, None, :], u[None, :, :])
+    if ENCODED:
+        Z = encoded_input(
+            Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, o_p, m_p, o_w, m_w, o_s,
+            enc_per_coord, stride_xp, stride_xf, enc_per_coord * NUM_TANGENTS,
+            NUM_TANGENTS, SLOTS, JACOBIAN, PRECISION, BLOCK_M, WIDTH_PAD, BLOCK_E, INTERPRET_BF16, False,
+        )  # fmt: skip
+    return Z
+
+
+@triton.jit
+def hidden_layers(
+    A, w_hidden_ptr, bias_hidden_ptr, start, stop, o_s,
+    ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
+    WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):  # fmt: skip
+    """The hidden layers start..stop-1 (activated)."""
+    for l in range(start, stop):
+        Z = hidden_layer(
+            A, w_hidden_ptr, bias_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, PRECISION, INTERPRET_BF16
+        )
+        A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+    return A
+
+
+@triton.jit(
+    do_not_specialize=[
+        "num_points",
+        "num_hidden",
+        "points_bucket",
+        "x_col0",
+        "input_start",
+        "enc_per_coord",
+        "skip_hidden",
+    ]
+)
 def mlp_forward_kernel(
     x_ptr, w_first_ptr, bias_first_ptr, w_hidden_ptr, bias_hidden_ptr, w_last_ptr, bias_last_ptr, y_ptr, j_ptr,
-    num_points, num_hidden, points_bucket,
-    stride_xp, stride_xf, stride_yp, stride_yf, stride_jp, stride_jo, stride_jk,
+    w_first_enc_ptr, share_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr,
+    num_points, num_hidden, points_bucket, x_col0, input_start, enc_per_coord, skip_hidden,
+    stride_xp, stride_xf, stride_yp, stride_yf, stride_jp, stride_jo, stride_jk, stride_sp, stride_ss,
     IN: tl.constexpr, NUM_TANGENTS: tl.constexpr, WIDTH: tl.constexpr, OUT: tl.constexpr,
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     LAST_ACT: tl.constexpr, LAST_PARAM: tl.constexpr, LAST_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
-    SLOTS: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
+    SLOTS: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    PLAIN_INPUT: tl.constexpr = True, ENCODED: tl.constexpr = False, HAS_SKIP: tl.constexpr = False,
+    OUT_START: tl.constexpr = 0, OUT_STOP: tl.constexpr = -1, BLOCK_E: tl.constexpr = 16,
+    LIVE_SLOTS: tl.constexpr = 1, INTERPRET_BF16: tl.constexpr = False,
 ):  # fmt: skip
     """y (and J) for BLOCK_M points through every layer.
 
     Weights are contiguous: w_first (WIDTH, IN), w_hidden (num_hidden, WIDTH, WIDTH), w_last
     (OUT, WIDTH); biases likewise (zeros where a layer has none). Layers 1..L-1 use ACT, layer L
     uses LAST_ACT. points_bucket only keys the autotuner.
+
+    PLAIN_INPUT: the first layer reads x's IN columns, J differentiates the first NUM_TANGENTS.
+    Otherwise (real networks, docs/design.md section 8) the first layer reads a0 through
+    `network_input`: IN columns of x from x_col0 (w_first) and with ENCODED the encoding of x's
+    first NUM_TANGENTS columns (w_first_enc); with HAS_SKIP, hidden layer skip_hidden adds a0's share
+    of its [z; U], held in share[p, slot, n] (LIVE_SLOTS slots; computed by the per-layer kernel on
+    the skip layer's a0 columns, the skip scale in them and in that hidden layer's weights). J holds
+    the outputs OUT_START..OUT_STOP (-1: all).
     """
     tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not JACOBIAN, "SLOTS must hold the value and the tangents")
     tl.static_assert(WIDTH_PAD >= 16, "tl.dot needs every dimension >= 16")
@@ -179,28 +252,39 @@ def mlp_forward_kernel(
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_p = o_p < num_points
     o_s = tl.arange(0, SLOTS)
-    Z = first_layer(
-        x_ptr,
-        w_first_ptr,
-        bias_first_ptr,
-        o_p,
-        m_p,
-        stride_xp,
-        stride_xf,
-        IN,
-        NUM_TANGENTS,
-        WIDTH,
-        WIDTH_PAD,
-        SLOTS,
-        BLOCK_M,
-        HAS_BIAS,
-        JACOBIAN,
-    )
+    o_w = tl.arange(0, WIDTH_PAD)
+    if PLAIN_INPUT:
+        Z = first_layer(
+            x_ptr, w_first_ptr, bias_first_ptr, o_p, m_p, stride_xp, stride_xf,
+            IN, NUM_TANGENTS, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, JACOBIAN,
+        )  # fmt: skip
+    else:
+        Z = network_input(
+            tl.zeros((BLOCK_M, SLOTS, WIDTH_PAD), tl.float32), x_ptr, w_first_ptr, w_first_enc_ptr,
+            enc_func_ptr, enc_freq_ptr, enc_weight_ptr, o_p, m_p, o_s, x_col0, input_start, enc_per_coord,
+            stride_xp, stride_xf, IN, NUM_TANGENTS, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, ENCODED, JACOBIAN,
+            PRECISION, BLOCK_E, INTERPRET_BF16,
+        )  # fmt: skip
+        if HAS_BIAS:
+            bias_row = tl.load(bias_first_ptr + o_w, mask=o_w < WIDTH, other=0.0).to(tl.float32)
+            Z += tl.where(o_s[None, :, None] == 0, bias_row[None, None, :], 0.0)
     A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
     for l in range(num_hidden):
-        Z = hidden_layer(
-            A, w_hidden_ptr, bias_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, PRECISION, INTERPRET_BF16
-        )
+        if HAS_SKIP:  # a0's share of the skip layer's [z; U], held and loaded at that layer only, as the
+            # dot's initial accumulator: computed here from x, or added as a tile of its own, it spilled on sm_90
+            p_share = share_ptr + o_p[:, None, None] * stride_sp + o_s[None, :, None] * stride_ss + o_w[None, None, :]
+            m_share = m_p[:, None, None] & (o_s[None, :, None] < LIVE_SLOTS) & (o_w[None, None, :] < WIDTH)
+            at_skip = (o_s[None, :, None] * 0 + l) == skip_hidden  # a tensor (the interpreter's l is an int)
+            share = tl.load(p_share, mask=m_share & at_skip, other=0.0).to(tl.float32)
+            Z = hidden_layer(
+                A, w_hidden_ptr, bias_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, PRECISION,
+                INTERPRET_BF16, tl.reshape(share, (BLOCK_M * SLOTS, WIDTH_PAD)),
+            )  # fmt: skip
+        else:
+            Z = hidden_layer(
+                A, w_hidden_ptr, bias_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, PRECISION,
+                INTERPRET_BF16,
+            )  # fmt: skip
         A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
 
     is_value = o_s[None, :] == 0
@@ -215,8 +299,8 @@ def mlp_forward_kernel(
                 r = activation_value(r, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
         p_y = y_ptr + o_p[:, None] * stride_yp + o * stride_yf + o_s[None, :] * 0
         tl.store(p_y, to_storage(r, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_p[:, None] & is_value)
-        if JACOBIAN:
-            p_j = j_ptr + o_p[:, None] * stride_jp + o * stride_jo + (o_s[None, :] - 1) * stride_jk
+        if JACOBIAN and o >= OUT_START and (OUT_STOP < 0 or o < OUT_STOP):
+            p_j = j_ptr + o_p[:, None] * stride_jp + (o - OUT_START) * stride_jo + (o_s[None, :] - 1) * stride_jk
             m_j = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= NUM_TANGENTS)
             tl.store(p_j, to_storage(r, j_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_j)
 
@@ -253,6 +337,7 @@ def encoded_input(
     enc_per_coord, stride_xp, stride_xf, stride_wen,
     NUM_TANGENTS: tl.constexpr, SLOTS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    STACKED: tl.constexpr = False,
 ):  # fmt: skip
     """acc3 (BLOCK_M, SLOTS, BLOCK_N) plus the encoded features' share of [z; U], computed from x.
 
@@ -260,7 +345,10 @@ def encoded_input(
     identity, sin or cos), enc_per_coord per coordinate, with w_enc's columns in the same order.
     Coordinate j's features depend on x_j alone, so their tangent is one non-zero per feature:
     the values take one dot per coordinate over its features, and tangent slot j + 1 another over
-    their derivatives; no product with the zeros of the other coordinates.
+    their derivatives; no product with the zeros of the other coordinates. STACKED (the
+    whole-network kernel): one dot per coordinate over the stacked rows instead, values in slot 0
+    and derivatives in slot j + 1 (the other slots' rows zero), whose BLOCK_M * SLOTS rows make a
+    wgmma on sm_90 where BLOCK_M rows alone would not (and spilled there).
     """
     operand_ty = w_enc_ptr.dtype.element_ty
     o_e = tl.arange(0, BLOCK_E)
@@ -278,12 +366,21 @@ def encoded_input(
         b_w = tl.load(
             w_enc_ptr + o_n[None, :] * stride_wen + col[:, None], mask=m_e[:, None] & m_n[None, :], other=0.0
         ).to(operand_ty)
-        v = dot_f32(to_operand(value, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
-        acc3 += tl.where(o_s[None, :, None] == 0, v[:, None, :], 0.0)
-        if JACOBIAN:
-            slope = tl.where(is_sin, cos_t, tl.where(is_cos, -sin_t, 1.0)) * (weight * frequency)[None, :]
-            u = dot_f32(to_operand(slope, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
-            acc3 += tl.where(o_s[None, :, None] == j + 1, u[:, None, :], 0.0)
+        if STACKED:
+            rows = tl.where(o_s[None, :, None] == 0, value[:, None, :], 0.0)
+            if JACOBIAN:
+                slope = tl.where(is_sin, cos_t, tl.where(is_cos, -sin_t, 1.0)) * (weight * frequency)[None, :]
+                rows = tl.where(o_s[None, :, None] == j + 1, slope[:, None, :], rows)
+            b_a = to_operand(tl.reshape(rows, (BLOCK_M * SLOTS, BLOCK_E)), operand_ty, INTERPRET_BF16)
+            d = dot_f32(b_a, b_w, None, PRECISION, INTERPRET_BF16)
+            acc3 += tl.reshape(d, (BLOCK_M, SLOTS, BLOCK_N))
+        else:
+            v = dot_f32(to_operand(value, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
+            acc3 += tl.where(o_s[None, :, None] == 0, v[:, None, :], 0.0)
+            if JACOBIAN:
+                slope = tl.where(is_sin, cos_t, tl.where(is_cos, -sin_t, 1.0)) * (weight * frequency)[None, :]
+                u = dot_f32(to_operand(slope, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
+                acc3 += tl.where(o_s[None, :, None] == j + 1, u[:, None, :], 0.0)
     return acc3
 
 

@@ -51,7 +51,7 @@ class Case:
         elif self.kernel.startswith("layer_"):
             shape = f"rows={c.get('LIVE_SLOTS', c.get('LIVE_SLOTS_A'))}" + (" last" if c.get("LAST_STEP") else "")
         else:
-            shape = f"W{c.get('WIDTH', '-')}"
+            shape = f"W{c.get('WIDTH', '-')}" + ("+enc+skip" if c.get("ENCODED") else "")
         cfg = dict(self.config)
         blocks = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_P", "BLOCK_N", "BLOCK_K") if k in cfg)
         tangents = int(c.get("JACOBIAN", c.get("HAS_GJ", c.get("SLOTS", 1) > 1)))
@@ -104,7 +104,9 @@ def compile_config(case: Case) -> CompileReport:
 
     info = KERNELS[case.kernel]
     fn = info.jit_function()
-    constexprs = {"STORE_Z": False} | dict(case.constexprs) | dict(case.config) | {"INTERPRET_BF16": False}
+    # the kernel's defaulted constexprs, as a launch without them would take them
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}
+    constexprs = defaults | dict(case.constexprs) | dict(case.config) | {"INTERPRET_BF16": False}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     pointers = info.pointers
     signature = {}
@@ -197,6 +199,11 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                     named = dict(cx)
                     for config in tuning.prune_network_configs(tuning.network_configs(), named, arch=arch):
                         cases.append(_case("mlp_forward", cx, config, dtype, arch))
+                    if jacobian:  # a real network: Nerfies' warp (PE(8), an 8-d code, one skip, J of 3 of 6)
+                        real = cx | {"IN": 8, "OUT": 6, "PLAIN_INPUT": False, "ENCODED": True, "HAS_SKIP": True}
+                        real |= {"OUT_START": 3, "OUT_STOP": 6, "BLOCK_E": 32, "LIVE_SLOTS": 4}
+                        for config in tuning.prune_network_configs(tuning.network_configs(), real, arch=arch):
+                            cases.append(_case("mlp_forward", real, config, dtype, arch))
                     if not plans.network_fits(width, cx["SLOTS"], precision, arch):
                         continue  # this plan runs per layer, forward and backward
                     bx = {k: v for k, v in cx.items() if k != "JACOBIAN"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..activations import Activation
 from ..network import NetworkSpec
 from ..precision import matmul_precision
 from . import launch, tuning
@@ -44,7 +45,7 @@ def mlp_forward(x2d: torch.Tensor, weights, biases, spec: NetworkSpec, *, jacobi
     precision = matmul_precision(x2d.dtype)
     with device_guard(x2d):
         if planned_kind(x2d, weights, spec, jacobian) == "network":
-            _run_network(x2d, weights, biases, spec, y, J, jacobian, precision)
+            _run_network(x2d, weights, biases, spec, y, J, jacobian, precision, band_weights)
         else:
             _run_layers(x2d, weights, biases, spec, y, J, jacobian, precision, band_weights)
     return y, J
@@ -93,13 +94,62 @@ def network_parameters(weights, biases) -> dict:
     )
 
 
-def _run_network(x, weights, biases, spec, y, J, jacobian, precision):
+def network_input_args(x, weights, spec: NetworkSpec, jacobian: bool, precision: str, band_weights=None) -> dict:
+    """The whole-network forward's arguments for a real network's input (docs/design.md section 8):
+    the first layer's a0 columns split into x's plain columns and the encoded features
+    (coordinate-major), and the skip layer's a0 share, computed by the per-layer kernel."""
+    placeholder = weights[0].new_zeros(1, 1)
+    inputs = LayerInputs(x, spec, band_weights)
+    if spec.is_plain:
+        return dict(
+            w_first_enc_ptr=placeholder, share_ptr=placeholder, **inputs.tables,
+            x_col0=0, input_start=0, enc_per_coord=0, skip_hidden=0, stride_sp=0, stride_ss=0,
+        )  # fmt: skip
+    C = inputs.encoded_width
+    W_a = weights[0]
+    share = _skip_share(x, weights, spec, inputs, jacobian, precision) if spec.skips else placeholder
+    return dict(
+        w_first_ptr=W_a[:, C:].contiguous(),
+        w_first_enc_ptr=W_a[:, :C][:, inputs.map.perm].contiguous() if C else placeholder,
+        share_ptr=share,
+        **inputs.tables,
+        x_col0=spec.jacobian_inputs if C else 0,
+        input_start=spec.input_start,
+        enc_per_coord=inputs.map.n if C else 0,
+        skip_hidden=spec.skips[0] - 1 if spec.skips else 0,
+        stride_sp=share.stride(0),
+        stride_ss=share.stride(1) if spec.skips else 0,
+    )
+
+
+def network_input_constexprs(x, weights, spec: NetworkSpec, jacobian: bool) -> dict:
+    """The whole-network forward's structure constexprs (all defaults for a plain chain)."""
+    if spec.is_plain:
+        return {}
+    C = spec.encoding.width if spec.encoding is not None else 0
+    per_coord = C // spec.jacobian_inputs if C else 0
+    rows = spec.output_rows(weights[-1].shape[0])
+    return {
+        "IN": weights[0].shape[1] - C,
+        "PLAIN_INPUT": False,
+        "ENCODED": C > 0,
+        "HAS_SKIP": bool(spec.skips),
+        "OUT_START": rows.start,
+        "OUT_STOP": rows.stop,
+        "BLOCK_E": max(16, triton.next_power_of_2(max(per_coord, 1))),
+        "LIVE_SLOTS": 1 + spec.jacobian_inputs if jacobian else 1,
+    }
+
+
+def _run_network(x, weights, biases, spec, y, J, jacobian, precision, band_weights=None):
     P = x.shape[0]
     constexprs = network_constexprs(weights, biases, spec, jacobian, precision)
+    constexprs |= network_input_constexprs(x, weights, spec, jacobian)
     J_arg = J if J is not None else y  # not written without tangents
+    parameters = network_parameters(_skip_scaled(weights, spec, x.shape[1]), biases)
     args = dict(
         x_ptr=x,
-        **network_parameters(weights, biases),
+        **(parameters | network_input_args(x, weights, spec, jacobian, precision, band_weights)),
         y_ptr=y,
         j_ptr=J_arg,
         num_points=P,
@@ -117,6 +167,18 @@ def _run_network(x, weights, biases, spec, y, J, jacobian, precision):
     )
     key = tuning_key(x.dtype, constexprs, depth=args["num_hidden"], bucket=args["points_bucket"])
     launch_autotuned("mlp_forward", lambda meta: (triton.cdiv(P, meta["BLOCK_M"]),), args, key, x.device, traced(x))
+
+
+def _skip_scaled(weights, spec: NetworkSpec, in_features: int):
+    """The weights with the skip layer's previous-layer columns scaled (its a0 columns go through
+    `network_input_args`): what the whole-network kernel's hidden stack holds."""
+    if not spec.skips:
+        return weights
+    weights = list(weights)
+    for skip in spec.skips:
+        hidden, _ = spec.layer_columns(skip, weights[skip].shape[1], in_features)
+        weights[skip] = weights[skip][:, hidden] * spec.skip_scale
+    return weights
 
 
 # ---- the per-layer plan ----------------------------------------------------------------------------
@@ -267,18 +329,54 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision, band_weight
                 h, t = buf, buf[:, 1:] if jacobian else buf
                 h_strides = (buf.stride(0), buf.stride(2))
                 t_strides = (buf.stride(0), buf.stride(1), buf.stride(2))
-            Wh = None if W_hidden is None else W_hidden[out_rows]
-            Wi = None if W_input is None else W_input[out_rows]
-            bias = None if b is None else b[out_rows]
-            constexprs = layer_constexprs(
-                act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, precision
+            parts = (
+                None if W_hidden is None else W_hidden[out_rows],
+                None if W_input is None else W_input[out_rows],
+                None if b is None else b[out_rows],
             )
-            d_rows = (Wh if Wh is not None else Wi).shape[0]
-            args = layer_args(a, a_strides, Wh, bias, P, d_rows, (h, *h_strides), (t, *t_strides))
-            args |= inputs.args(x, Wi) | constexprs | {"scale": spec.layer_scale(l)}
-            args |= {"STORE_Z": False, **interpret_bf16(x.dtype)}
-            key = tuning_key(x.dtype, constexprs, d_in=W.shape[1], d_out=args["d_out"], bucket=args["points_bucket"])
-            grid = lambda meta, n=args["d_out"]: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-            launch_autotuned("layer_forward", grid, args, key, x.device, traced(x))
+            _launch_layer(
+                x,
+                inputs,
+                (a, a_strides),
+                parts,
+                act,
+                spec.layer_scale(l),
+                (h, *h_strides),
+                (t, *t_strides),
+                tangents,
+                precision,
+            )
         if l < L - 1:
             a, a_strides = buf, (buf.stride(0), buf.stride(1), buf.stride(2))
+
+
+def _launch_layer(x, inputs: LayerInputs, previous, parts, act, scale, h_out, t_out, tangents, precision):
+    """One autotuned launch of `layer_forward_kernel`: previous = ([h; T] or None, its strides),
+    parts = (W's columns for it, W's a0 columns, bias), each None where absent."""
+    (a, a_strides), (Wh, Wi, bias) = previous, parts
+    P, k = x.shape[0], inputs.spec.jacobian_inputs
+    encoded = inputs.encoded_width > 0
+    constexprs = layer_constexprs(
+        act, k, Wh is not None, Wi is not None, encoded, bias is not None, tangents, precision
+    )
+    d_rows = (Wh if Wh is not None else Wi).shape[0]
+    args = layer_args(a, a_strides, Wh, bias, P, d_rows, h_out, t_out)
+    args |= inputs.args(x, Wi) | constexprs | {"scale": scale, "STORE_Z": False, **interpret_bf16(x.dtype)}
+    d_in = sum(W.shape[1] for W in (Wh, Wi) if W is not None)
+    key = tuning_key(x.dtype, constexprs, d_in=d_in, d_out=d_rows, bucket=args["points_bucket"])
+    grid = lambda meta: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(d_rows, meta["BLOCK_N"]))  # noqa: E731
+    launch_autotuned("layer_forward", grid, args, key, x.device, traced(x))
+
+
+def _skip_share(x, weights, spec: NetworkSpec, inputs: LayerInputs, jacobian: bool, precision: str):
+    """The skip layer's a0 share of [z; U] (P, 1+k, width) in the compute dtype, scaled: what the
+    whole-network kernel adds at that layer (held, not recomputed there: it spilled on sm_90)."""
+    (skip,) = spec.skips
+    _, W_input = inputs.parts(skip, weights[skip] * spec.skip_scale)
+    P, rows = x.shape[0], 1 + spec.jacobian_inputs if jacobian else 1
+    share = allocate("a0's share of the skip layer", x, P, rows, W_input.shape[0])
+    h_out = (share, share.stride(0), share.stride(2))
+    t_out = (share[:, 1:] if jacobian else share, share.stride(0), share.stride(1), share.stride(2))
+    identity = Activation("identity")
+    _launch_layer(x, inputs, (None, (0, 0, 0)), (None, W_input, None), identity, 1.0, h_out, t_out, jacobian, precision)
+    return share

@@ -4,9 +4,11 @@
   one width whose stacked tile fits the registers (`network_fits`), in/out features are at most 16
   and every layer but the last has the same activation. Its backward is the fused
   `mlp_backward_kernel` where a configuration fits (`fused_backward_available`).
+  Real networks (docs/design.md section 8) take it with an encoding, a latent code, one skip into a
+  hidden layer and selected inputs and outputs; their backward runs per layer.
 - "layers": one launch of `layer_forward_kernel` per layer otherwise (wide layers such as IDR's
-  512, mixed widths or activations, single-layer nets), with [h; T] between layers in global memory
-  in the compute dtype, and the per-layer backward kernels.
+  512, mixed widths or activations, single-layer nets, several skips), with [h; T] between layers
+  in global memory in the compute dtype, and the per-layer backward kernels.
 """
 
 from __future__ import annotations
@@ -43,9 +45,10 @@ def pad_width(width: int) -> int:
     return max(16, triton.next_power_of_2(width))
 
 
-def network_fits(width: int, num_slots: int, precision: str, arch: int) -> bool:
-    """Whether some whole-network configuration fits the registers at this width and slot count."""
-    named = {"SLOTS": num_slots, "WIDTH_PAD": pad_width(width), "PRECISION": precision}
+def network_fits(width: int, num_slots: int, precision: str, arch: int, encoded: bool = False) -> bool:
+    """Whether some whole-network configuration fits the registers at this width and slot count
+    (with an encoded first layer: fewer, `tuning.ENCODED_SPILLS`)."""
+    named = {"SLOTS": num_slots, "WIDTH_PAD": pad_width(width), "PRECISION": precision, "ENCODED": encoded}
     return bool(tuning.prune_network_configs(tuning.network_configs(), named, arch=arch))
 
 
@@ -65,7 +68,10 @@ def plan_for(weights, spec: NetworkSpec, jacobian: bool = True, precision: str =
     d_in, d_out = weights[0].shape[1], weights[-1].shape[0]
     hidden = {w.shape[0] for w in weights[:-1]}
     if not spec.is_plain:
-        return Plan("layers", "skips, encodings and input or output selections run per layer")
+        problem = _real_network_problem(weights, spec)
+        if problem:
+            return Plan("layers", problem)
+        d_in -= spec.encoding.width if spec.encoding is not None else 0  # x's columns besides the encoded
     if L < 2:
         return Plan("layers", "a single layer")
     if len(hidden) > 1:
@@ -77,11 +83,26 @@ def plan_for(weights, spec: NetworkSpec, jacobian: bool = True, precision: str =
         return Plan("layers", f"in/out features {d_in}/{d_out} > {MAX_NETWORK_FEATURES}")
     if len(set(spec.activations[:-1])) > 1:
         return Plan("layers", "hidden activations differ")
-    if not network_fits(width, slots(spec.jacobian_inputs, jacobian), precision, arch):
+    if not network_fits(width, slots(spec.jacobian_inputs, jacobian), precision, arch, spec.encoding is not None):
         return Plan(
             "layers", f"width {width} with {spec.jacobian_inputs} tangents in {precision} does not fit the registers"
         )
     return Plan("network", "")
+
+
+def _real_network_problem(weights, spec: NetworkSpec) -> str:
+    """Why the whole-network kernel cannot run this network's skips ("" if it can): it holds one
+    skip into a hidden layer whose previous layer has the common width."""
+    if len(spec.skips) > 1:
+        return f"{len(spec.skips)} skips (the whole-network kernel holds one)"
+    if spec.skips and spec.skips[0] == len(weights) - 1:
+        return "a skip into the last layer"
+    if spec.skips:
+        skip = spec.skips[0]
+        a0 = weights[0].shape[1]
+        if weights[skip].shape[1] - a0 != weights[skip - 1].shape[0]:
+            return "the skip layer's widths"
+    return ""
 
 
 def planned_kind(x2d: torch.Tensor, weights, spec: NetworkSpec, jacobian: bool) -> str:
@@ -93,8 +114,8 @@ def fused_backward_available(x2d: torch.Tensor, weights, spec: NetworkSpec, jaco
     """Whether a call with these inputs is differentiated by the fused backward kernel (else the
     per-layer backward runs). Without a loss on J (`jacobian=False`) it needs no tangents, which
     fits more often."""
-    if planned_kind(x2d, weights, spec, jacobian) != "network":
-        return False
+    if not spec.is_plain or planned_kind(x2d, weights, spec, jacobian) != "network":
+        return False  # the fused backward has no skips, encodings or selections yet: per layer
     num_slots = slots(spec.jacobian_inputs, jacobian)
     precision = matmul_precision(x2d.dtype)
     return (
