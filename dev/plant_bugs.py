@@ -50,8 +50,8 @@ BUGS = [
     Bug(
         "forward-mask-off-by-one",
         "kernels/forward.py",
-        "    m_p = o_p < num_points\n    o_s = tl.arange(0, SLOTS)\n    o_w = tl.arange(0, WIDTH_PAD)\n    if PLAIN_INPUT:",
-        "    m_p = o_p <= num_points\n    o_s = tl.arange(0, SLOTS)\n    o_w = tl.arange(0, WIDTH_PAD)\n    if PLAIN_INPUT:",
+        "    m_p = o_p < num_points\n    o_s = tl.arange(0, SLOTS)\n    o_w = tl.arange(0, WIDTH_PAD)\n",
+        "    m_p = o_p <= num_points\n    o_s = tl.arange(0, SLOTS)\n    o_w = tl.arange(0, WIDTH_PAD)\n",
         "the whole-network forward writes one row past the end of y and J",
     ),
     Bug(
@@ -104,11 +104,11 @@ BUGS = [
         "the last layer's tangents taken from the first rows of W instead of the selected outputs'",
     ),
     Bug(
-        "whole-network-skip-recomputed-with-first-weights",
+        "whole-network-skip-share-unscaled",
         "tritonjac/triton_engine/forward.py",
-        "        skip_plain, skip_enc = split(W_a)",
-        "        skip_plain, skip_enc = first_plain, first_enc",
-        "the whole-network kernel's skip layer multiplies a0 by the first layer's weights",
+        "_, W_input = inputs.parts(skip, weights[skip] * spec.skip_scale)",
+        "_, W_input = inputs.parts(skip, weights[skip])",
+        "the whole-network kernel's held skip share computed without the skip scale",
     ),
 ]
 
