@@ -186,7 +186,7 @@ def network_input(
         Z = encoded_input(
             Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, o_p, m_p, o_w, m_w, o_s,
             enc_per_coord, stride_xp, stride_xf, enc_per_coord * NUM_TANGENTS,
-            NUM_TANGENTS, SLOTS, JACOBIAN, PRECISION, BLOCK_M, WIDTH_PAD, BLOCK_E, INTERPRET_BF16, False,
+            NUM_TANGENTS, SLOTS, JACOBIAN, PRECISION, BLOCK_M, WIDTH_PAD, BLOCK_E, INTERPRET_BF16,
         )  # fmt: skip
     return Z
 
@@ -337,7 +337,6 @@ def encoded_input(
     enc_per_coord, stride_xp, stride_xf, stride_wen,
     NUM_TANGENTS: tl.constexpr, SLOTS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-    STACKED: tl.constexpr = False,
 ):  # fmt: skip
     """acc3 (BLOCK_M, SLOTS, BLOCK_N) plus the encoded features' share of [z; U], computed from x.
 
@@ -345,10 +344,7 @@ def encoded_input(
     identity, sin or cos), enc_per_coord per coordinate, with w_enc's columns in the same order.
     Coordinate j's features depend on x_j alone, so their tangent is one non-zero per feature:
     the values take one dot per coordinate over its features, and tangent slot j + 1 another over
-    their derivatives; no product with the zeros of the other coordinates. STACKED (the
-    whole-network kernel): one dot per coordinate over the stacked rows instead, values in slot 0
-    and derivatives in slot j + 1 (the other slots' rows zero), whose BLOCK_M * SLOTS rows make a
-    wgmma on sm_90 where BLOCK_M rows alone would not (and spilled there).
+    their derivatives; no product with the zeros of the other coordinates.
     """
     operand_ty = w_enc_ptr.dtype.element_ty
     o_e = tl.arange(0, BLOCK_E)
@@ -366,21 +362,12 @@ def encoded_input(
         b_w = tl.load(
             w_enc_ptr + o_n[None, :] * stride_wen + col[:, None], mask=m_e[:, None] & m_n[None, :], other=0.0
         ).to(operand_ty)
-        if STACKED:
-            rows = tl.where(o_s[None, :, None] == 0, value[:, None, :], 0.0)
-            if JACOBIAN:
-                slope = tl.where(is_sin, cos_t, tl.where(is_cos, -sin_t, 1.0)) * (weight * frequency)[None, :]
-                rows = tl.where(o_s[None, :, None] == j + 1, slope[:, None, :], rows)
-            b_a = to_operand(tl.reshape(rows, (BLOCK_M * SLOTS, BLOCK_E)), operand_ty, INTERPRET_BF16)
-            d = dot_f32(b_a, b_w, None, PRECISION, INTERPRET_BF16)
-            acc3 += tl.reshape(d, (BLOCK_M, SLOTS, BLOCK_N))
-        else:
-            v = dot_f32(to_operand(value, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
-            acc3 += tl.where(o_s[None, :, None] == 0, v[:, None, :], 0.0)
-            if JACOBIAN:
-                slope = tl.where(is_sin, cos_t, tl.where(is_cos, -sin_t, 1.0)) * (weight * frequency)[None, :]
-                u = dot_f32(to_operand(slope, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
-                acc3 += tl.where(o_s[None, :, None] == j + 1, u[:, None, :], 0.0)
+        v = dot_f32(to_operand(value, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
+        acc3 += tl.where(o_s[None, :, None] == 0, v[:, None, :], 0.0)
+        if JACOBIAN:
+            slope = tl.where(is_sin, cos_t, tl.where(is_cos, -sin_t, 1.0)) * (weight * frequency)[None, :]
+            u = dot_f32(to_operand(slope, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
+            acc3 += tl.where(o_s[None, :, None] == j + 1, u[:, None, :], 0.0)
     return acc3
 
 

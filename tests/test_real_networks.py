@@ -428,11 +428,32 @@ def test_layer_widths_are_checked_through_the_skip():
         JacobianMLP.from_module([nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)], activation="tanh")
 
 
-def test_real_networks_run_per_layer():
-    """Skips, encodings and selections take the per-layer kernels (the whole-network kernels have
-    none of them), and say why."""
+def test_which_plan_real_networks_take():
+    """The whole-network forward takes Nerfies' warp (one skip into an equal-width hidden layer)
+    where an encoded configuration fits; NeuS (a narrowed layer before its skip, width 256) and
+    networks with two skips run per layer, and the plan says why."""
     from tritonjac.triton_engine import plan_for
 
-    model, *_ = nerfies()
-    plan = plan_for(model._weights(), model._spec)
-    assert plan.kind == "layers" and "skips, encodings" in plan.reason
+    warp, *_ = nerfies()
+    assert plan_for(warp._weights(), warp._spec, precision="tf32", arch=90).kind == "network"
+    plan = plan_for(warp._weights(), warp._spec, precision="tf32x3", arch=90)
+    assert plan.kind == "layers" and "does not fit the registers" in plan.reason
+    sdf, *_ = neus()
+    plan = plan_for(sdf._weights(), sdf._spec, precision="tf32", arch=90)
+    assert plan.kind == "layers" and "hidden widths differ" in plan.reason
+    two = JacobianMLP(3, [32] * 5, 3, "tanh", encoding=PositionalEncoding(2), skips=(2, 4))
+    plan = plan_for(two._weights(), two._spec)
+    assert plan.kind == "layers" and "2 skips" in plan.reason
+
+
+@pytest.mark.parametrize("holder", [list, nn.ModuleList])
+def test_jacobian_of_a_layer_list(holder):
+    """tritonjac.jacobian takes a list or ModuleList of layers and activations too."""
+    torch.manual_seed(7)
+    layers = holder([nn.Linear(3, 8).double(), nn.Tanh(), nn.Linear(8, 2).double()])
+    x = torch.randn(6, 3, dtype=torch.float64)
+    y, J = tritonjac.jacobian(layers, x)
+    seq = nn.Sequential(*layers)
+    y_ref, J_ref = reference_jacobian(seq, x.clone().requires_grad_(), slice(0, 3), slice(0, 2))
+    assert_close(y, y_ref, "float64", "y")
+    assert_close(J, J_ref, "float64", "J")

@@ -530,8 +530,10 @@ def jacobian(module: nn.Module, x: torch.Tensor, *, jacobian_inputs: int | None 
     """(y, J) of a supported `nn.Sequential` (or a JacobianMLP) at x, converting it once and caching.
 
     Args:
-        module: what `JacobianMLP.from_module` accepts; the conversion is cached per module and
-            renewed when a layer is replaced.
+        module: what `JacobianMLP.from_module` accepts without structure arguments (a Sequential, a
+            list of layers and activations, a JacobianMLP); the conversion is cached per module
+            (not for a Python list) and renewed when a layer is replaced. Networks with skips or
+            encodings: convert them once with `JacobianMLP.from_module`.
         x: (..., in_features) points.
         jacobian_inputs: k, as in `JacobianMLP`.
 
@@ -544,6 +546,8 @@ def jacobian(module: nn.Module, x: torch.Tensor, *, jacobian_inputs: int | None 
     """
     if isinstance(module, JacobianMLP) and jacobian_inputs in (None, module.jacobian_inputs):
         return module(x)
+    if isinstance(module, (list, tuple)):  # not weak-referenceable: converted at each call
+        return JacobianMLP.from_module(module, jacobian_inputs=jacobian_inputs)(x)
     per_module = _converted.setdefault(module, {})
     layers = tuple(module.children())
     entry = per_module.get(jacobian_inputs)

@@ -123,9 +123,18 @@ def network_input_args(x, weights, spec: NetworkSpec, jacobian: bool, precision:
 
 
 def network_input_constexprs(x, weights, spec: NetworkSpec, jacobian: bool) -> dict:
-    """The whole-network forward's structure constexprs (all defaults for a plain chain)."""
+    """The whole-network forward's structure constexprs, defaults included (a plain chain): torch's
+    analysis of which tensors a traced kernel writes needs every constexpr passed."""
     if spec.is_plain:
-        return {}
+        return {
+            "PLAIN_INPUT": True,
+            "ENCODED": False,
+            "HAS_SKIP": False,
+            "OUT_START": 0,
+            "OUT_STOP": -1,
+            "BLOCK_E": 16,
+            "LIVE_SLOTS": 1,
+        }
     C = spec.encoding.width if spec.encoding is not None else 0
     per_coord = C // spec.jacobian_inputs if C else 0
     rows = spec.output_rows(weights[-1].shape[0])
