@@ -11,7 +11,7 @@
 
 Each in tritonjac (the engine `backend="auto"` picks) against the same network in plain PyTorch:
 autograd with one reverse pass per differentiated output (create_graph=True for the training
-step), and torch.compile of the network under it. Modes: forward + J, and a training step (loss on
+step), torch.compile of the network under it, and torch.compile of vmap(jacfwd) of it. Modes: forward + J, and a training step (loss on
 y and J, backward to every parameter). The "limit" row on CPU is the time of tritonjac's matmuls
 alone (forward and tangents, plus the weight-gradient and propagation matmuls for a step) on
 random operands of the same shapes. Prints a table per network and mode, with each method's time
@@ -72,6 +72,25 @@ def autograd_jacobian(forward, model, x, create_graph):
     ones = torch.ones_like(y[..., 0])
     grads = [torch.autograd.grad(y[..., o], x, ones, create_graph=create_graph, retain_graph=True)[0] for o in rows]
     return y, torch.stack([g[..., inputs] for g in grads], -2)
+
+
+def func_jacobian(forward, model):
+    """x -> (y, J (m, k)) by torch.func: forward-mode AD of the per-point network, vmapped."""
+    spec = model._spec
+    inputs = slice(spec.input_start, spec.input_start + spec.jacobian_inputs)
+
+    def per_point(p):
+        y = forward(p)
+        return y, y
+
+    batched = torch.func.vmap(torch.func.jacfwd(per_point, has_aux=True))
+
+    def run(x):
+        J, y = batched(x)
+        rows = spec.output_rows(y.shape[-1])
+        return y, J[..., rows, inputs]
+
+    return run
 
 
 def loss(y, J):
@@ -150,6 +169,8 @@ def methods(model, x, include_compile: bool):
             lambda: autograd_jacobian(compiled, model, x, False),
             step(lambda: autograd_jacobian(compiled, model, x, True)),
         )
+        compiled_jacfwd = torch.compile(func_jacobian(forward, model))
+        table["torch.compile(vmap(jacfwd))"] = (no_grad(lambda: compiled_jacfwd(x)), step(lambda: compiled_jacfwd(x)))
     if x.device.type == "cpu":
         n = x.shape[0]
         table[LIMIT] = (
