@@ -1,7 +1,9 @@
 """Triton kernels of tritonjac, installed as `tritonjac.kernels`: only `@triton.jit` code lives here.
 
     activations.py   s, s', s'' of every activation, selected by the registry's constexpr id
-    forward.py       mlp_forward_kernel (whole network), layer_forward_kernel (one layer)
+    forward.py       mlp_forward_kernel (whole network), layer_forward_kernel (one layer), and the
+                     input helpers: encoded_input (an encoding's features and tangents from x),
+                     network_input, sin_cos
     backward.py      mlp_backward_kernel (fused, whole network), layer_backward_kernel and
                      layer_weight_grad_kernel (the per-layer plan)
 
@@ -35,7 +37,9 @@ loaded bias), `i_` program ids, `g_`/`G` gradients (G_Z = dLoss/d[z; U]).
 Arguments, in this order: pointers (`*_ptr`), sizes (`num_points`, `d_in`, `d_out`, ...), strides
 (`stride_<tensor><axis>`), then constexprs: shapes (IN, NUM_TANGENTS, WIDTH, OUT, SLOTS, ...),
 the activation (ACT, ACT_PARAM, ACT_THRESHOLD; LAST_ACT, LAST_PARAM, LAST_THRESHOLD for the
-last layer), switches (HAS_BIAS, JACOBIAN, HAS_GY, HAS_GJ, NEED_X, FIRST, LAST_STEP, STORE_Z),
+last layer), switches (HAS_BIAS, JACOBIAN, HAS_GY, HAS_GJ, NEED_X, LAST_STEP, STORE_Z; a layer's
+input parts HAS_HIDDEN, HAS_INPUT, ENCODED and the whole network's PLAIN_INPUT, HAS_SKIP, with
+OUT_START/OUT_STOP for the outputs J holds: docs/design.md section 8),
 PRECISION (the `tl.dot` input precision: "ieee", "tf32" or "tf32x3"), block sizes (BLOCK_*), and
 INTERPRET_BF16 last (the interpreter's bf16 workaround, see forward.py). Sizes that vary with the
 call (`num_points`, ...) are not specialised (`do_not_specialize`), so a new N never recompiles.
