@@ -11,11 +11,11 @@
 
 Each in tritonjac (the engine `backend="auto"` picks) against the same network in plain PyTorch:
 autograd with one reverse pass per differentiated output (create_graph=True for the training
-step), torch.compile of the network under it, and torch.compile of vmap(jacfwd) of it. Modes: forward + J, and a training step (loss on
-y and J, backward to every parameter). The "limit" row on CPU is the time of tritonjac's matmuls
-alone (forward and tangents, plus the weight-gradient and propagation matmuls for a step) on
-random operands of the same shapes. Prints a table per network and mode, with each method's time
-relative to tritonjac's; --out writes the rows as JSON.
+step), torch.compile of the network under it, and torch.compile of vmap(jacfwd) of it. Modes:
+forward + J, and a training step (loss on y and J, backward to every parameter). The "limit" row
+on CPU is the time of tritonjac's matmuls alone (forward and tangents, plus the weight-gradient
+and propagation matmuls for a step) on random operands of the same shapes. Prints a table per
+network and mode, with each method's time relative to tritonjac's; --out writes the rows as JSON.
 """
 
 from __future__ import annotations
