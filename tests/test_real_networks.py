@@ -297,6 +297,7 @@ def test_nerfies_window_follows_alpha(window):
 
 
 @pytest.mark.parametrize("api", ["parametrizations", "hook"])
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_neus_with_weight_norm_converted_from_its_layer_list(api):
     """NeuS keeps its layers as attributes lin0..lin8 under weight norm: from_module(list of them)
     shares their parameters. One optimizer step on the JacobianMLP's parameters moves the
