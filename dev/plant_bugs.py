@@ -90,11 +90,11 @@ BUGS = [
         "the encoded cosines' derivative with the wrong sign (J of encoded networks)",
     ),
     Bug(
-        "per-layer-backward-skip-unscaled",
+        "per-layer-backward-skip-gradient-unscaled",
         "tritonjac/triton_engine/backward.py",
-        "Wp = W_hidden if scale == 1.0 else W_hidden * scale",
-        "Wp = W_hidden",
-        "the per-layer backward propagates through a scaled skip layer without its scale",
+        "grad_W[l][:, hidden_cols] += gw[0] if scale == 1.0 else scale * gw[0]",
+        "grad_W[l][:, hidden_cols] += gw[0]",
+        "the per-layer backward's weight gradient of a scaled skip layer without its scale",
     ),
     Bug(
         "selected-outputs-wrong-rows",
@@ -104,11 +104,11 @@ BUGS = [
         "the last layer's tangents taken from the first rows of W instead of the selected outputs'",
     ),
     Bug(
-        "whole-network-skip-share-unscaled",
+        "triton-skip-weights-unscaled",
         "tritonjac/triton_engine/forward.py",
-        "_, W_input = inputs.parts(skip, weights[skip] * spec.skip_scale)",
-        "_, W_input = inputs.parts(skip, weights[skip])",
-        "the whole-network kernel's held skip share computed without the skip scale",
+        "        if spec.layer_scale(l) != 1.0:\n            W = W * spec.layer_scale(l)\n",
+        "",
+        "the Triton launchers multiply a skip layer's weights without its scale",
     ),
 ]
 

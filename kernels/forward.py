@@ -191,22 +191,6 @@ def network_input(
     return Z
 
 
-@triton.jit
-def hidden_layers(
-    A, w_hidden_ptr, bias_hidden_ptr, start, stop, o_s,
-    ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
-    WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, SLOTS: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr,
-):  # fmt: skip
-    """The hidden layers start..stop-1 (activated)."""
-    for l in range(start, stop):
-        Z = hidden_layer(
-            A, w_hidden_ptr, bias_hidden_ptr, l, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, PRECISION, INTERPRET_BF16
-        )
-        A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
-    return A
-
-
 @triton.jit(
     do_not_specialize=[
         "num_points",
@@ -386,7 +370,7 @@ def encoded_input(
 def layer_forward_kernel(
     a_ptr, w_ptr, bias_ptr, h_ptr, t_ptr, z_ptr,
     x_ptr, w_in_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr,
-    num_points, d_in, d_out, points_bucket, d_plain, x_col0, input_start, enc_per_coord, scale,
+    num_points, d_in, d_out, points_bucket, d_plain, x_col0, input_start, enc_per_coord,
     stride_ap, stride_as, stride_af, stride_wn, stride_wk,
     stride_hp, stride_hf, stride_tp, stride_ts, stride_tf, stride_zp, stride_zs,
     stride_xp, stride_xf, stride_win, stride_wik, stride_wen,
@@ -405,7 +389,7 @@ def layer_forward_kernel(
       from x_col0 times w_in, whose tangents are unit vectors for x's columns input_start.. (none
       with ENCODED: those columns then follow the encoding, a latent code); and with ENCODED the
       encoded features of x's first NUM_TANGENTS columns times w_enc (`encoded_input`).
-    z = scale * (both parts) + bias (scale: a skip's). Values are written to h[p, n], tangent slot
+    z = both parts + bias (a skip's scale is in the weights). Values are written to h[p, n], tangent slot
     s to t[p, s - 1, n] (strides given), so the last layer writes y and J. With STORE_Z (the
     backward's recompute) the stacked pre-activation Z is also written, in fp32, to z[p, slot, n].
     """
@@ -464,7 +448,6 @@ def layer_forward_kernel(
             enc_per_coord, stride_xp, stride_xf, stride_wen,
             NUM_TANGENTS, SLOTS, JACOBIAN, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E, INTERPRET_BF16,
         )  # fmt: skip
-    Z = Z * scale
     if HAS_BIAS:
         bias_row = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
         Z += tl.where(o_s[None, :, None] == 0, bias_row[None, None, :], 0.0)

@@ -19,7 +19,7 @@
 # step's limit to what is left; a step that no longer fits is skipped and reported as such).
 #   --quick step         limit  kernel variants compiled cold (counted by the dry run's launches)
 #   environment            30   0
-#   correctness            75   138 over 28 cases, spread over 14 processes (~10 each, 2-6 s each)
+#   correctness            75   135 over 28 cases, spread over 14 processes (~10 each, 2-6 s each)
 #   main-tf32              60   4: 3 forward candidates (compiled by 12 processes at once) + fused backward
 #   real-networks          35   ~20 per-layer variants (NeuS's SDF and Nerfies' warp field in TF32 at
 #                               N = 65,536 and 2^18, fixed configurations) against plain autograd

@@ -118,7 +118,7 @@ def compile_config(case: Case) -> CompileReport:
         elif name in pointers:
             signature[name] = "*fp32" if name in info.fp32_pointers else f"*{case.dtype}"
         else:
-            signature[name] = info.scalar_types.get(name, "i32")
+            signature[name] = "i32"
     # pointers from torch's allocator are 16-byte aligned, as the JIT would find at launch
     attrs = {(fn.arg_names.index(p),): [["tt.divisibility", 16]] for p in pointers}
     start = time.perf_counter()

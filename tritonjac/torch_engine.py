@@ -451,8 +451,7 @@ class _AnalyticJacobian(torch.autograd.Function):
         gx, grad_W, grad_b = _backward(
             x2d,
             weights,
-            spec,
-            ctx.band_weights,
+            _Network(x2d, weights, [None] * L, spec, ctx.band_weights),  # biases: only the forward adds them
             gy,
             gJ,
             needs[2],
@@ -465,17 +464,17 @@ class _AnalyticJacobian(torch.autograd.Function):
         return (None, None, gx, *grad_W, *grad_b)
 
 
-def _backward(x2d, weights, spec: NetworkSpec, band_weights, gy, gJ, need_x, need_W, need_b, layer_saved):
+def _backward(x2d, weights, net: _Network, gy, gJ, need_x, need_W, need_b, layer_saved):
     """Chunked backward: gradients of x, the weights and the biases (None where not needed).
 
     `layer_saved(c, start, stop)` gives chunk c's per-layer (z, U) (see `_forward_chunk`).
     """
+    spec = net.spec
     grad_W = [torch.zeros_like(W) if need else None for W, need in zip(weights, need_W)]
     grad_b = [W.new_zeros(W.shape[0]) if need else None for W, need in zip(weights, need_b)]
     gx = torch.empty_like(x2d) if need_x else None
     P, d_out = x2d.shape[0], weights[-1].shape[0]
     if P > 0:
-        net = _Network(x2d, weights, [None] * len(weights), spec, band_weights)
         step = chunk_points(P, weights, spec, x2d.element_size())
         scratch = _Scratch(x2d)
         for c, start in enumerate(range(0, P, step)):
@@ -504,7 +503,7 @@ def backward_by_recompute(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_
         return saved
 
     with torch.no_grad():
-        return _backward(x2d, weights, spec, band_weights, gy, gJ, need_x, need_W, need_b, recompute)
+        return _backward(x2d, weights, net, gy, gJ, need_x, need_W, need_b, recompute)
 
 
 def mlp_jacobian(x2d, weights, biases, spec: NetworkSpec, band_weights=None):

@@ -200,13 +200,12 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                 if W_hidden is not None:
                     d_prev = W_hidden.shape[1]
                     out = allocate(f"dLoss/d[z; U] of layer {l - 1}", x2d, C, rows, d_prev, dtype=torch.float32)
-                    Wp = W_hidden if scale == 1.0 else W_hidden * scale
-                    _propagate(G, Wp, Zs[l - 1], out, spec.activations[l - 1], rows, False, run)
+                    _propagate(G, W_hidden, Zs[l - 1], out, spec.activations[l - 1], rows, False, run)
                 if W_input is not None and need_x:
                     if direct_gx:
                         _propagate(G, W_input, G, gx[start : start + chunk], spec.activations[0], rows, True, run)
                     else:
-                        Wi = (W_input if scale == 1.0 else W_input * scale).float()
+                        Wi = W_input.float()
                         g = G[:, 0] @ Wi
                         g_a0 = g if g_a0 is None else g_a0.add_(g)
                         if encoded and jacobian:
@@ -263,7 +262,7 @@ def _recompute(xc, weights, biases, spec, inputs, jacobian, run: _Launches):
             constexprs = layer_constexprs(
                 act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, run.precision
             )
-            args |= inputs.args(xc, Wi) | constexprs | {"scale": spec.layer_scale(l)}
+            args |= inputs.args(xc, Wi) | constexprs
             cfg = tuning.recompute_config(constexprs["SLOTS"], run.arch)
             grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(Av.shape[2], cfg.kwargs["BLOCK_N"]))
             run_kernel("layer_forward", grid, cfg, args | {"STORE_Z": True, **run.bf16}, run.is_traced)

@@ -94,12 +94,12 @@ def network_parameters(weights, biases) -> dict:
     )
 
 
-def network_input_args(x, weights, spec: NetworkSpec, jacobian: bool, precision: str, band_weights=None) -> dict:
+def network_input_args(x, weights, inputs: LayerInputs, jacobian: bool, precision: str) -> dict:
     """The whole-network forward's arguments for a real network's input (docs/design.md section 8):
     the first layer's a0 columns split into x's plain columns and the encoded features
     (coordinate-major), and the skip layer's a0 share, computed by the per-layer kernel."""
-    placeholder = weights[0].new_zeros(1, 1)
-    inputs = LayerInputs(x, spec, band_weights)
+    spec = inputs.spec
+    placeholder = weights[0].new_empty(1, 1)  # never read
     if spec.is_plain:
         return dict(
             w_first_enc_ptr=placeholder, share_ptr=placeholder, **inputs.tables,
@@ -155,10 +155,14 @@ def _run_network(x, weights, biases, spec, y, J, jacobian, precision, band_weigh
     constexprs = network_constexprs(weights, biases, spec, jacobian, precision)
     constexprs |= network_input_constexprs(x, weights, spec, jacobian)
     J_arg = J if J is not None else y  # not written without tangents
-    parameters = network_parameters(_skip_scaled(weights, spec, x.shape[1]), biases)
+    inputs = LayerInputs(x, spec, band_weights)
+    # the hidden stack holds each hidden layer's columns for the previous layer (a skip layer's a0
+    # columns go through `network_input_args`), skip scale included
+    hidden = [inputs.parts(l, W)[0] for l, W in enumerate(weights[1:-1], start=1)]
+    parameters = network_parameters([weights[0], *hidden, weights[-1]], biases)
     args = dict(
         x_ptr=x,
-        **(parameters | network_input_args(x, weights, spec, jacobian, precision, band_weights)),
+        **(parameters | network_input_args(x, weights, inputs, jacobian, precision)),
         y_ptr=y,
         j_ptr=J_arg,
         num_points=P,
@@ -176,18 +180,6 @@ def _run_network(x, weights, biases, spec, y, J, jacobian, precision, band_weigh
     )
     key = tuning_key(x.dtype, constexprs, depth=args["num_hidden"], bucket=args["points_bucket"])
     launch_autotuned("mlp_forward", lambda meta: (triton.cdiv(P, meta["BLOCK_M"]),), args, key, x.device, traced(x))
-
-
-def _skip_scaled(weights, spec: NetworkSpec, in_features: int):
-    """The weights with the skip layer's previous-layer columns scaled (its a0 columns go through
-    `network_input_args`): what the whole-network kernel's hidden stack holds."""
-    if not spec.skips:
-        return weights
-    weights = list(weights)
-    for skip in spec.skips:
-        hidden, _ = spec.layer_columns(skip, weights[skip].shape[1], in_features)
-        weights[skip] = weights[skip][:, hidden] * spec.skip_scale
-    return weights
 
 
 # ---- the per-layer plan ----------------------------------------------------------------------------
@@ -227,11 +219,11 @@ class LayerInputs:
                 enc_freq_ptr=self.map.frequency[perm].float().contiguous(),
                 enc_weight_ptr=self.map.weight[perm].float().contiguous(),
             )
-        else:
+        else:  # never read: placeholders of the pointers' types (empty: no fill kernel per call)
             self.tables = dict(
-                enc_func_ptr=x2d.new_zeros(1, dtype=torch.int32),
-                enc_freq_ptr=x2d.new_zeros(1, dtype=torch.float32),
-                enc_weight_ptr=x2d.new_zeros(1, dtype=torch.float32),
+                enc_func_ptr=x2d.new_empty(1, dtype=torch.int32),
+                enc_freq_ptr=x2d.new_empty(1, dtype=torch.float32),
+                enc_weight_ptr=x2d.new_empty(1, dtype=torch.float32),
             )
 
     @property
@@ -239,8 +231,12 @@ class LayerInputs:
         return 0 if self.map is None else self.map.width
 
     def parts(self, l: int, W: torch.Tensor):
-        """(W's columns for the previous layer's output or None, W's a0 columns or None)."""
-        hidden, inputs = self.spec.layer_columns(l, W.shape[1], self.x.shape[1])
+        """(W's columns for the previous layer's output or None, W's a0 columns or None), times the
+        layer's skip scale: the kernels multiply these as they are."""
+        spec = self.spec
+        hidden, inputs = spec.layer_columns(l, W.shape[1], self.x.shape[1])
+        if spec.layer_scale(l) != 1.0:
+            W = W * spec.layer_scale(l)
         return (None if hidden is None else W[:, hidden]), (None if inputs is None else W[:, inputs])
 
     def args(self, x: torch.Tensor, W_input: torch.Tensor | None) -> dict:
@@ -248,7 +244,8 @@ class LayerInputs:
         when it has none). x: the points (a chunk of them in the backward)."""
         spec, C = self.spec, self.encoded_width
         if W_input is None:
-            W_plain, W_enc, d_plain, x_col0, per_coord = self.x.new_zeros(1, 1), self.x.new_zeros(1, 1), 0, 0, 0
+            placeholder = self.x.new_empty(1, 1)
+            W_plain, W_enc, d_plain, x_col0, per_coord = placeholder, placeholder, 0, 0, 0
         else:
             W_plain = W_input[:, C:]
             W_enc = W_input[:, :C][:, self.map.perm].contiguous() if C else W_input
@@ -281,7 +278,7 @@ def layer_args(a, a_strides, W_hidden, b, num_points: int, d_out: int, h_out, t_
     strides)."""
     h, t = h_out[0], t_out[0]
     z = z_out if z_out is not None else (h, 0, 0)
-    W = W_hidden if W_hidden is not None else h.new_zeros(1, 1)
+    W = W_hidden if W_hidden is not None else h.new_empty(1, 1)  # a placeholder for a first layer
     return dict(
         # the kernel reads the bias with unit stride (a column of a matrix is not): copy it then
         a_ptr=a if a is not None else W,
@@ -349,7 +346,6 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision, band_weight
                 (a, a_strides),
                 parts,
                 act,
-                spec.layer_scale(l),
                 (h, *h_strides),
                 (t, *t_strides),
                 tangents,
@@ -359,7 +355,7 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision, band_weight
             a, a_strides = buf, (buf.stride(0), buf.stride(1), buf.stride(2))
 
 
-def _launch_layer(x, inputs: LayerInputs, previous, parts, act, scale, h_out, t_out, tangents, precision):
+def _launch_layer(x, inputs: LayerInputs, previous, parts, act, h_out, t_out, tangents, precision):
     """One autotuned launch of `layer_forward_kernel`: previous = ([h; T] or None, its strides),
     parts = (W's columns for it, W's a0 columns, bias), each None where absent."""
     (a, a_strides), (Wh, Wi, bias) = previous, parts
@@ -370,7 +366,7 @@ def _launch_layer(x, inputs: LayerInputs, previous, parts, act, scale, h_out, t_
     )
     d_rows = (Wh if Wh is not None else Wi).shape[0]
     args = layer_args(a, a_strides, Wh, bias, P, d_rows, h_out, t_out)
-    args |= inputs.args(x, Wi) | constexprs | {"scale": scale, "STORE_Z": False, **interpret_bf16(x.dtype)}
+    args |= inputs.args(x, Wi) | constexprs | {"STORE_Z": False, **interpret_bf16(x.dtype)}
     d_in = sum(W.shape[1] for W in (Wh, Wi) if W is not None)
     key = tuning_key(x.dtype, constexprs, d_in=d_in, d_out=d_rows, bucket=args["points_bucket"])
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(d_rows, meta["BLOCK_N"]))  # noqa: E731
@@ -381,11 +377,11 @@ def _skip_share(x, weights, spec: NetworkSpec, inputs: LayerInputs, jacobian: bo
     """The skip layer's a0 share of [z; U] (P, 1+k, width) in the compute dtype, scaled: what the
     whole-network kernel adds at that layer (held, not recomputed there: it spilled on sm_90)."""
     (skip,) = spec.skips
-    _, W_input = inputs.parts(skip, weights[skip] * spec.skip_scale)
+    _, W_input = inputs.parts(skip, weights[skip])
     P, rows = x.shape[0], 1 + spec.jacobian_inputs if jacobian else 1
     share = allocate("a0's share of the skip layer", x, P, rows, W_input.shape[0])
     h_out = (share, share.stride(0), share.stride(2))
     t_out = (share[:, 1:] if jacobian else share, share.stride(0), share.stride(1), share.stride(2))
     identity = Activation("identity")
-    _launch_layer(x, inputs, (None, (0, 0, 0)), (None, W_input, None), identity, 1.0, h_out, t_out, jacobian, precision)
+    _launch_layer(x, inputs, (None, (0, 0, 0)), (None, W_input, None), identity, h_out, t_out, jacobian, precision)
     return share

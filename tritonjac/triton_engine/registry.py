@@ -9,7 +9,7 @@ launchers (`launch.py`) and the ahead-of-time compile step (`tritonjac.aot`) bot
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from . import tuning
@@ -35,7 +35,6 @@ class KernelInfo:
     pointers: tuple[str, ...]
     fp32_pointers: frozenset = frozenset()  # fp32 whatever the data dtype (partial sums, workspaces)
     int32_pointers: frozenset = frozenset()  # int32 tables
-    scalar_types: dict = field(default_factory=dict)  # non-int32 scalar arguments, as triton names their types
     autotune_key: tuple[str, ...] = ()  # empty: launched with a fixed configuration (tuning.py)
     # the autotuner's candidates, and candidates -> those that fit (by register budget); looked up in
     # tuning.py at each call
@@ -106,7 +105,6 @@ KERNELS: dict[str, KernelInfo] = {
             ),
             fp32_pointers=frozenset({"z_ptr", "enc_freq_ptr", "enc_weight_ptr"}),
             int32_pointers=frozenset({"enc_func_ptr"}),
-            scalar_types={"scale": "fp32"},
             autotune_key=(
                 "NUM_TANGENTS",
                 "HAS_HIDDEN",
