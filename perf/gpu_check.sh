@@ -42,7 +42,14 @@ export GPU_CHECK_STARTED=$(date +%s)  # the call's budget counts the install too
 case " $* " in
 *" --dry-run "*) ;;
 *)  # the GPU machine has torch and triton but no network: install the checkout alone
-    pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 || { echo "install failed"; tail -20 "$OUT/install.log"; }
+    # `python -m pip`: the machine's bare `pip` belongs to another interpreter than `python`.
+    python -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
+    if ! python -c "import tritonjac.kernels" 2> /dev/null; then
+        # No pip for this interpreter: stage the package as it installs (kernels/ is tritonjac.kernels).
+        echo "pip install failed, staging the package on PYTHONPATH"; tail -5 "$OUT/install.log"
+        stage=$(mktemp -d); cp -r tritonjac "$stage/"; cp -r kernels "$stage/tritonjac/kernels"
+        export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
+    fi
     rm -f "$OUT/install.log" ;;
 esac
 exec python perf/gpu_check.py --out "$OUT" "$@"
