@@ -17,6 +17,8 @@ three tangents, no padding), which gives Z = [z; U] at once; then
 With JACOBIAN=False, SLOTS is 1 and the same code is a plain fused MLP forward.
 """
 
+import os
+
 import triton
 import triton.language as tl
 
@@ -50,11 +52,32 @@ def to_storage(v, storage_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
     return v.to(storage_ty)
 
 
+# Triton's TF32 dot hands fp32 operands to the tensor cores as they are, and the tensor cores drop
+# the low 13 mantissa bits: truncation, a bias towards zero that adds up over long sums. On an H200
+# (first GPU run, perf/results/nvidia-h200-2026-11-27-quick) our TF32 errors were 2-12x torch's own
+# (cuBLAS rounds), worst in weight gradients, which sum over every point. Rounding each operand to
+# nearest first (cvt.rna, one instruction) makes the truncation exact. The interpreter computes TF32
+# dots in exact fp32 and has no PTX: it skips the rounding.
+ROUND_TF32_OPERANDS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+
+
+@triton.jit
+def round_to_tf32(x):
+    """fp32 x rounded to the nearest TF32 value (10 mantissa bits, ties away from zero), as fp32."""
+    return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
 @triton.jit
 def dot_f32(a, w, acc, PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
     """a @ w (+ acc) with fp32 accumulation (operands already in the operand dtype)."""
     if INTERPRET_BF16:
         return tl.dot(a, w.to(tl.float32), acc, input_precision="ieee", out_dtype=tl.float32)
+    if PRECISION == "tf32":
+        if ROUND_TF32_OPERANDS:
+            if a.dtype == tl.float32:
+                a = round_to_tf32(a)
+            if w.dtype == tl.float32:
+                w = round_to_tf32(w)
     return tl.dot(a, w, acc, input_precision=PRECISION, out_dtype=tl.float32)
 
 

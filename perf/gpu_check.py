@@ -46,6 +46,7 @@ QUICK_STEPS = (
     ("environment", 30, 60),
     ("correctness", 75, 300),
     ("main-tf32", 60, 240),
+    ("profile", 25, 120),
     ("real-networks", 35, 240),
     ("main-tf32-compiled", 60, 300),
     ("main-bf16", 35, 120),
@@ -666,6 +667,61 @@ def step_real_networks(work: Path, dry_run: bool) -> None:
         )
 
 
+def step_profile(work: Path, dry_run: bool) -> None:
+    """Where our main-case time goes (TF32): device time per kernel under torch.profiler, per call of
+    forward + J and of a training step, after warm-up runs that autotune (main-tf32 left the kernels
+    compiled in Triton's cache)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from tritonjac import benchmark
+
+    torch.set_float32_matmul_precision("high")
+    model, _, x = benchmark.build(_case(dry_run))
+    cuda = not dry_run
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    def train_step():
+        y, J = model(x)
+        benchmark._loss(y, J).backward()
+
+    reps = 5
+    for mode, fn in (("forward_jacobian", forward), ("train_step", train_step)):
+        for _ in range(2):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3 / reps  # against device time: launch or host bound?
+        activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+        with profile(activities=activities) as prof:
+            for _ in range(reps):
+                fn()
+            if cuda:
+                torch.cuda.synchronize()
+        rows = []
+        for event in prof.key_averages():
+            if cuda:
+                us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
+            else:
+                us = event.self_cpu_time_total
+            if us > 0:
+                rows.append({"kernel": event.key[:90], "calls": event.count / reps, "ms": us / 1e3 / reps})
+        rows.sort(key=lambda r: -r["ms"])
+        total = sum(r["ms"] for r in rows)
+        print(f"{mode}: {total:.3f} ms of device time per call, {wall_ms:.3f} ms wall", flush=True)
+        for r in rows[:12]:
+            print(f"  {r['ms']:8.3f} ms {r['ms'] / total:6.1%} {r['calls']:6.1f} calls  {r['kernel']}", flush=True)
+        append_jsonl(work / "profile.jsonl", {"mode": mode, "total_ms": total, "wall_ms": wall_ms, "rows": rows[:25]})
+
+
 # The tests that run compiled kernels on a GPU (the CPU-side compile workers excepted); about 210
 # kernel variants, compiled by pytest-xdist's processes in parallel.
 GPU_TESTS = [
@@ -696,6 +752,7 @@ STEP_FUNCTIONS = {
     "environment": step_environment,
     "correctness": step_correctness,
     "main-tf32": lambda work, dry: step_main(work, dry, "main-tf32"),
+    "profile": step_profile,
     "real-networks": step_real_networks,
     "main-tf32-compiled": lambda work, dry: step_main(work, dry, "main-tf32-compiled"),
     "main-bf16": lambda work, dry: step_main(work, dry, "main-bf16"),
@@ -742,6 +799,7 @@ def collect(work: Path, mode: str, steps: dict) -> dict:
             steps.setdefault(step, {})["variants"] = record.get("variants")
     summary["runs"] = runs
     summary["real_networks"] = read_jsonl(work / "real-networks.jsonl")
+    summary["profile"] = read_jsonl(work / "profile.jsonl")
     targets = []
     for label, record in runs.items():
         if not label.startswith("main"):
@@ -840,6 +898,14 @@ def format_summary(summary: dict) -> str:
                         f"  {record['label']:12s} {row['mode']:17s} {row['median_ms']:9.3f} ms "
                         f"{row['points_per_s'] / 1e6:9.1f} Mpoints/s" + (f" {frac:6.1%}" if frac else "")
                     )
+    for record in summary.get("profile", []):
+        lines.append(
+            f"\n== profile, main TF32, {record['mode']}: {record['total_ms']:.3f} ms of device time per call, "
+            f"{record.get('wall_ms', 0):.3f} ms wall"
+        )
+        for row in record["rows"][:6]:
+            share = row["ms"] / record["total_ms"] if record["total_ms"] else 0.0
+            lines.append(f"  {row['ms']:8.3f} ms {share:6.1%} {row['calls']:5.1f}x  {row['kernel'][:70]}")
     for record in summary.get("real_networks", []):
         lines.append(f"\n== {record['label']}")
         for row in record["rows"]:

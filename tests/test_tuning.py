@@ -241,3 +241,35 @@ def test_traced_launches_reuse_what_autotuning_chose(monkeypatch):
         first_fitting.kwargs["BLOCK_M"],
         first_fitting.num_warps,
     )
+
+
+def _key_values(key: str) -> dict:
+    def value(text):
+        for convert in (int, float):
+            try:
+                return convert(text)
+            except ValueError:
+                pass
+        return {"True": True, "False": False}.get(text, text)
+
+    return {name: value(text) for name, _, text in (item.partition("=") for item in key.split(","))}
+
+
+def test_shipped_tables_hold_candidates_that_fit():
+    """Every configuration a shipped table holds (`tritonjac/configs/*.json`, written by autotuning
+    on a real GPU) is one of the kernel's candidates that its pruning keeps for that launch key on a
+    Hopper card, so `tests/test_aot.py` has compiled it without spills."""
+    paths = sorted(tuning.SHIPPED_DIR.glob("*.json"))
+    assert paths, "the H200 table from the first GPU run is shipped"
+    for path in paths:
+        assert "H100" in path.name or "H200" in path.name, f"{path.name}: which arch prunes it?"
+        table = json.loads(path.read_text())
+        for kernel, entries in table.items():
+            info = registry.KERNELS[kernel]
+            assert info.autotune_key, f"{kernel} is launched with a fixed configuration"
+            for key, entry in entries.items():
+                config = tuning._config_from_json(entry)
+                as_tuple = (config.kwargs, config.num_warps, config.num_stages)
+                named = _key_values(key)
+                kept = [(c.kwargs, c.num_warps, c.num_stages) for c in info.prune(info.configs(), named, arch=90)]
+                assert as_tuple in kept, f"{path.name} {kernel} {key}: {as_tuple} is not a candidate that fits"

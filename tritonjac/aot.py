@@ -70,6 +70,7 @@ class CompileReport:
     shared_bytes: int
     matrix_instruction: str  # "wgmma", "mma" or "none"
     seconds: float
+    tf32_roundings: int = 0  # cvt.rna.tf32.f32 in the PTX: TF32 operands rounded to nearest
     error: str = ""
     shared_limit: int = 0
 
@@ -156,6 +157,7 @@ def compile_config(case: Case) -> CompileReport:
         shared_bytes=max(field("SHARED"), int(compiled.metadata.shared)),
         matrix_instruction=instr,
         seconds=round(seconds, 1),
+        tf32_roundings=ptx.count("cvt.rna.tf32.f32"),
         shared_limit=SHARED_LIMIT[case.arch],
     )
 
