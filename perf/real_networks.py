@@ -58,8 +58,10 @@ NETWORKS = {"NeuS SDF (PE6, 8x256, skip 4, 257 out, grad of out 0)": neus,
 
 
 def plain_forward(model):
-    """The network in plain PyTorch (the same layers): what a user writes without tritonjac."""
-    return lambda x: model(x, jacobian=False)
+    """The network in plain PyTorch (the same layers): what a user writes without tritonjac. Not
+    `model(x, jacobian=False)`: on a GPU that runs our kernels' forward, which autograd cannot
+    differentiate twice (the first H200 run's peer failed so)."""
+    return model._plain_forward
 
 
 def autograd_jacobian(forward, model, x, create_graph):
