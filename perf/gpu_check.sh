@@ -21,6 +21,7 @@
 #   environment            30   0
 #   correctness            75   135 over 28 cases, spread over 14 processes (~10 each, 2-6 s each)
 #   main-tf32              60   4: 3 forward candidates (compiled by 12 processes at once) + fused backward
+#   profile                25   0: device time per kernel of our main case (torch.profiler)
 #   real-networks          35   ~20 per-layer variants (NeuS's SDF and Nerfies' warp field in TF32 at
 #                               N = 65,536 and 2^18, fixed configurations) against plain autograd
 #   main-tf32-compiled     60   4 of ours (from the cache) + inductor's own compiles of the two peers
@@ -31,6 +32,9 @@
 #   --tune: 9 cases, each precompiled in parallel then autotuned and timed; ~85 variants, the
 #   whole-network cases first (10-15 s each), then 3xTF32 and widths 256/512 (their per-layer
 #   backward kernels compile in one process: ~30 s each). Limit 200 s.
+# Measured on an H200 (2026-11-27, torch 2.11, triton 3.6; perf/results/nvidia-h200-*): --quick 203 s
+#   (correctness 61-70 s, main-tf32 27-40 s, profile 11 s, real networks cut at 35 s, compiled peers
+#   25 s, bf16 24-30 s), --tune 68 s for all 9 cases; a machine start adds about 30 s.
 # Measured here (2-core Intel Xeon VM, torch 2.13, triton 3.9, interpreter, tiny sizes):
 #   --dry-run 57 s (78 s with inductor's cache cold), --dry-run --tune 158 s.
 set -u
