@@ -27,6 +27,7 @@ KERNEL_TESTS = [
     "tests/test_strided_inputs.py",
     "tests/test_compile.py",
     "tests/test_real_networks.py",
+    "tests/test_tf32_emulation.py",
 ]
 
 
@@ -109,6 +110,20 @@ BUGS = [
         "        if spec.layer_scale(l) != 1.0:\n            W = W * spec.layer_scale(l)\n",
         "",
         "the Triton launchers multiply a skip layer's weights without its scale",
+    ),
+    Bug(
+        "tf32-operands-truncated",
+        "kernels/forward.py",
+        "        if ROUND_TF32_OPERANDS:",
+        "        if False:",
+        "TF32 dots without their operands rounded to nearest (the tensor cores truncate them)",
+    ),
+    Bug(
+        "narrow-layers-in-tf32",
+        "tritonjac/precision.py",
+        'if precision == "tf32" and min(d_in, d_out) <= NARROW_FEATURES:',
+        'if precision == "tf32" and min(d_in, d_out) < 0:',
+        "the per-layer kernels compute x's columns and the few outputs in TF32 (the fused ones in fp32)",
     ),
 ]
 

@@ -57,14 +57,24 @@ def to_storage(v, storage_ty: tl.constexpr, INTERPRET_BF16: tl.constexpr):
 # (first GPU run, perf/results/nvidia-h200-2026-11-27-quick) our TF32 errors were 2-12x torch's own
 # (cuBLAS rounds), worst in weight gradients, which sum over every point. Rounding each operand to
 # nearest first (cvt.rna, one instruction) makes the truncation exact. The interpreter computes TF32
-# dots in exact fp32 and has no PTX: it skips the rounding.
-ROUND_TF32_OPERANDS = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+# dots in exact fp32 and skips the rounding, unless a test sets ROUND_TF32_OPERANDS to emulate the
+# GPU's TF32 (tests/test_tf32_emulation.py): then the same rounding is done with integer arithmetic.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+ROUND_TF32_OPERANDS = tl.constexpr(not _INTERPRETING)
+_ROUND_BY_PTX = tl.constexpr(not _INTERPRETING)
 
 
 @triton.jit
 def round_to_tf32(x):
     """fp32 x rounded to the nearest TF32 value (10 mantissa bits, ties away from zero), as fp32."""
-    return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+    if _ROUND_BY_PTX:
+        return tl.inline_asm_elementwise(
+            "cvt.rna.tf32.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
+    # add half a TF32 ulp to the magnitude bits and drop the 13 low ones; NaN stays NaN
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return tl.where(x == x, rounded, x)
 
 
 @triton.jit

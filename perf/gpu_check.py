@@ -53,7 +53,10 @@ QUICK_STEPS = (
 )
 TUNE_STEPS = (("environment", 30, 60), ("tune", 200, 400))
 TESTS_STEPS = (("environment", 30, 60), ("gpu-tests", 400, 400))
-MODES = {"quick": QUICK_STEPS, "tune": TUNE_STEPS, "tests": TESTS_STEPS}
+# the real networks alone: their per-layer kernels compile cold for more than --quick's 35 s (the
+# first H200 run finished NeuS's forward + J there, nothing more)
+REAL_STEPS = (("environment", 30, 60), ("real-networks", 200, 240))
+MODES = {"quick": QUICK_STEPS, "tune": TUNE_STEPS, "tests": TESTS_STEPS, "real": REAL_STEPS}
 
 # A step that hangs after this many finished cases (tests only: proves that a step killed by its limit
 # keeps what it finished).
@@ -999,6 +1002,7 @@ def main(argv=None) -> int:
     group.add_argument("--quick", action="store_true", help="correctness + main case (default)")
     group.add_argument("--tune", action="store_true", help="the config sweep")
     group.add_argument("--tests", action="store_true", help="the GPU-only pytest tests")
+    group.add_argument("--real", action="store_true", help="the real networks (NeuS, Nerfies) alone")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny sizes")
     p.add_argument("--out", default=os.environ.get("OUT", "out"), help="where the files to bring back go ($OUT)")
     p.add_argument("--skip", nargs="*", default=[], help="steps to leave out")
@@ -1022,7 +1026,7 @@ def main(argv=None) -> int:
             STEP_FUNCTIONS[args.step](Path(args.work), args.dry_run)
         return 0
 
-    mode = "tune" if args.tune else "tests" if args.tests else "quick"
+    mode = "tune" if args.tune else "tests" if args.tests else "real" if args.real else "quick"
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"

@@ -8,6 +8,7 @@ import triton
 
 from tritonjac import triton_engine
 from tritonjac.network import make_spec
+from tritonjac.precision import layer_precision
 from tritonjac.triton_engine import launch, plans, registry, tuning
 
 
@@ -258,7 +259,8 @@ def _key_values(key: str) -> dict:
 def test_shipped_tables_hold_candidates_that_fit():
     """Every configuration a shipped table holds (`tritonjac/configs/*.json`, written by autotuning
     on a real GPU) is one of the kernel's candidates that its pruning keeps for that launch key on a
-    Hopper card, so `tests/test_aot.py` has compiled it without spills."""
+    Hopper card, so `tests/test_aot.py` has compiled it without spills, and its key is one that
+    launches still ask for."""
     paths = sorted(tuning.SHIPPED_DIR.glob("*.json"))
     assert paths, "the H200 table from the first GPU run is shipped"
     for path in paths:
@@ -271,5 +273,8 @@ def test_shipped_tables_hold_candidates_that_fit():
                 config = tuning._config_from_json(entry)
                 as_tuple = (config.kwargs, config.num_warps, config.num_stages)
                 named = _key_values(key)
+                if "d_in" in named:  # a narrow layer's launches ask for another precision's key
+                    precision = layer_precision(named["PRECISION"], named["d_in"], named["d_out"])
+                    assert precision == named["PRECISION"], f"{path.name} {kernel} {key}: no launch uses it"
                 kept = [(c.kwargs, c.num_warps, c.num_stages) for c in info.prune(info.configs(), named, arch=90)]
                 assert as_tuple in kept, f"{path.name} {kernel} {key}: {as_tuple} is not a candidate that fits"

@@ -18,7 +18,16 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["float32_matmul_precision", "matmul_precision"]
+__all__ = ["float32_matmul_precision", "matmul_precision", "layer_precision", "NARROW_FEATURES"]
+
+# A layer with at most this many input or output features (x's coordinates in, an SDF's one output
+# out) is computed fp32-accurately wherever the network runs in TF32: its dots are padded to 16 wide
+# anyway, so they are cheap, and rounding their operands to TF32 costs accuracy. The whole-network
+# kernels compute such layers with fp32 FMAs; the per-layer kernels get 3xTF32 dots for them (fp32
+# "ieee" dots, FMAs in a matmul's layout, spilled in 6 of the per-layer configurations on sm_80/90).
+# Without this the per-layer backward's gradients carried up to twice the fused backward's error
+# (on an H200, and under emulated TF32: tests/test_tf32_emulation.py).
+NARROW_FEATURES = 16
 
 
 def float32_matmul_precision() -> str:
@@ -42,3 +51,11 @@ def matmul_precision(dtype: torch.dtype) -> str:
     if dtype != torch.float32:
         return "ieee"  # half operands: the setting only concerns fp32 operands
     return "tf32x3" if float32_matmul_precision() == "highest" else "tf32"
+
+
+def layer_precision(precision: str, d_in: int, d_out: int) -> str:
+    """The `tl.dot` input precision of one layer's per-layer kernels: 3xTF32 for a narrow layer of a
+    TF32 network, the network's precision otherwise."""
+    if precision == "tf32" and min(d_in, d_out) <= NARROW_FEATURES:
+        return "tf32x3"
+    return precision

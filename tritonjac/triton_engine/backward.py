@@ -13,7 +13,7 @@ import torch
 import triton
 
 from ..network import NetworkSpec
-from ..precision import matmul_precision
+from ..precision import layer_precision, matmul_precision
 from . import launch, tuning
 from .forward import LayerInputs, layer_args, layer_constexprs, layer_launches, network_constexprs, network_parameters
 from .launch import (
@@ -259,8 +259,10 @@ def _recompute(xc, weights, biases, spec, inputs, jacobian, run: _Launches):
                 (Av[:, 1:] if tangents else Av, A.stride(0), A.stride(1), A.stride(2)),
                 (Zv, Z.stride(0), Z.stride(1)),
             )
+            d_in = sum(part.shape[1] for part in (Wh, Wi) if part is not None)
+            precision = layer_precision(run.precision, d_in, Av.shape[2])
             constexprs = layer_constexprs(
-                act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, run.precision
+                act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, precision
             )
             args |= inputs.args(xc, Wi) | constexprs
             cfg = tuning.recompute_config(constexprs["SLOTS"], run.arch)
@@ -281,7 +283,8 @@ def _weight_grad(G, A_prev, live_a, has_bias, l, like, run: _Launches):
     else:
         a_st = (A_prev.stride(0), 0, A_prev.stride(1))
     slots_a = run.num_slots if live_a > 1 else 1
-    _, wgrad_cfg = tuning.layer_backward_configs(run.arch, run.precision, run.num_slots, slots_a)
+    precision = layer_precision(run.precision, d_in, d_out)
+    _, wgrad_cfg = tuning.layer_backward_configs(run.arch, precision, run.num_slots, slots_a)
     splits, per_split = tuning.weight_grad_splits(C, wgrad_cfg.kwargs["BLOCK_P"])
     gw_part = allocate(f"weight-gradient splits of layer {l}", like, splits, d_out, d_in, dtype=torch.float32)
     gb_part = (
@@ -310,7 +313,7 @@ def _weight_grad(G, A_prev, live_a, has_bias, l, like, run: _Launches):
             stride_af=a_st[2],
             LIVE_SLOTS_A=live_a,
             HAS_BIAS=has_bias,
-            PRECISION=run.precision,
+            PRECISION=precision,
             SLOTS=slots_a,
             **run.bf16,
         ),
@@ -322,8 +325,9 @@ def _weight_grad(G, A_prev, live_a, has_bias, l, like, run: _Launches):
 def _propagate(G, W, z_prev, out, prev_act, rows, last_step, run: _Launches):
     """out = G_Z W, then the previous layer's activation backward with its Z (or, with last_step,
     the value row alone: dLoss/dx of a first layer whose input is x)."""
-    cfg, _ = tuning.layer_backward_configs(run.arch, run.precision, run.num_slots)
     C, d_out, d_in = G.shape[0], W.shape[0], W.shape[1]
+    precision = layer_precision(run.precision, d_in, d_out)
+    cfg, _ = tuning.layer_backward_configs(run.arch, precision, run.num_slots)
     grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(d_in, cfg.kwargs["BLOCK_K"]))
     run_kernel(
         "layer_backward",
@@ -349,7 +353,7 @@ def _propagate(G, W, z_prev, out, prev_act, rows, last_step, run: _Launches):
             LIVE_SLOTS=rows,
             LAST_STEP=last_step,
             **activation_constexprs(prev_act, "ACT"),
-            PRECISION=run.precision,
+            PRECISION=precision,
             SLOTS=run.num_slots,
             **run.bf16,
         ),

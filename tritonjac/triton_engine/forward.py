@@ -7,7 +7,7 @@ import triton
 
 from ..activations import Activation
 from ..network import NetworkSpec
-from ..precision import matmul_precision
+from ..precision import layer_precision, matmul_precision
 from . import launch, tuning
 from .launch import (
     activation_constexprs,
@@ -361,13 +361,14 @@ def _launch_layer(x, inputs: LayerInputs, previous, parts, act, h_out, t_out, ta
     (a, a_strides), (Wh, Wi, bias) = previous, parts
     P, k = x.shape[0], inputs.spec.jacobian_inputs
     encoded = inputs.encoded_width > 0
+    d_rows = (Wh if Wh is not None else Wi).shape[0]
+    d_in = sum(W.shape[1] for W in (Wh, Wi) if W is not None)
+    precision = layer_precision(precision, d_in, d_rows)
     constexprs = layer_constexprs(
         act, k, Wh is not None, Wi is not None, encoded, bias is not None, tangents, precision
     )
-    d_rows = (Wh if Wh is not None else Wi).shape[0]
     args = layer_args(a, a_strides, Wh, bias, P, d_rows, h_out, t_out)
     args |= inputs.args(x, Wi) | constexprs | {"STORE_Z": False, **interpret_bf16(x.dtype)}
-    d_in = sum(W.shape[1] for W in (Wh, Wi) if W is not None)
     key = tuning_key(x.dtype, constexprs, d_in=d_in, d_out=d_rows, bucket=args["points_bucket"])
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(d_rows, meta["BLOCK_N"]))  # noqa: E731
     launch_autotuned("layer_forward", grid, args, key, x.device, traced(x))

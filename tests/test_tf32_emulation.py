@@ -1,0 +1,148 @@
+"""TF32 on the CPU: the kernels' operand rounding emulated in Triton's interpreter.
+
+On a GPU a TF32 `tl.dot` rounds its fp32 operands to 10 mantissa bits (`kernels/forward.py` rounds
+them to nearest first, as cuBLAS does; the tensor cores alone would truncate). The interpreter
+computes TF32 dots in exact fp32, so the kernel tests elsewhere check fp32 arithmetic. Here the
+rounding is switched on in the interpreter (`ROUND_TF32_OPERANDS`; the same rounding by integer
+arithmetic), and PyTorch's TF32 is emulated the same way (operands rounded, products summed in
+fp32), so TF32 accuracy is tested without a GPU: the first H200 run had found it 2-12x off.
+"""
+
+import copy
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import tritonjac
+from helpers import INTERPRETING
+from tritonjac.kernels import forward as kernel_forward
+from tritonjac.triton_engine import backward as triton_backward
+
+pytestmark = [
+    pytest.mark.skipif(not INTERPRETING, reason="emulates a GPU's TF32 in Triton's interpreter"),
+    pytest.mark.usefixtures("tf32"),
+]
+
+
+def round_tf32(t: torch.Tensor) -> torch.Tensor:
+    """t (fp32) rounded to TF32, ties away from zero (cvt.rna), NaN kept: the reference rounding."""
+    bits = t.contiguous().view(torch.int32)
+    rounded = ((bits + 0x1000) & -8192).view(torch.float32)
+    return torch.where(torch.isnan(t), t, rounded)
+
+
+@triton.jit
+def _round_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    m = o < n
+    tl.store(out_ptr + o, kernel_forward.round_to_tf32(tl.load(x_ptr + o, mask=m)), mask=m)
+
+
+def test_round_to_tf32():
+    """The interpreter's rounding: to nearest, ties away from zero, overflow to inf, NaN kept."""
+    ulp = 2.0**-10
+    special = [
+        1.0 + ulp / 2,  # a tie: away from zero
+        -(1.0 + ulp / 2),
+        1.0 + ulp / 2 - 2**-23,  # just below the tie: down
+        1.0 + 3 * ulp / 2,  # a tie above an odd mantissa: still away
+        3.4028234663852886e38,  # the largest fp32 rounds up to inf
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        0.0,
+        -0.0,
+        1e-40,  # subnormal
+    ]
+    x = torch.cat([torch.tensor(special), torch.randn(501) * 10.0 ** torch.randint(-30, 30, (501,))])
+    out = torch.full_like(x, 7.0)
+    _round_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
+    want = round_tf32(x)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out[~want.isnan()], want[~want.isnan()])
+    assert out[0] == 1.0 + ulp and out[1] == -(1.0 + ulp) and out[2] == 1.0 and out[3] == 1.0 + 2 * ulp
+    assert out[4] == float("inf")
+    assert (out.view(torch.int32)[~want.isnan()] & 0x1FFF == 0).all()  # 10 mantissa bits left
+
+
+class _TF32Linear(torch.autograd.Function):
+    """x W^T + b as cuBLAS computes it in TF32: operands rounded to nearest, fp32 sums; the backward's
+    matmuls likewise."""
+
+    @staticmethod
+    def forward(ctx, x, W, b):
+        ctx.save_for_backward(x, W)
+        ctx.has_bias = b is not None
+        y = round_tf32(x) @ round_tf32(W).T
+        return y if b is None else y + b
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W = ctx.saved_tensors
+        g_r = round_tf32(g)
+        return g_r @ round_tf32(W), g_r.T @ round_tf32(x), g.sum(0) if ctx.has_bias else None
+
+
+def _pytorch_in_tf32(model: tritonjac.JacobianMLP, x):
+    h = x
+    for layer, act in zip(model.linear_layers, model._spec.activations):
+        h = act.value(_TF32Linear.apply(h, layer.weight, layer.bias))
+    return h
+
+
+def _y_loss(y):
+    weights = torch.linspace(-1, 2, y.shape[-1], dtype=y.dtype)
+    return (y * weights).sum() + 0.5 * y.square().sum()
+
+
+def _y_and_gradients(forward, model, x):
+    x = x.clone().requires_grad_()
+    y = forward(x)
+    grads = torch.autograd.grad(_y_loss(y), [x, *model.parameters()])
+    return [y, *grads]
+
+
+def _relative_errors(got, want):
+    return [((g.double() - w).abs().max() / w.abs().max()).item() for g, w in zip(got, want)]
+
+
+@pytest.fixture
+def emulated_tf32(monkeypatch):
+    monkeypatch.setattr(kernel_forward, "ROUND_TF32_OPERANDS", tl.constexpr(True))
+
+
+def test_both_backward_plans_in_tf32(emulated_tf32, kernels_run, monkeypatch):
+    """3 -> 3x64 -> 3 (SiLU), loss on y: values and every gradient within twice PyTorch's own TF32
+    error (the GPU check's criterion), from the fused backward and from the per-layer one. The
+    per-layer kernels once computed x's 3 columns and the 3 outputs in TF32 too, where the fused
+    kernel computes them in fp32: their gradients carried up to twice its error (1.7x for dLoss/dx,
+    2.1x for the second-to-last weight), now the same."""
+    torch.manual_seed(0)
+    reference = tritonjac.JacobianMLP(3, [64] * 3, 3, "silu", backend="torch", dtype=torch.float64)
+    ours = copy.deepcopy(reference).float()
+    ours.backend = "triton"
+    with torch.no_grad():  # the reference gets the very same (rounded) parameters and points
+        for a, b in zip(reference.parameters(), ours.parameters()):
+            a.copy_(b.double())
+    x = torch.randn(517, 3)
+    want = _y_and_gradients(lambda p: reference(p, jacobian=False), reference, x.double())
+    pytorch = _relative_errors(_y_and_gradients(lambda p: _pytorch_in_tf32(ours, p), ours, x), want)
+    assert max(pytorch) > 1e-4, "PyTorch's TF32 emulation rounds"
+
+    fused = _relative_errors(_y_and_gradients(lambda p: ours(p)[0], ours, x), want)
+    assert "mlp_backward" in kernels_run
+    assert max(fused) > 1e-4, "the kernels' TF32 emulation rounds"
+    kernels_run.clear()
+    monkeypatch.setattr(triton_backward, "fused_backward_available", lambda *args: False)
+    per_layer = _relative_errors(_y_and_gradients(lambda p: ours(p)[0], ours, x), want)
+    assert "layer_weight_grad" in kernels_run and "mlp_backward" not in kernels_run
+
+    names = ["y", "grad x"] + [f"grad {n}" for n, _ in ours.named_parameters()]
+    for row in zip(names, pytorch, fused, per_layer):
+        print("%-16s pytorch %.2e fused %.2e per-layer %.2e" % row)
+    for name, f, p, t in zip(names, fused, per_layer, pytorch):
+        assert f <= 2 * t, f"fused backward, {name}: {f:.2e} > 2 x PyTorch's {t:.2e}"
+        assert p <= 2 * t, f"per-layer backward, {name}: {p:.2e} > 2 x PyTorch's {t:.2e}"
+        assert p <= 1.25 * f, f"per-layer backward, {name}: {p:.2e} against the fused backward's {f:.2e}"
