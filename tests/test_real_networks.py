@@ -296,6 +296,29 @@ def test_nerfies_window_follows_alpha(window):
     check_against_reference(model, forward_same_layers, x, inputs, outputs, loss)
 
 
+def test_encoding_tables_are_made_once_and_train_after_inference_mode():
+    """The encoding's column tables are built once per encoding and device (on a GPU each build
+    was five host-to-device copies per call), and a first call under `torch.inference_mode()`
+    leaves none that autograd cannot save: training afterwards works and matches the reference."""
+    from tritonjac import torch_engine
+    from tritonjac.torch_engine import InputMap
+
+    model, _, x, inputs, outputs, loss = nerfies(alpha=3.5)
+    torch_engine._encoding_tables.cache_clear()  # this test's first call makes them
+    with torch.inference_mode():
+        model(x)
+    first = InputMap(model._spec, None, x)
+    again = InputMap(model._spec, None, x)
+    assert first.frequency is again.frequency and first.perm is again.perm
+    assert not first.frequency.is_inference()
+
+    def forward_same_layers(x):
+        inputs_ = torch.cat([nerf_encoding(x[..., :3], 8, 3.5), x[..., 3:]], -1)
+        return run_layers(model.linear_layers, inputs_, 4, activation=torch.relu)
+
+    check_against_reference(model, forward_same_layers, x, inputs, outputs, loss)
+
+
 @pytest.mark.parametrize("api", ["parametrizations", "hook"])
 @pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
 def test_neus_with_weight_norm_converted_from_its_layer_list(api):

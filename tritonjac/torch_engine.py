@@ -22,6 +22,7 @@ temporaries in cache, reused from chunk to chunk (see `CHUNK_BYTES`).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,23 @@ class _Scratch:
 
 
 # ---- the input a0 and its tangent ------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _encoding_tables(columns: tuple, frequencies: tuple, device: torch.device, dtype: torch.dtype):
+    """An encoding's per-column tables on a device, made once: built from Python lists, each would
+    be a host-to-device copy per call on a GPU (and a sync). (coordinate, function, frequency,
+    band, perm): perm is the coordinate-major order, stable within a coordinate. Never inference
+    tensors, even when first asked for under `torch.inference_mode()`: autograd may save them later."""
+    order = sorted(range(len(columns)), key=lambda c: columns[c][0])
+    with torch.inference_mode(False):
+        return (
+            torch.tensor([j for j, _, _ in columns], device=device),
+            torch.tensor([f for _, f, _ in columns], device=device),
+            torch.tensor(frequencies, dtype=dtype, device=device),
+            torch.tensor([i for _, _, i in columns], device=device),
+            torch.tensor(order, device=device),
+        )
+
+
 class InputMap:
     """a0 = x, or cat([encoding(x[:, :k]), x[:, k:]]), and the non-zeros of its tangent.
 
@@ -89,20 +107,16 @@ class InputMap:
         if enc is None:
             return
         columns = enc.columns
-        device = like.device
-        self.coordinate = torch.tensor([j for j, _, _ in columns], device=device)
-        function = torch.tensor([f for _, f, _ in columns], device=device)
-        self.function = function  # in the encoding's order, as the others
-        self.is_sin, self.is_cos = function == SIN, function == COS
-        frequency = torch.tensor([enc.frequency(i) for _, _, i in columns], dtype=like.dtype, device=device)
-        weight = torch.ones_like(frequency)
+        frequencies = tuple(enc.frequency(i) for _, _, i in columns)
+        make = _encoding_tables if not torch.compiler.is_compiling() else _encoding_tables.__wrapped__
+        tables = make(tuple(columns), frequencies, like.device, like.dtype)
+        self.coordinate, self.function, self.frequency, band, self.perm = tables  # function: encoding order
+        self.is_sin, self.is_cos = self.function == SIN, self.function == COS
+        weight = torch.ones_like(self.frequency)
         if band_weights is not None:
-            band = torch.tensor([i for _, _, i in columns], device=device)
             windowed = band >= 0
             weight[windowed] = band_weights.to(like.dtype)[band[windowed]]
-        self.frequency, self.weight = frequency, weight
-        order = sorted(range(len(columns)), key=lambda c: columns[c][0])  # stable: keeps each coordinate's order
-        self.perm = torch.tensor(order, device=device)
+        self.weight = weight
         self.n = len(columns) // self.k
 
     @property
