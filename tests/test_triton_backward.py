@@ -17,6 +17,7 @@ from helpers import (
     model_gradients,
     rel_err,
 )
+from tritonjac import triton_engine
 from tritonjac.activations import ACTIVATION_NAMES
 from tritonjac.triton_engine import tuning
 from tritonjac.triton_engine.plans import slots
@@ -117,6 +118,19 @@ def check_against_torch_func(ours, x, loss):
 @pytest.mark.parametrize("act", ALL_ACTIVATIONS)
 def test_every_activation(act, loss_on, kernels_run):
     ours, reference = make_pair(3, [32, 32], 2, act)
+    check_gradients(ours, reference, 63, loss_on)
+    assert ran_fused(kernels_run)
+
+
+@pytest.mark.parametrize("loss_on", ["y", "both"])
+def test_per_layer_backward_on_request(loss_on, kernels_run):
+    """`per_layer_backward()` (how the benchmark times both plans) runs the per-layer kernels on a
+    network the fused backward would take, with the same gradients; outside it, the fused again."""
+    ours, reference = make_pair(3, [32, 32], 2, "softplus")
+    with triton_engine.per_layer_backward():
+        check_gradients(ours, reference, 63, loss_on)
+    assert not ran_fused(kernels_run)
+    kernels_run.clear()
     check_gradients(ours, reference, 63, loss_on)
     assert ran_fused(kernels_run)
 

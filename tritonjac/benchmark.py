@@ -196,6 +196,20 @@ def _matmuls_alone(case: Case, model, x, train: bool):
     return run
 
 
+PER_LAYER_BACKWARD = "tritonjac (triton, per-layer backward)"
+
+
+def per_layer(step):
+    """A training step whose backward runs per layer, whatever the plan would pick."""
+    from .triton_engine import per_layer_backward
+
+    def run():
+        with per_layer_backward():
+            step()
+
+    return run
+
+
 def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
     """name -> (forward_jacobian callable or None, train_step callable or None).
 
@@ -227,6 +241,8 @@ def method_table(case: Case, model, seq, x, *, include_compile: bool = True):
         triton_model = model if x.device.type == "cuda" else JacobianMLP.from_module(seq, backend="triton")
         torch_model = JacobianMLP.from_module(seq, backend="torch")
         table["tritonjac (triton)"] = (no_grad(lambda: triton_model(x)), train(lambda: triton_model(x)))
+        # the other backward plan of the same network: which one a GPU should take is measured here
+        table[PER_LAYER_BACKWARD] = (None, per_layer(train(lambda: triton_model(x))))
         if x.dtype in (torch.float32, torch.float64) or x.device.type == "cpu":
             table["tritonjac (torch)"] = (no_grad(lambda: torch_model(x)), train(lambda: torch_model(x)))
     else:

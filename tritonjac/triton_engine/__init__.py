@@ -21,7 +21,7 @@ from ..network import NetworkSpec
 from . import launch
 from .backward import mlp_backward
 from .forward import mlp_forward
-from .plans import Plan, fused_backward_available, plan_for, planned_kind
+from .plans import Plan, fused_backward_available, per_layer_backward, plan_for, planned_kind
 
 __all__ = [
     "mlp_jacobian",
@@ -30,6 +30,7 @@ __all__ = [
     "plan_for",
     "planned_kind",
     "fused_backward_available",
+    "per_layer_backward",
     "Plan",
     "launch",
 ]

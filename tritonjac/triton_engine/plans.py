@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,16 @@ from ..precision import matmul_precision
 from . import tuning
 from .launch import device_arch
 
-__all__ = ["Plan", "plan_for", "planned_kind", "network_fits", "fused_backward_available", "slots", "pad_width"]
+__all__ = [
+    "Plan",
+    "plan_for",
+    "planned_kind",
+    "network_fits",
+    "fused_backward_available",
+    "per_layer_backward",
+    "slots",
+    "pad_width",
+]
 
 MAX_NETWORK_FEATURES = 16  # in_features and out_features of the whole-network kernel
 MAX_NETWORK_WIDTH = 128
@@ -110,10 +120,26 @@ def planned_kind(x2d: torch.Tensor, weights, spec: NetworkSpec, jacobian: bool) 
     return plan_for(weights, spec, jacobian, matmul_precision(x2d.dtype), device_arch(x2d)).kind
 
 
+_FUSED_BACKWARD = [True]
+
+
+@contextlib.contextmanager
+def per_layer_backward():
+    """Within it, every backward runs per layer: how the benchmark times both backward plans of one
+    network (on the first GPU, the fused backward was 90% of a training step)."""
+    _FUSED_BACKWARD.append(False)
+    try:
+        yield
+    finally:
+        _FUSED_BACKWARD.pop()
+
+
 def fused_backward_available(x2d: torch.Tensor, weights, spec: NetworkSpec, jacobian: bool) -> bool:
     """Whether a call with these inputs is differentiated by the fused backward kernel (else the
     per-layer backward runs). Without a loss on J (`jacobian=False`) it needs no tangents, which
     fits more often."""
+    if not _FUSED_BACKWARD[-1]:
+        return False
     if not spec.is_plain or planned_kind(x2d, weights, spec, jacobian) != "network":
         return False  # the fused backward has no skips, encodings or selections yet: per layer
     num_slots = slots(spec.jacobian_inputs, jacobian)
