@@ -231,7 +231,7 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                 for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
                     cases.append(_case("layer_forward", cx, config, dtype, arch))
                 # the per-layer backward: its recompute (storing Z) and its two kernels
-                recompute = tuning.recompute_config(cx["SLOTS"], arch)
+                recompute = tuning.recompute_config(cx, arch)
                 cases.append(_case("layer_forward", cx | {"STORE_Z": True}, recompute, dtype, arch))
                 if first or has_input:
                     continue

@@ -265,7 +265,7 @@ def _recompute(xc, weights, biases, spec, inputs, jacobian, run: _Launches):
                 act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, precision
             )
             args |= inputs.args(xc, Wi) | constexprs
-            cfg = tuning.recompute_config(constexprs["SLOTS"], run.arch)
+            cfg = tuning.recompute_config(constexprs, run.arch)
             grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(Av.shape[2], cfg.kwargs["BLOCK_N"]))
             run_kernel("layer_forward", grid, cfg, args | {"STORE_Z": True, **run.bf16}, run.is_traced)
         As.append(A)

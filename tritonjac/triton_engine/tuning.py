@@ -201,6 +201,7 @@ ENCODED_SPILLS = {
     (False, 64, "tf32", 16, 8),
     (False, 64, "ieee", 16, 8),
     (True, 64, "tf32x3", 32, 8),
+    (True, 64, "tf32x3", 16, 4),  # triton 3.8 (torch 2.14's): 255 registers, 168 bytes spilled
     (True, 128, "tf32x3", 16, 8),
 }
 
@@ -211,14 +212,23 @@ def _no_known_spill(config: triton.Config, arch: int, named: dict) -> bool:
       to 96 registers and 8 spilled bytes per thread (first layer; 2 stages and triton 3.6/3.9 do
       not spill);
     - a skip layer (the previous layer's part and x's) in half precision ("ieee" dots) with the
-      32x32 tile and 8 warps: 128 registers and 16 spilled bytes (triton 3.9)."""
+      32x32 tile and 8 warps: 128 registers and 16 spilled bytes (triton 3.9);
+    - triton 3.8, 8 spilled bytes each: a skip layer's recompute (storing Z) in TF32 with the 16x32
+      tile, 4 warps, 2 stages (the operands rounded to nearest); an encoded first layer in 3xTF32
+      with the 16x16 tile and 4 warps."""
     if arch >= 90:
         return True
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
     if tile == (16, 32, 4, 3):
         return False
+    precision = named.get("PRECISION")
     skip_layer = named.get("HAS_HIDDEN") and named.get("HAS_INPUT")
-    return not (skip_layer and named.get("PRECISION") == "ieee" and tile[:3] == (32, 32, 8))
+    if skip_layer and named.get("STORE_Z") and precision == "tf32" and tile == (16, 32, 4, 2):
+        return False
+    encoded_first = named.get("ENCODED") and not named.get("HAS_HIDDEN")
+    if encoded_first and precision == "tf32x3" and tile[:3] == (16, 16, 4):
+        return False
+    return not (skip_layer and precision == "ieee" and tile[:3] == (32, 32, 8))
 
 
 def prune_layer_configs(configs, named_args, arch: int | None = None, **kwargs):
@@ -371,11 +381,12 @@ def _layer_backward_tiles(arch: int, precision: str):
     )
 
 
-def recompute_config(slots: int, arch: int) -> triton.Config:
-    """The per-layer backward's forward recompute: the first forward candidate that fits."""
+def recompute_config(constexprs: dict, arch: int) -> triton.Config:
+    """The per-layer backward's forward recompute of a layer (its `layer_forward` constexprs): the
+    first forward candidate that fits."""
     if interpreting():
         return INTERPRETER_CONFIGS["layer_forward"]
-    return prune_layer_configs(layer_configs(), {"SLOTS": slots}, arch=arch)[0]
+    return prune_layer_configs(layer_configs(), {**constexprs, "STORE_Z": True}, arch=arch)[0]
 
 
 # The per-layer backward recomputes chunks of points, keeping every layer's [h; T] and [z; U] for
