@@ -24,15 +24,17 @@
 #   --quick step         limit  kernel variants compiled cold (counted by the dry run's launches)
 #   environment            30   0
 #   correctness            75   135 over 28 cases, spread over 14 processes (~10 each, 2-6 s each)
-#   main-tf32              60   4: 3 forward candidates (compiled by 12 processes at once) + fused backward
+#   main-tf32              75   4: 3 forward candidates (compiled by 12 processes at once) + fused backward,
+#                               + ~10 per-layer backward variants (its training step is timed too)
 #   profile                25   0: device time per kernel of our main case (torch.profiler)
-#   real-networks          35   ~20 per-layer variants (NeuS's SDF and Nerfies' warp field in TF32 at
-#                               N = 65,536 and 2^18, fixed configurations) against plain autograd
-#   main-tf32-compiled     60   4 of ours (from the cache) + inductor's own compiles of the two peers
 #   main-bf16              35   4, as main-tf32
-#   Prediction on an H100 (16 cores): install 15 s, environment 10 s, correctness 40-60 s,
-#   main-tf32 30-40 s, real networks 20-35 s, compiled peers 40-60 s (cut to what is left), bf16
-#   25-35 s: 180-235 s in all.
+#   real-networks          35   ~20 per-layer variants (Nerfies' warp field, then NeuS's SDF, in TF32 at
+#                               N = 2^18 and 65,536, fixed configurations) against plain autograd
+#   main-tf32-compiled     60   4 of ours (from the cache) + inductor's own compiles of the two peers
+#                               (last: what the budget leaves; measured once already, 1.85x)
+#   Prediction for the next run (H100/H200, 16 cores): install 5 s, environment 5 s, correctness
+#   60-70 s, main-tf32 40-60 s, profile 11 s, bf16 25-30 s, real networks 35 s, compiled peers what is
+#   left (25 s measured): 205-235 s in all.
 #   --tune: 9 cases, each precompiled in parallel then autotuned and timed; ~85 variants, the
 #   whole-network cases first (10-15 s each), then 3xTF32 and widths 256/512 (their per-layer
 #   backward kernels compile in one process: ~30 s each). Limit 200 s.
