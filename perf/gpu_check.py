@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import unittest.mock
 import zlib
 from pathlib import Path
 
@@ -448,9 +449,38 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
 
         return forward, list(model.parameters())
 
+    def all_tf32(model):
+        """Plain PyTorch with every Linear in TF32 (operands rounded to nearest, fp32 products): how a
+        failure against `torch_own` reads when cuBLAS kept some of its products in fp32."""
+        from tritonjac.precision import round_to_tf32
+
+        forward, params = torch_forward(model)
+
+        def rounded(t):
+            return t + (round_to_tf32(t.detach()) - t.detach())
+
+        def linear(a, W, b=None):
+            y = rounded(a) @ rounded(W).T
+            return y if b is None else y + b
+
+        def in_tf32(x):
+            with unittest.mock.patch.object(torch.nn.functional, "linear", linear):
+                return forward(x)
+
+        return in_tf32, params
+
     got = run(ours_forward, list(ours.parameters()), device)
     want = run(*torch_forward(reference), "cpu")
     torch_own = run(*torch_forward(ours), device)  # plain PyTorch in the case's precision, on the same device
+    emulated = [None] * len(got)
+    if case["precision"] == "tf32":  # diagnostic only: the tolerance stays 2x torch_own's error
+        torch.set_float32_matmul_precision("highest")  # fp32 products of the rounded operands
+        try:
+            emulated = run(*all_tf32(ours), device)
+        except Exception as err:  # the diagnostic must not cost the case its verdict
+            print(f"  {case['name']}: all-TF32 PyTorch failed: {type(err).__name__}: {err}", flush=True)
+        finally:
+            torch.set_float32_matmul_precision("high")
 
     def rel(a, b):
         if a is None:
@@ -462,14 +492,21 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
 
     names = ["y", "J"] + [f"grad {n}" for n in ["x", *(name for name, _ in ours.named_parameters())]]
     measured = case["precision"] in MEASURED
-    errors, tolerances, torch_errors = {}, {}, {}
-    for name, g, w, t in zip(names, got, want, torch_own):
+    errors, tolerances, torch_errors, tf32_errors = {}, {}, {}, {}
+    for name, g, w, t, e in zip(names, got, want, torch_own, emulated):
         if name == "J" and not jacobian:
             continue
         floor = FP32_TOLERANCE[name if name in ("y", "J") else "grads"]
         errors[name], torch_errors[name] = rel(g, w), rel(t, w)
+        if e is not None:
+            tf32_errors[name] = rel(e, w)
         tolerances[name] = max(2 * torch_errors[name], floor) if measured else floor
     failures = [n for n in errors if errors[n] is None or not errors[n] <= tolerances[n]]
+
+    def why(n):
+        all_tf32_error = f"; all-TF32 torch {tf32_errors[n]:.2e}" if n in tf32_errors else ""
+        return f"{n}: {errors[n]:.2e} > {tolerances[n]:.2e} (torch {torch_errors[n]:.2e}{all_tf32_error})"
+
     problems = guarded.problems()
     return {
         **case,
@@ -477,8 +514,9 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
         "backward": backward,
         "errors": {"y": errors["y"], "J": errors.get("J"), "grads": max(v for n, v in errors.items() if "grad" in n)},
         "worst_ratio": max(errors[n] / tolerances[n] for n in errors),
-        "failures": [f"{n}: {errors[n]:.2e} > {tolerances[n]:.2e} (torch {torch_errors[n]:.2e})" for n in failures],
+        "failures": [why(n) for n in failures],
         "torch_errors": torch_errors,
+        "all_tf32_torch_errors": tf32_errors,
         "tolerances": tolerances,
         "guards": problems,
         "ok": not failures and not problems,

@@ -97,6 +97,8 @@ def test_dry_run_summary_parses_and_covers_every_kernel_path(quick_dry_run):
         ("layers", "layers"),
     }
     assert {c["precision"] for c in checks} == {"tf32", "tf32x3", "bfloat16", "float16"}
+    # TF32 cases also carry an all-TF32 PyTorch's errors, to read a failure by
+    assert all(c["all_tf32_torch_errors"].keys() >= {"y", "grad x"} for c in checks if c["precision"] == "tf32")
     # the grid by shapes: strided and broadcast inputs, last-layer activations, non-default activation
     # parameters, biases absent or mixed, k < in, one output, a y-only per-layer backward
     assert {c["layout"] for c in checks} == set(load_gpu_check().LAYOUTS)

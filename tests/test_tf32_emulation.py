@@ -19,19 +19,13 @@ import triton.language as tl
 import tritonjac
 from helpers import INTERPRETING
 from tritonjac.kernels import forward as kernel_forward
+from tritonjac.precision import round_to_tf32
 from tritonjac.triton_engine import backward as triton_backward
 
 pytestmark = [
     pytest.mark.skipif(not INTERPRETING, reason="emulates a GPU's TF32 in Triton's interpreter"),
     pytest.mark.usefixtures("tf32"),
 ]
-
-
-def round_tf32(t: torch.Tensor) -> torch.Tensor:
-    """t (fp32) rounded to TF32, ties away from zero (cvt.rna), NaN kept: the reference rounding."""
-    bits = t.contiguous().view(torch.int32)
-    rounded = ((bits + 0x1000) & -8192).view(torch.float32)
-    return torch.where(torch.isnan(t), t, rounded)
 
 
 @triton.jit
@@ -60,7 +54,7 @@ def test_round_to_tf32():
     x = torch.cat([torch.tensor(special), torch.randn(501) * 10.0 ** torch.randint(-30, 30, (501,))])
     out = torch.full_like(x, 7.0)
     _round_kernel[(1,)](x, out, x.numel(), BLOCK=triton.next_power_of_2(x.numel()))
-    want = round_tf32(x)
+    want = round_to_tf32(x)
     assert torch.equal(out.isnan(), want.isnan())
     assert torch.equal(out[~want.isnan()], want[~want.isnan()])
     assert out[0] == 1.0 + ulp and out[1] == -(1.0 + ulp) and out[2] == 1.0 and out[3] == 1.0 + 2 * ulp
@@ -70,7 +64,7 @@ def test_round_to_tf32():
 
 def _rounded(t: torch.Tensor) -> torch.Tensor:
     """t's value rounded to TF32, with t's derivative (to any order): a straight-through rounding."""
-    return t + (round_tf32(t.detach()) - t.detach())
+    return t + (round_to_tf32(t.detach()) - t.detach())
 
 
 def _pytorch_in_tf32(model: tritonjac.JacobianMLP, x):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["float32_matmul_precision", "matmul_precision", "layer_precision", "NARROW_FEATURES"]
+__all__ = ["float32_matmul_precision", "matmul_precision", "layer_precision", "NARROW_FEATURES", "round_to_tf32"]
 
 # A layer with at most this many input or output features (x's coordinates in, an SDF's one output
 # out) is computed fp32-accurately wherever the network runs in TF32: its dots are padded to 16 wide
@@ -59,3 +59,11 @@ def layer_precision(precision: str, d_in: int, d_out: int) -> str:
     if precision == "tf32" and min(d_in, d_out) <= NARROW_FEATURES:
         return "tf32x3"
     return precision
+
+
+def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
+    """fp32 t rounded to TF32 (10 mantissa bits, to nearest, ties away from zero: `cvt.rna`), NaN
+    kept: what the kernels and cuBLAS feed the tensor cores in TF32. For emulating TF32 elsewhere
+    (tests/test_tf32_emulation.py, the GPU check's all-TF32 PyTorch)."""
+    bits = t.contiguous().view(torch.int32)
+    return torch.where(torch.isnan(t), t, ((bits + 0x1000) & -8192).view(torch.float32))
