@@ -452,19 +452,12 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
     def all_tf32(model):
         """Plain PyTorch with every Linear in TF32 (operands rounded to nearest, fp32 products): how a
         failure against `torch_own` reads when cuBLAS kept some of its products in fp32."""
-        from tritonjac.precision import round_to_tf32
+        from tritonjac.precision import tf32_linear
 
         forward, params = torch_forward(model)
 
-        def rounded(t):
-            return t + (round_to_tf32(t.detach()) - t.detach())
-
-        def linear(a, W, b=None):
-            y = rounded(a) @ rounded(W).T
-            return y if b is None else y + b
-
         def in_tf32(x):
-            with unittest.mock.patch.object(torch.nn.functional, "linear", linear):
+            with unittest.mock.patch.object(torch.nn.functional, "linear", tf32_linear):
                 return forward(x)
 
         return in_tf32, params

@@ -19,7 +19,7 @@ import triton.language as tl
 import tritonjac
 from helpers import INTERPRETING
 from tritonjac.kernels import forward as kernel_forward
-from tritonjac.precision import round_to_tf32
+from tritonjac.precision import round_to_tf32, tf32_linear
 from tritonjac.triton_engine import backward as triton_backward
 
 pytestmark = [
@@ -62,21 +62,9 @@ def test_round_to_tf32():
     assert (out.view(torch.int32)[~want.isnan()] & 0x1FFF == 0).all()  # 10 mantissa bits left
 
 
-def _rounded(t: torch.Tensor) -> torch.Tensor:
-    """t's value rounded to TF32, with t's derivative (to any order): a straight-through rounding."""
-    return t + (round_to_tf32(t.detach()) - t.detach())
-
-
 def _pytorch_in_tf32(model: tritonjac.JacobianMLP, x):
-    """y of the model in plain PyTorch, each Linear's operands rounded to TF32 as cuBLAS rounds them
-    (products then summed in fp32). Conservative: the gradients flowing back into a matmul are not
-    rounded, so this PyTorch errs a little less than a GPU's."""
-
-    def linear(a, W, b=None):
-        y = _rounded(a) @ _rounded(W).T
-        return y if b is None else y + b
-
-    with unittest.mock.patch.object(torch.nn.functional, "linear", linear):
+    """y of the model in plain PyTorch, each Linear in TF32 (`precision.tf32_linear`)."""
+    with unittest.mock.patch.object(torch.nn.functional, "linear", tf32_linear):
         return model._plain_forward(x)
 
 

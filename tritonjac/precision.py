@@ -18,7 +18,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["float32_matmul_precision", "matmul_precision", "layer_precision", "NARROW_FEATURES", "round_to_tf32"]
+__all__ = [
+    "float32_matmul_precision",
+    "matmul_precision",
+    "layer_precision",
+    "NARROW_FEATURES",
+    "round_to_tf32",
+    "tf32_linear",
+]
 
 # A layer with at most this many input or output features (x's coordinates in, an SDF's one output
 # out) is computed fp32-accurately wherever the network runs in TF32: its dots are padded to 16 wide
@@ -67,3 +74,16 @@ def round_to_tf32(t: torch.Tensor) -> torch.Tensor:
     (tests/test_tf32_emulation.py, the GPU check's all-TF32 PyTorch)."""
     bits = t.contiguous().view(torch.int32)
     return torch.where(torch.isnan(t), t, ((bits + 0x1000) & -8192).view(torch.float32))
+
+
+def tf32_linear(a: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear` as cuBLAS computes it in TF32: operands rounded to TF32, products summed in fp32
+    (at "highest" matmul precision on a GPU). The rounding passes derivatives straight through, to
+    any order; the gradients flowing back into a matmul are not rounded, so this errs a little less
+    than a GPU's TF32 does. Patched over `torch.nn.functional.linear`, it runs a model in TF32."""
+
+    def rounded(t):
+        return t + (round_to_tf32(t.detach()) - t.detach())
+
+    y = rounded(a) @ rounded(W).T
+    return y if b is None else y + b

@@ -15,7 +15,15 @@ import triton
 from ..network import NetworkSpec
 from ..precision import layer_precision, matmul_precision
 from . import launch, tuning
-from .forward import LayerInputs, layer_args, layer_constexprs, layer_launches, network_constexprs, network_parameters
+from .forward import (
+    LayerInputs,
+    layer_args,
+    layer_constexprs,
+    layer_launches,
+    network_constexprs,
+    network_parameters,
+    part_features,
+)
 from .launch import (
     activation_constexprs,
     allocate,
@@ -259,8 +267,7 @@ def _recompute(xc, weights, biases, spec, inputs, jacobian, run: _Launches):
                 (Av[:, 1:] if tangents else Av, A.stride(0), A.stride(1), A.stride(2)),
                 (Zv, Z.stride(0), Z.stride(1)),
             )
-            d_in = sum(part.shape[1] for part in (Wh, Wi) if part is not None)
-            precision = layer_precision(run.precision, d_in, Av.shape[2])
+            precision = layer_precision(run.precision, *part_features(Wh, Wi))
             constexprs = layer_constexprs(
                 act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, precision
             )

@@ -355,14 +355,19 @@ def _run_layers(x, weights, biases, spec, y, J, jacobian, precision, band_weight
             a, a_strides = buf, (buf.stride(0), buf.stride(1), buf.stride(2))
 
 
+def part_features(W_hidden, W_input) -> tuple[int, int]:
+    """(input features, output features) of a layer launch from its weight parts (either may be None)."""
+    parts = [W for W in (W_hidden, W_input) if W is not None]
+    return sum(W.shape[1] for W in parts), parts[0].shape[0]
+
+
 def _launch_layer(x, inputs: LayerInputs, previous, parts, act, h_out, t_out, tangents, precision):
     """One autotuned launch of `layer_forward_kernel`: previous = ([h; T] or None, its strides),
     parts = (W's columns for it, W's a0 columns, bias), each None where absent."""
     (a, a_strides), (Wh, Wi, bias) = previous, parts
     P, k = x.shape[0], inputs.spec.jacobian_inputs
     encoded = inputs.encoded_width > 0
-    d_rows = (Wh if Wh is not None else Wi).shape[0]
-    d_in = sum(W.shape[1] for W in (Wh, Wi) if W is not None)
+    d_in, d_rows = part_features(Wh, Wi)
     precision = layer_precision(precision, d_in, d_rows)
     constexprs = layer_constexprs(
         act, k, Wh is not None, Wi is not None, encoded, bias is not None, tangents, precision
