@@ -71,7 +71,7 @@ def test_grads_no_hidden_layer_and_no_bias():
 def test_grads_across_chunks(monkeypatch):
     from tritonjac import torch_engine
 
-    monkeypatch.setattr(torch_engine, "CHUNK_BYTES", 4 * 16 * 8 * 5)
+    monkeypatch.setattr(torch_engine.common, "CHUNK_BYTES", 4 * 16 * 8 * 5)
     model = make_mlp(3, [16, 16], 3, "softplus")
     ours, theirs = gradients_both_ways(model, torch.randn(3, 37, 3, dtype=torch.float64), "both")
     for a, b in zip(ours, theirs):

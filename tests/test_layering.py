@@ -16,6 +16,9 @@ LAYERS = [
     {"tritonjac.kernels", "tritonjac.kernels.activations", "tritonjac.kernels.forward", "tritonjac.kernels.backward"},
     {
         "tritonjac.torch_engine",
+        "tritonjac.torch_engine.common",
+        "tritonjac.torch_engine.forward_mode",
+        "tritonjac.torch_engine.reverse_mode",
         "tritonjac.triton_engine",
         "tritonjac.triton_engine.tuning",
         "tritonjac.triton_engine.registry",

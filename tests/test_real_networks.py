@@ -304,7 +304,7 @@ def test_encoding_tables_are_made_once_and_train_after_inference_mode():
     from tritonjac.torch_engine import InputMap
 
     model, _, x, inputs, outputs, loss = nerfies(alpha=3.5)
-    torch_engine._encoding_tables.cache_clear()  # this test's first call makes them
+    torch_engine.common._encoding_tables.cache_clear()  # this test's first call makes them
     with torch.inference_mode():
         model(x)
     first = InputMap(model._spec, None, x)

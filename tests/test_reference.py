@@ -100,7 +100,7 @@ def test_many_chunks(monkeypatch):
     # force tiny chunks so that chunk boundaries (and a ragged last chunk) are exercised
     from tritonjac import torch_engine
 
-    monkeypatch.setattr(torch_engine, "CHUNK_BYTES", 4 * 16 * 8 * 7)
+    monkeypatch.setattr(torch_engine.common, "CHUNK_BYTES", 4 * 16 * 8 * 7)
     model = make_mlp(3, [16, 16], 3, "tanh")
     check(model, torch.randn(101, 3, dtype=torch.float64))
 
@@ -117,7 +117,7 @@ def test_gpu_chunks_are_large():
     points = 1 << 20
     on_cpu = torch_engine.chunk_points(points, weights, spec, torch.empty(1, 3))
     on_gpu = torch_engine.chunk_points(points, weights, spec, torch.empty(1, 3, device="meta"))
-    assert on_cpu == torch_engine.CHUNK_BYTES // (4 * 64 * 4)
+    assert on_cpu == torch_engine.common.CHUNK_BYTES // (4 * 64 * 4)
     assert on_gpu >= 1 << 16
 
 

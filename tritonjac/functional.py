@@ -7,6 +7,7 @@ Eager calls go to an engine's differentiable entry (`torch_engine.mlp_jacobian` 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
@@ -18,7 +19,16 @@ from .network import TRITON_DTYPES, NetworkSpec, check_backend, check_input, che
 from .ops.common import band_weights_argument, bias_arguments
 from .ops.opaque import mlp_jacobian_op
 
-__all__ = ["mlp_jacobian", "apply_spec", "resolve_backend", "compiler_sees_kernels"]
+__all__ = [
+    "mlp_jacobian",
+    "apply_spec",
+    "resolve_backend",
+    "choose_mode",
+    "call_engine_and_mode",
+    "plan_call",
+    "CallPlan",
+    "compiler_sees_kernels",
+]
 
 
 def mlp_jacobian(
@@ -33,6 +43,7 @@ def mlp_jacobian(
     skips: Sequence[int] = (),
     skip_scale: float = 1.0,
     skip_input_first: bool = False,
+    mode: str = "auto",
     backend: str = "auto",
 ):
     """Outputs and per-point Jacobians of a point-wise MLP, the functional form of `JacobianMLP`.
@@ -54,6 +65,9 @@ def mlp_jacobian(
             the first layer's input is cat([encoding(x[..., :k]), x[..., k:]]).
         skips: indices of layers whose input is cat([h, a_0]) * skip_scale (cat([a_0, h]) with
             skip_input_first), h the previous layer's output.
+        mode: how J is computed: "forward" (k tangents up the layers with the values),
+            "reverse" (m adjoints down after them: an SDF's gradient) or "auto" (reverse when
+            m < k, see `choose_mode`).
         backend: "auto" (Triton kernels for CUDA tensors in their dtypes, else PyTorch), "torch"
             or "triton".
 
@@ -82,6 +96,7 @@ def mlp_jacobian(
         skips=skips,
         skip_scale=skip_scale,
         skip_input_first=skip_input_first,
+        mode=mode,
     )
     check_tensors(x, weights, biases, spec)
     band_weights = encoding.band_weights(x) if encoding is not None else None
@@ -111,7 +126,12 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
     lead, d_in = x.shape[:-1], x.shape[-1]
     d_out = weights[-1].shape[0]
     x2d = x.reshape(-1, d_in)
-    engine = resolve_backend(backend, x)
+    if jacobian:
+        engine, mode, _ = call_engine_and_mode(spec, d_out, backend, x)
+        if spec.mode != mode:
+            spec = dataclasses.replace(spec, mode=mode)
+    else:
+        engine = resolve_backend(backend, x)
     half = _autocast_dtype(x)
     if half is not None:  # what a built-in layer does under autocast: compute and return in half
         x2d = x2d.to(half)
@@ -136,6 +156,75 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
     if not jacobian:
         return y, None
     return y, J.view(*lead, spec.jacobian_outputs(d_out), spec.jacobian_inputs)
+
+
+def choose_mode(spec: NetworkSpec, out_features: int, engine: str) -> tuple[str, str]:
+    """("forward" or "reverse", why) for a call computing J on `engine` ("torch" or "triton").
+
+    "auto" compares the stacked rows per point and layer: forward mode carries 1 + k (the values
+    and k tangents), reverse mode 1 + m (the values, then m adjoints), and takes reverse when
+    m < k (an SDF: 2 rows instead of 4). The Triton kernels run forward mode only, so "auto" with
+    them is forward mode."""
+    m, k = spec.jacobian_outputs(out_features), spec.jacobian_inputs
+    if spec.mode != "auto":
+        return spec.mode, f"mode={spec.mode!r} was asked for"
+    if engine == "triton":
+        return "forward", "the Triton kernels compute forward mode (reverse mode runs on the PyTorch engine)"
+    if spec.uses_reverse_mode(out_features):
+        return "reverse", f"{m} outputs < {k} inputs: 1 + {m} rows per point and layer instead of 1 + {k}"
+    return "forward", f"{k} inputs <= {m} outputs: 1 + {k} rows per point and layer instead of 1 + {m}"
+
+
+def call_engine_and_mode(spec: NetworkSpec, out_features: int, backend: str, x: torch.Tensor):
+    """(engine, mode, why the mode) of a call computing J: `choose_mode` on the backend's engine,
+    except that reverse mode, which has no Triton kernels yet, runs on the PyTorch engine (on x's
+    device) under backend "auto" and is refused under backend "triton"."""
+    engine = resolve_backend(backend, x)
+    mode, why = choose_mode(spec, out_features, engine)
+    if mode == "reverse" and engine == "triton":
+        if backend == "triton":
+            raise NotImplementedError(
+                "mode='reverse' has no Triton kernels yet; use backend='torch' (which runs on CUDA too) "
+                "or mode='forward'"
+            )
+        engine = "torch"
+    return engine, mode, why
+
+
+@dataclasses.dataclass(frozen=True)
+class CallPlan:
+    """What a call computing J runs: the engine ("torch" or "triton"), the mode ("forward" or
+    "reverse") and why, and for the Triton kernels their plan ("network" or "layers") and why."""
+
+    engine: str
+    mode: str
+    mode_reason: str
+    kernels: str | None = None
+    kernels_reason: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.mode} mode on the {'Triton kernels' if self.engine == 'triton' else 'PyTorch engine'}"
+        text += f" ({self.mode_reason})"
+        if self.kernels == "network":
+            text += "; the whole network in one launch"
+        elif self.kernels == "layers":
+            text += f"; one launch per layer ({self.kernels_reason})"
+        return text
+
+
+def plan_call(x: torch.Tensor, weights, spec: NetworkSpec, backend: str = "auto") -> CallPlan:
+    """The `CallPlan` of `apply_spec(x, weights, ..., spec, backend)` (x: (..., in_features))."""
+    check_input(x, weights)
+    engine, mode, why = call_engine_and_mode(spec, weights[-1].shape[0], backend, x)
+    if engine != "triton":
+        return CallPlan(engine, mode, why)
+    from . import triton_engine
+    from .precision import matmul_precision
+
+    x2d = x.reshape(-1, x.shape[-1])
+    dtype = _autocast_dtype(x) or x.dtype
+    plan = triton_engine.plan_for(weights, spec, True, matmul_precision(dtype), triton_engine.launch.device_arch(x2d))
+    return CallPlan(engine, mode, why, plan.kind, plan.reason)
 
 
 def compiler_sees_kernels(engine: str, x: torch.Tensor) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections import OrderedDict
 from typing import Sequence
@@ -11,8 +12,8 @@ from torch import nn
 
 from .activations import Activation, as_activation, supported_modules
 from .encoding import PositionalEncoding
-from .functional import apply_spec, resolve_backend
-from .network import SUPPORTED_DTYPES, check_backend, check_tensors, make_spec
+from .functional import CallPlan, apply_spec, plan_call, resolve_backend
+from .network import MODES, SUPPORTED_DTYPES, check_backend, check_tensors, make_spec
 
 __all__ = ["JacobianMLP", "jacobian"]
 
@@ -40,6 +41,9 @@ class JacobianMLP(nn.Module):
             has hidden_features[i - 1] + len(a0) inputs.
         skip_scale: see skips (1 by default, as in DeepSDF and Nerfies).
         skip_input_first: cat([a0, h]) instead (D-NeRF's order).
+        mode: how J is computed: "forward" (k tangents carried up the layers with the values),
+            "reverse" (m adjoints carried down after them, for fewer outputs than inputs: an
+            SDF's gradient) or "auto" (reverse when m < k; `plan(x)` says which and why).
         backend: "auto" (the Triton kernels for CUDA tensors in float32/bfloat16/float16 and the
             networks they support, else the PyTorch engine), "torch" or "triton".
         device, dtype: of the parameters, as in `nn.Linear`.
@@ -81,6 +85,7 @@ class JacobianMLP(nn.Module):
         skips: Sequence[int] = (),
         skip_scale: float = 1.0,
         skip_input_first: bool = False,
+        mode: str = "auto",
         backend: str = "auto",
         device=None,
         dtype=None,
@@ -110,6 +115,7 @@ class JacobianMLP(nn.Module):
             skips=skips,
             skip_scale=skip_scale,
             skip_input_first=skip_input_first,
+            mode=mode,
         )
         a0 = spec.first_input_width(in_features)
         layers = []
@@ -119,7 +125,7 @@ class JacobianMLP(nn.Module):
             if not activations[l].is_identity:
                 layers.append(activations[l].to_module())
         named = [(str(i), m) for i, m in enumerate(layers)]
-        structure = spec_args(jacobian_inputs, jacobian_outputs, skips, skip_scale, skip_input_first)
+        structure = spec_args(jacobian_inputs, jacobian_outputs, skips, skip_scale, skip_input_first, mode)
         self._install(named, named, encoding, structure, backend)
 
     # ---- construction shared with from_module --------------------------------------------------
@@ -212,6 +218,7 @@ class JacobianMLP(nn.Module):
             skips=structure["skips"],
             skip_scale=structure["skip_scale"],
             skip_input_first=structure["skip_input_first"],
+            mode=structure["mode"],
         )
         if self.channels_first and not self._spec.is_plain and (self._spec.skips or encoding is not None):
             raise ValueError("skips and encodings are supported for Linear layers, not Conv1d stacks")
@@ -245,6 +252,7 @@ class JacobianMLP(nn.Module):
         skips: Sequence[int] = (),
         skip_scale: float = 1.0,
         skip_input_first: bool = False,
+        mode: str = "auto",
         backend: str = "auto",
     ):
         """Convert an existing network's layers, sharing their parameters.
@@ -259,7 +267,7 @@ class JacobianMLP(nn.Module):
             activation, output_activation: for a list of Linear layers: between them and after
                 the last (identity by default).
             jacobian_inputs, jacobian_outputs, encoding, skips, skip_scale, skip_input_first,
-                backend: as in the constructor; Linear layer i's in_features must match them.
+                mode, backend: as in the constructor; Linear layer i's in_features must match them.
 
         Returns:
             A JacobianMLP holding the very same layer modules, so it shares their Parameters:
@@ -282,7 +290,7 @@ class JacobianMLP(nn.Module):
             if any(a is not None for a in (activation, output_activation, encoding)) or skips:
                 raise ValueError(
                     "from_module(JacobianMLP) takes the layers and structure of the model; pass only "
-                    "jacobian_inputs, jacobian_outputs and backend"
+                    "jacobian_inputs, jacobian_outputs, mode and backend"
                 )
             spec = module._spec
             children = [(n, m) for n, m in module.named_children() if n != "encoding"]
@@ -308,7 +316,7 @@ class JacobianMLP(nn.Module):
             )
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        structure = spec_args(jacobian_inputs, jacobian_outputs, skips, skip_scale, skip_input_first)
+        structure = spec_args(jacobian_inputs, jacobian_outputs, skips, skip_scale, skip_input_first, mode)
         self._install(children, layers, encoding, structure, backend, activation, output_activation, sequential)
         return self
 
@@ -321,6 +329,23 @@ class JacobianMLP(nn.Module):
     @backend.setter
     def backend(self, value: str):
         self._backend = check_backend(value)
+
+    @property
+    def mode(self) -> str:
+        """How J is computed: "auto", "forward" or "reverse" (see the class docstring); settable."""
+        return self._spec.mode
+
+    @mode.setter
+    def mode(self, value: str):
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {value!r}")
+        self._spec = dataclasses.replace(self._spec, mode=value)
+
+    def plan(self, x: torch.Tensor) -> CallPlan:
+        """What a call `self(x)` runs, and why: the engine, the mode, and for the Triton kernels
+        whether the whole network runs in one launch (a `CallPlan`; printing it reads as a sentence)."""
+        x = self._points_last(x)
+        return plan_call(x, self._weights(), self._spec, self.backend)
 
     @property
     def jacobian_inputs(self) -> int:
@@ -375,6 +400,8 @@ class JacobianMLP(nn.Module):
             extras.append(f"skips={spec.skips}, skip_scale={spec.skip_scale:g}")
         if spec.skip_input_first:
             extras.append("skip_input_first=True")
+        if spec.mode != "auto":
+            extras.append(f"mode={spec.mode!r}")
         return ", ".join([*extras, f"backend={self.backend!r}"])
 
     def _weights(self) -> list[torch.Tensor]:
@@ -389,22 +416,27 @@ class JacobianMLP(nn.Module):
             return self._plain_forward(x)
         weights = self._weights()
         biases = [m.bias for m in self.linear_layers]
-        if self.channels_first:
-            if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
-                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                raise ValueError(f"a Conv1d stack takes x of shape (B, C_in, N) or (C_in, N), got {shape}")
-            if x.shape[-2] != self.in_features:
-                raise ValueError(
-                    f"x has {x.shape[-2]} channels (dimension -2) but the first Conv1d "
-                    f"expects {self.in_features} (x.shape = {tuple(x.shape)})"
-                )
-            x = x.transpose(-1, -2)
+        x = self._points_last(x)
         check_tensors(x, weights, biases, self._spec)
         bands = self.encoding.band_weights(x) if self.encoding is not None else None
         y, J = apply_spec(x, weights, biases, self._spec, self.backend, jacobian, bands)
         if self.channels_first:
             y = y.transpose(-1, -2).contiguous()
         return (y, J) if jacobian else y
+
+    def _points_last(self, x):
+        """x with its features last: a Conv1d stack's (B, C_in, N) transposed, checked."""
+        if not self.channels_first:
+            return x
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"a Conv1d stack takes x of shape (B, C_in, N) or (C_in, N), got {shape}")
+        if x.shape[-2] != self.in_features:
+            raise ValueError(
+                f"x has {x.shape[-2]} channels (dimension -2) but the first Conv1d "
+                f"expects {self.in_features} (x.shape = {tuple(x.shape)})"
+            )
+        return x.transpose(-1, -2)
 
     def _plain_forward(self, x):
         """y alone, in plain PyTorch: the nn.Sequential forward where there is one."""
@@ -440,7 +472,7 @@ class JacobianMLP(nn.Module):
             return False
 
 
-def spec_args(jacobian_inputs, jacobian_outputs, skips, skip_scale, skip_input_first) -> dict:
+def spec_args(jacobian_inputs, jacobian_outputs, skips, skip_scale, skip_input_first, mode) -> dict:
     """The structure arguments the constructor and from_module share, for `make_spec`."""
     return dict(
         jacobian_inputs=jacobian_inputs,
@@ -448,6 +480,7 @@ def spec_args(jacobian_inputs, jacobian_outputs, skips, skip_scale, skip_input_f
         skips=tuple(skips),
         skip_scale=skip_scale,
         skip_input_first=skip_input_first,
+        mode=mode,
     )
 
 

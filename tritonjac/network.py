@@ -29,11 +29,13 @@ __all__ = [
     "BACKENDS",
     "SUPPORTED_DTYPES",
     "TRITON_DTYPES",
+    "MODES",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)  # the PyTorch engine's
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODES = ("auto", "forward", "reverse")  # how J is computed: see NetworkSpec.mode
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ class NetworkSpec:
       a0 = cat([encoding(x[..., :k]), x[..., k:]]), or x itself without an encoding.
     - skips: layers whose input is cat([h, a0]) * skip_scale (cat([a0, h]) with skip_input_first),
       h being the previous layer's activated output.
+    - mode: "forward" (k tangents carried up with the values), "reverse" (m adjoints carried
+      down after them) or "auto" (chosen per call, `tritonjac.functional.choose_mode`).
     """
 
     activations: tuple[Activation, ...]
@@ -60,6 +64,7 @@ class NetworkSpec:
     skips: tuple[int, ...] = ()
     skip_scale: float = 1.0
     skip_input_first: bool = False
+    mode: str = "auto"
 
     @property
     def num_layers(self) -> int:
@@ -84,6 +89,14 @@ class NetworkSpec:
     def jacobian_outputs(self, out_features: int) -> int:
         rows = self.output_rows(out_features)
         return rows.stop - rows.start
+
+    def uses_reverse_mode(self, out_features: int) -> bool:
+        """Whether the PyTorch engine computes J in reverse mode: asked for, or under "auto" with
+        fewer selected outputs than differentiated inputs (1 + m stacked rows per point and layer
+        instead of forward mode's 1 + k)."""
+        if self.mode == "auto":
+            return self.jacobian_outputs(out_features) < self.jacobian_inputs
+        return self.mode == "reverse"
 
     def first_input_width(self, in_features: int) -> int:
         """Features of a0, the first layer's (and every skip layer's) input from x."""
@@ -118,6 +131,7 @@ class NetworkSpec:
             self.output_start,
             -1 if self.output_stop is None else self.output_stop,
             int(self.skip_input_first),
+            MODES.index(self.mode),
             len(self.skips),
             *self.skips,
             *encoding,
@@ -128,7 +142,7 @@ class NetworkSpec:
     @staticmethod
     def from_op_args(ids, params, thresholds, structure, scalars) -> NetworkSpec:
         acts = tuple(Activation(ACTIVATION_NAMES[i], p, t) for i, p, t in zip(ids, params, thresholds))
-        k, input_start, output_start, output_stop, skip_first, num_skips, *rest = structure
+        k, input_start, output_start, output_stop, skip_first, mode, num_skips, *rest = structure
         skips, (has_encoding, *encoding) = tuple(rest[:num_skips]), rest[num_skips:]
         if has_encoding:
             coordinates, frequencies, include_input, order, windowed = encoding
@@ -136,7 +150,9 @@ class NetworkSpec:
         else:
             enc = None
         stop = None if output_stop < 0 else output_stop
-        return NetworkSpec(acts, k, input_start, output_start, stop, enc, skips, scalars[0], bool(skip_first))
+        return NetworkSpec(
+            acts, k, input_start, output_start, stop, enc, skips, scalars[0], bool(skip_first), MODES[mode]
+        )
 
 
 def make_spec(
@@ -151,13 +167,14 @@ def make_spec(
     skips: Sequence[int] = (),
     skip_scale: float = 1.0,
     skip_input_first: bool = False,
+    mode: str = "auto",
 ) -> NetworkSpec:
     """Parse one activation per layer (names, modules, None) and check the rest of the structure.
 
     jacobian_inputs / jacobian_outputs: None (all), an int n (the first n) or a slice of
     contiguous indices (step 1; negative indices count from the end). With an encoding (an
     `EncodingSpec` or a `PositionalEncoding`), the differentiated inputs must be the first k (they
-    are the encoded ones).
+    are the encoded ones). mode: one of MODES.
     """
     acts = tuple(as_activation(a) for a in activations)
     if len(acts) != num_layers:
@@ -192,6 +209,8 @@ def make_spec(
             )
     if len(set(skips)) != len(skips):
         raise ValueError(f"skips has repeated layers: {skips}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
     scale = float(skip_scale)
     if not math.isfinite(scale) or scale == 0.0:
         raise ValueError(f"skip_scale must be finite and non-zero, not {skip_scale!r}")
@@ -205,6 +224,7 @@ def make_spec(
         tuple(sorted(skips)),
         scale,
         bool(skip_input_first),
+        mode,
     )
 
 

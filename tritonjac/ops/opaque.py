@@ -43,7 +43,7 @@ def mlp_jacobian_op(
                 x, weights, biases, spec, jacobian=jacobian, band_weights=optional_band_weights(band_weights)
             )
         else:  # the module never asks the PyTorch engine for y alone (it runs its plain forward)
-            y, J = torch_engine.forward_points(x, weights, biases, spec, None, optional_band_weights(band_weights))
+            y, J = torch_engine.forward_points(x, weights, biases, spec, optional_band_weights(band_weights))
     return y, J if jacobian else no_jacobian(x)
 
 

@@ -1,0 +1,338 @@
+"""Reverse mode: J's m rows by a reverse sweep after the values, for fewer outputs than inputs, and
+the first-order backward of that computation (docs/design.md, section 9).
+
+An SDF's gradient (m = 1 of k = 3) costs 1 + 1 rows per layer this way against forward mode's
+1 + 3. Per chunk of points, the forward computes z_l and h_l = s(z_l) up the layers, then the
+adjoints of the m selected outputs, dh_l[r] = d y_(o+r) / d h_l, down them:
+
+    dz_l = s'(z_l) * dh_l          dh_(l-1) = dz_l W_l (its hidden columns)
+    da0 += dz_l W_l (its a0 columns, on the first layer and the skips)
+
+and J's row r is da0[r] on x's differentiated columns (through the encoding's derivatives).
+
+The backward of a loss with adjoints gy and Jbar uses sum(Jbar * J) = sum_r (the derivative of
+y_(o+r) along the direction Jbar[r] in x): its gradient is that of m forward tangents seeded with
+Jbar's rows, and the adjoints of those tangents are the dh_l the forward saved. So the backward
+runs the m tangents up (U_l = W_l T_(l-1), T_l = s'(z_l) U_l: one GEMM row each per layer) and
+one value adjoint down, with each weight gradient one GEMM over the 1 + m stacked rows:
+
+    g_z  = s'(z) * g_h + s''(z) * sum_r dh[r] * U[r]
+    dW  += [g_z; dz]^T [h_prev; T_prev]         g_(h_prev) = g_z W
+
+min(m, k) rows for a loss on J, where forward mode's backward carries k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..grad_mode import records_autograd, refuse_double_backward
+from ..network import NetworkSpec
+from .common import Layer, Network, Scratch, activation_value, chunk_points, evaluate_activation
+
+__all__ = ["mlp_jacobian", "forward_points", "backward_by_recompute"]
+
+
+def _value_pre_activation(layer: Layer, h, a0, out=None):
+    """z (P, d) of one layer from the previous layer's output h and a0 (values only)."""
+    if layer.hidden is None:
+        return F.linear(a0, layer.inputs, layer.bias)
+    z = F.linear(h, layer.hidden, layer.bias)
+    if layer.inputs is not None:  # a skip: a0's term
+        z.addmm_(a0, layer.inputs.t())
+    return z
+
+
+def _selected_slopes(net: Network, slope_last, P: int, like):
+    """s_L'(z_L) of the selected outputs, (m, P): the last layer's adjoints dz_L[r] (one non-zero each)."""
+    rows = net.rows
+    if slope_last is None:
+        return like.new_ones(rows.stop - rows.start, P)
+    return slope_last[:, rows].t()
+
+
+# ---- forward ---------------------------------------------------------------------------------------
+def _forward_chunk(x, net: Network, saved: list | None):
+    """y (P, d_L) and J (P, m, k) for one chunk of points x (P, d_0).
+
+    With `saved`, appends what the backward needs: z_l for every layer (None for an identity last
+    layer), dh_l for every layer but the last, and a0's adjoints (None without an encoding).
+    """
+    input_map, layers = net.input_map, net.layers
+    last = len(layers) - 1
+    a0, _, d1, _ = input_map.evaluate(x)
+    zs, slopes, h = [], [], None
+    for l, layer in enumerate(layers):
+        z = _value_pre_activation(layer, h, a0)
+        if saved is not None:
+            saved.append(None if l == last and layer.act.is_identity else z)
+        if layer.act.name == "softplus" and l < last:  # its adjoint in one pass (`_adjoint`)
+            h, slope = activation_value(layer.act, z), None
+        else:
+            h, slope, _ = evaluate_activation(layer.act, z)
+        zs.append(z)
+        slopes.append(slope)
+    y = h
+
+    # the adjoints of the selected outputs, from the last layer down
+    columns = input_map.differentiated_columns
+    w = _selected_slopes(net, slopes[last], x.shape[0], x)[:, :, None]  # (m, P, 1)
+    layer = layers[last]
+    dh = w * layer.hidden[net.rows][:, None, :] if layer.hidden is not None else None
+    da0 = w * layer.inputs[net.rows, columns][:, None, :] if layer.inputs is not None else None
+    dhs = []
+    for l in range(last - 1, -1, -1):
+        layer = layers[l]
+        dhs.append(dh)
+        dz = _adjoint(layer.act, dh, zs[l], slopes[l])
+        m, P, d = dz.shape
+        if layer.hidden is not None:
+            dh = torch.mm(dz.reshape(m * P, d), layer.hidden).view(m, P, -1)
+        if layer.inputs is not None:
+            g = torch.mm(dz.reshape(m * P, d), layer.inputs[:, columns]).view(m, P, -1)
+            da0 = g if da0 is None else da0.add_(g)
+    if saved is not None:
+        saved.extend(reversed(dhs))
+        saved.append(da0 if input_map.encoding is not None else None)
+    return y, input_map.jacobian(da0, d1)
+
+
+def _adjoint(act, dh, z, slope):
+    """dz = s'(z) * dh: from the slope, or without one (softplus) by torch's fused kernel, which
+    computes the slope and the product in one pass, as autograd does."""
+    if act.is_identity:
+        return dh
+    if slope is not None:
+        return dh * slope
+    return torch.ops.aten.softplus_backward(dh, z, act.param, act.threshold)
+
+
+def forward_points(x2d, weights, biases, spec: NetworkSpec, saved: list | None, band_weights=None):
+    """Chunked forward over (P, d_0) points -> y (P, d_L), J (P, m, k); with `saved`, appends each
+    chunk's list of what its backward needs."""
+    P = x2d.shape[0]
+    net = Network(x2d, weights, biases, spec, band_weights)
+    d_out = weights[-1].shape[0]
+    y = x2d.new_empty(P, d_out)
+    J = x2d.new_empty(P, spec.jacobian_outputs(d_out), spec.jacobian_inputs)
+    step = chunk_points(P, weights, spec, x2d)
+    for start in range(0, P, step):
+        stop = min(P, start + step)
+        chunk_saved = [] if saved is not None else None
+        y[start:stop], J[start:stop] = _forward_chunk(x2d[start:stop], net, chunk_saved)
+        if saved is not None:
+            saved.append(chunk_saved)
+    return y, J
+
+
+# ---- backward --------------------------------------------------------------------------------------
+def _backward_chunk(x, saved, net: Network, gy, V, grad_W, grad_b, need_x: bool, scratch: Scratch):
+    """Accumulate one chunk's weight and bias gradients into grad_W / grad_b; return the grad of x.
+
+    gy (P, d_L) is dLoss/dy (a buffer this function may overwrite), V (m, P, k) the rows of
+    dLoss/dJ (None: no loss on J); `saved` is the chunk's list from `_forward_chunk`.
+    """
+    input_map, layers = net.input_map, net.layers
+    L = len(layers)
+    last, rows, tangents = L - 1, net.rows, V is not None
+    zs, dhs, da0 = saved[:L], saved[L : 2 * L - 1], saved[2 * L - 1]
+    a0, _, d1, d2 = input_map.evaluate(x, second=need_x and tangents)
+    columns = input_map.differentiated_columns
+    seed = input_map.seed_tangent(V, d1) if tangents else None  # a0's tangent (m, P, len(columns))
+
+    # up: the inputs [h_l; T_l] of every layer after the first, s'(z_l), and the curvature terms
+    # s''(z_l) * sum_r dh_l[r] * U_l[r] of the value adjoints
+    stacked, slopes, curvatures = [None] * L, [None] * L, [None] * L
+    T = None
+    for l in range(last):
+        layer = layers[l]
+        h, slope, second = evaluate_activation(layer.act, zs[l], curvature=tangents)
+        slopes[l] = slope
+        if not tangents:
+            stacked[l] = h[None]
+            continue
+        U = _tangent_pre_activation(layer, T, seed, columns)
+        if second is not None:
+            curvatures[l] = second * (dhs[l] * U).sum(0)
+        A = scratch.get(f"A{l}", 1 + U.shape[0], *h.shape)
+        A[0] = h
+        if slope is None:
+            A[1:] = U
+        else:
+            torch.mul(slope, U, out=A[1:])
+        stacked[l], T = A, A[1:]
+    layer = layers[last]
+    _, slope_last, second_last = evaluate_activation(layer.act, zs[last], value=False, curvature=tangents)
+    w = _selected_slopes(net, slope_last, x.shape[0], x)  # (m, P): the last layer's tangent adjoints
+    if second_last is not None:  # only the selected outputs' tangents: U_L[r] at output o + r
+        U_last = _tangent_pre_activation(layer, T, seed, columns, net.rows)
+        curvatures[last] = second_last[:, rows].t() * U_last
+
+    # down: the value adjoint g, the weight gradients
+    g, g_a0 = gy, None
+    for l in range(last, -1, -1):
+        layer = layers[l]
+        if l == last:
+            gz = g if slope_last is None else g.mul_(slope_last)
+            if curvatures[l] is not None:
+                gz[:, rows] += curvatures[l].t()
+        else:
+            gz = g if slopes[l] is None else g.mul_(slopes[l])
+            if curvatures[l] is not None:
+                gz += curvatures[l]
+        if grad_W[l] is not None:
+            _add_weight_grad(grad_W[l], layer, l == last, gz, w, dhs, slopes, l, stacked, a0, seed, columns, rows)
+        if grad_b[l] is not None:
+            grad_b[l] += gz.sum(0)
+        if layer.inputs is not None and need_x:  # a0's share: from the first layer and the skips
+            g_next = gz @ layer.inputs
+            g_a0 = g_next if g_a0 is None else g_a0.add_(g_next)
+        if layer.hidden is not None:
+            g = gz @ layer.hidden
+    if not need_x:
+        return None
+    g_x = input_map.input_grad(x, g_a0, None, d1, None)
+    if tangents:
+        input_map.add_seed_input_grad(g_x, da0, V, d2)
+    return g_x
+
+
+def _tangent_pre_activation(layer: Layer, T, seed, columns: slice, rows: slice | None = None):
+    """U (m, P, d) = W [T; seed] of the tangents along the directions; with `rows` (the last
+    layer), only U[r] at output rows.start + r, as (m, P)."""
+    if rows is None:
+        U = torch.matmul(T, layer.hidden.t()) if layer.hidden is not None else None
+        if layer.inputs is not None:
+            term = torch.matmul(seed, layer.inputs[:, columns].t())
+            U = term if U is None else U.add_(term)
+        return U
+    U = (T * layer.hidden[rows][:, None, :]).sum(-1) if layer.hidden is not None else None
+    if layer.inputs is not None:
+        term = (seed * layer.inputs[rows, columns][:, None, :]).sum(-1)
+        U = term if U is None else U.add_(term)
+    return U
+
+
+def _add_weight_grad(grad_W, layer: Layer, is_last, gz, w, dhs, slopes, l, stacked, a0, seed, columns, rows):
+    """One layer's weight gradient: [g_z; dz]^T [h_prev; T_prev] over its hidden columns, and the
+    same with [a0; seed] over its a0 columns. The last layer's tangent adjoints dz[r] are w[r] at
+    output o + r alone, so they touch those rows of W only."""
+    tangents = seed is not None
+    if is_last:
+        if layer.hidden is not None:
+            A = stacked[l - 1]
+            g_hidden = grad_W[:, layer.hidden_cols]
+            g_hidden.addmm_(gz.t(), A[0])
+            if tangents:
+                g_hidden[rows] += torch.bmm(w[:, None, :], A[1:]).squeeze(1)
+        if layer.inputs is not None:
+            g_inputs = grad_W[:, layer.input_cols]
+            g_inputs.addmm_(gz.t(), a0)
+            if tangents:
+                g_inputs[rows, columns] += torch.bmm(w[:, None, :], seed).squeeze(1)
+        return
+    dz = None
+    if tangents:
+        dz = dhs[l] if slopes[l] is None else dhs[l] * slopes[l]
+    if layer.hidden is not None:
+        A = stacked[l - 1]
+        G = gz[None] if dz is None else torch.cat([gz[None], dz])
+        grad_W[:, layer.hidden_cols].addmm_(G.flatten(0, 1).t(), A[: G.shape[0]].flatten(0, 1))
+    if layer.inputs is not None:
+        g_inputs = grad_W[:, layer.input_cols]
+        g_inputs.addmm_(gz.t(), a0)
+        if dz is not None:
+            g_inputs[:, columns].addmm_(dz.flatten(0, 1).t(), seed.flatten(0, 1))
+
+
+def _backward(x2d, weights, net: Network, gy, gJ, need_x, need_W, need_b, chunk_saved):
+    """Chunked backward: gradients of x, the weights and the biases (None where not needed).
+    `chunk_saved(c, start, stop)` gives chunk c's list from `_forward_chunk`."""
+    spec = net.spec
+    grad_W = [torch.zeros_like(W) if need else None for W, need in zip(weights, need_W)]
+    grad_b = [W.new_zeros(W.shape[0]) if need else None for W, need in zip(weights, need_b)]
+    gx = torch.empty_like(x2d) if need_x else None
+    P, d_out = x2d.shape[0], weights[-1].shape[0]
+    if P > 0:
+        step = chunk_points(P, weights, spec, x2d)
+        scratch = Scratch(x2d)
+        for c, start in enumerate(range(0, P, step)):
+            stop = min(P, start + step)
+            g_values = scratch.get("gy", stop - start, d_out)
+            if gy is None:
+                g_values.zero_()
+            else:
+                g_values.copy_(gy[start:stop])
+            V = gJ[start:stop].transpose(0, 1) if gJ is not None else None
+            gx_c = _backward_chunk(
+                x2d[start:stop], chunk_saved(c, start, stop), net, g_values, V, grad_W, grad_b, need_x, scratch
+            )
+            if need_x:
+                gx[start:stop] = gx_c
+    for l in spec.skips:  # the engine used scale * W: d/dW = scale * d/d(scale * W)
+        if grad_W[l] is not None:
+            grad_W[l] *= spec.skip_scale
+    return gx, grad_W, grad_b
+
+
+class _ReverseJacobian(torch.autograd.Function):
+    """(y, J) by reverse sweeps, with an analytic first-order backward; saves x and, per layer,
+    z_l and the adjoints dh_l."""
+
+    @staticmethod
+    def forward(ctx, spec: NetworkSpec, band_weights, x2d, *params):
+        L = spec.num_layers
+        weights, biases = list(params[:L]), list(params[L:])
+        saved = []
+        y, J = forward_points(x2d, weights, biases, spec, saved, band_weights)
+        ctx.set_materialize_grads(False)  # a loss on y alone or J alone gives None for the other
+        ctx.spec, ctx.band_weights = spec, band_weights
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x2d, *weights, *(t for chunk in saved for t in chunk))
+        return y, J
+
+    @staticmethod
+    def backward(ctx, gy, gJ):
+        refuse_double_backward()
+        spec = ctx.spec
+        L = spec.num_layers
+        x2d, *rest = ctx.saved_tensors
+        weights, flat = rest[:L], rest[L:]
+        needs = ctx.needs_input_grad  # (spec, band_weights, x, W_1..W_L, b_1..b_L)
+        per_chunk = 2 * L
+        gx, grad_W, grad_b = _backward(
+            x2d,
+            weights,
+            Network(x2d, weights, [None] * L, spec, ctx.band_weights),  # biases: only the forward adds them
+            gy,
+            gJ,
+            needs[2],
+            needs[3 : 3 + L],
+            [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])],
+            lambda c, start, stop: flat[per_chunk * c : per_chunk * (c + 1)],
+        )
+        return (None, None, gx, *grad_W, *grad_b)
+
+
+def backward_by_recompute(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x, need_W, need_b, band_weights=None):
+    """The analytic backward for a forward that kept nothing but its inputs (the torch.compile op):
+    each chunk's forward is recomputed before its backward."""
+    net = Network(x2d, weights, biases, spec, band_weights)
+
+    def recompute(c, start, stop):
+        saved = []
+        _forward_chunk(x2d[start:stop], net, saved)
+        return saved
+
+    with torch.no_grad():
+        return _backward(x2d, weights, net, gy, gJ, need_x, need_W, need_b, recompute)
+
+
+def mlp_jacobian(x2d, weights, biases, spec: NetworkSpec, band_weights=None):
+    """y (P, d_L) and J (P, m, k) at the points x2d (P, d_0) by reverse sweeps, differentiable."""
+    params = [*weights, *biases]
+    if not records_autograd(x2d, *params):
+        with torch.no_grad():
+            return forward_points(x2d, weights, biases, spec, None, band_weights)
+    return _ReverseJacobian.apply(spec, band_weights, x2d, *params)
