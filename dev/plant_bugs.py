@@ -1,4 +1,4 @@
-"""Plant known, realistic bugs in the kernels and launchers one at a time, and check that the tests
+"""Plant known, realistic bugs in the kernels, launchers and engines one at a time, and check that the tests
 catch each one. A bug no test catches means a test is missing.
 
     python dev/plant_bugs.py                 # every bug, stopping at each one's first failing test
@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = [
+    "tests/test_reverse_mode.py",
     "tests/test_triton_forward.py",
     "tests/test_triton_backward.py",
     "tests/test_strided_inputs.py",
@@ -124,6 +125,34 @@ BUGS = [
         'if precision == "tf32" and min(d_in, d_out) <= NARROW_FEATURES:',
         'if precision == "tf32" and min(d_in, d_out) < 0:',
         "the per-layer kernels compute x's columns and the few outputs in TF32 (the fused ones in fp32)",
+    ),
+    Bug(
+        "reverse-last-curvature",
+        "tritonjac/torch_engine/reverse_mode.py",
+        "        curvatures[last] = second_last[:, rows].t() * U_last",
+        "        curvatures[last] = None",
+        "reverse mode's backward forgets the output activation's curvature term",
+    ),
+    Bug(
+        "reverse-last-tangent-weight-grad",
+        "tritonjac/torch_engine/reverse_mode.py",
+        "                g_hidden[rows] += torch.bmm(w[:, None, :], A[1:]).squeeze(1)",
+        "                pass",
+        "reverse mode's backward leaves out the last layer's weight gradient through the tangents",
+    ),
+    Bug(
+        "reverse-encoding-second-derivative",
+        "tritonjac/torch_engine/reverse_mode.py",
+        "        input_map.add_seed_input_grad(g_x, da0, V, d2)",
+        "        pass",
+        "reverse mode's dLoss/dx forgets that the encoding's derivatives depend on x",
+    ),
+    Bug(
+        "reverse-saved-chunk",
+        "tritonjac/torch_engine/reverse_mode.py",
+        "            lambda c, start, stop: flat[per_chunk * c : per_chunk * (c + 1)],",
+        "            lambda c, start, stop: flat[:per_chunk],",
+        "reverse mode's backward reads the first chunk's saved adjoints for every chunk",
     ),
 ]
 

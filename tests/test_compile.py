@@ -132,10 +132,15 @@ def test_warp_field_with_a_window_compiles_once(backend, caplog):
 
 
 @pytest.mark.parametrize("jacobian", [True, False])
-@pytest.mark.parametrize("structure", ["chain", "skip_encoding_selections"])
+@pytest.mark.parametrize("structure", ["chain", "skip_encoding_selections", "sdf"])
 def test_opcheck(jacobian, structure):
-    if structure == "chain":
+    if structure == "chain":  # 2 outputs of 3 inputs: reverse mode
         model = tritonjac.JacobianMLP(3, [8, 8], 2, "tanh", dtype=torch.float64)
+    elif structure == "sdf":  # reverse mode with an encoding, a skip and one selected output
+        model = tritonjac.JacobianMLP(
+            3, [8, 6, 8], 4, "tanh", jacobian_outputs=1, encoding=tritonjac.PositionalEncoding(2), skips=(2,),
+            mode="reverse", dtype=torch.float64,
+        )  # fmt: skip
     else:  # every structure argument travels through the op's primitive arguments
         encoding = tritonjac.PositionalEncoding(2, alpha=1.5)
         model = tritonjac.JacobianMLP(
@@ -164,6 +169,29 @@ def test_opcheck(jacobian, structure):
         "torch",
     )
     torch.library.opcheck(mlp_jacobian_backward_op, back_args)
+
+
+def test_sdf_eikonal_step_compiles_in_reverse_mode():
+    """An SDF (one output of three inputs: reverse mode) trained through its gradient, compiled with
+    fullgraph=True: the op carries the mode, and its backward recomputes the reverse sweep."""
+    model = tritonjac.JacobianMLP(3, [32, 32], 1, nn.Softplus(beta=100))
+    assert model.plan(torch.empty(1, 3)).mode == "reverse"
+    x = torch.rand(100, 3) * 2 - 1
+
+    def eikonal(x):
+        y, J = model(x)
+        return ((J[:, 0].norm(dim=-1) - 1) ** 2).mean() + y.abs().mean()
+
+    torch.compile(eikonal, fullgraph=True)(x).backward()
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eikonal(x).backward()
+    for got, p in zip(compiled_grads, model.parameters(), strict=True):
+        torch.testing.assert_close(got, p.grad, rtol=1e-5, atol=1e-6)
+    x64 = x.double()
+    wanted = model_gradients(model, x64, lambda y, J: ((J[:, 0].norm(dim=-1) - 1) ** 2).mean() + y.abs().mean())[1:]
+    for (name, _), got, want in zip(model.named_parameters(), compiled_grads, wanted, strict=True):
+        assert_close(got, want, "float32-gradient", f"compiled gradient of {name} against float64")
 
 
 class PyTorchLimitation(Exception):

@@ -214,9 +214,12 @@ def compare_gradients(model, ours, expected, inputs, tolerance):
             assert_close(g[..., columns], e[..., columns], tolerance(name, columns), f"gradient of {part}")
 
 
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
 @pytest.mark.parametrize("name", NETWORKS)
-def test_network_against_its_plain_pytorch_version(name):
+def test_network_against_its_plain_pytorch_version(name, mode):
+    """Both modes of the PyTorch engine ("auto" takes reverse for the SDFs' one output)."""
     model, forward, x, inputs, outputs, loss = NETWORKS[name]()
+    model.mode = mode
     check_against_reference(model, forward, x, inputs, outputs, loss)
 
 
