@@ -214,6 +214,11 @@ class Layer:
     input_cols: slice | None
     tangent_weight: torch.Tensor | None  # InputMap.tangent_weight of inputs[rows]
 
+    @property
+    def width(self) -> int:
+        """The layer's output features."""
+        return (self.hidden if self.hidden is not None else self.inputs).shape[0]
+
 
 class Network:
     """The layers of one call, and its input map."""
