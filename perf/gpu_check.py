@@ -57,8 +57,9 @@ QUICK_STEPS = (
 TUNE_STEPS = (("environment", 30, 60), ("tune", 200, 400))
 TESTS_STEPS = (("environment", 30, 60), ("gpu-tests", 400, 400))
 # the real networks alone: their per-layer kernels compile cold for more than --quick's 35 s (the
-# first H200 run finished NeuS's forward + J there, nothing more)
-REAL_STEPS = (("environment", 30, 60), ("real-networks", 200, 240))
+# first H200 run finished NeuS's forward + J there, nothing more); then the scalar fields (SDFs:
+# reverse mode against autograd)
+REAL_STEPS = (("environment", 30, 60), ("real-networks", 150, 240), ("scalar-fields", 50, 240))
 MODES = {"quick": QUICK_STEPS, "tune": TUNE_STEPS, "tests": TESTS_STEPS, "real": REAL_STEPS}
 
 # A step that hangs after this many finished cases (tests only: proves that a step killed by its limit
@@ -707,6 +708,33 @@ def step_real_networks(work: Path, dry_run: bool) -> None:
         )
 
 
+def step_scalar_fields(work: Path, dry_run: bool) -> None:
+    """SDFs trained through their gradient (perf/scalar_fields.py) in TF32: the NeuS network and
+    3 -> 4x64 -> 1 at N = 2^20, y + gradient and an eikonal step, tritonjac in both modes against
+    autograd, with peak memory (a dry run: 1/1024 of the points, on CPU)."""
+    import importlib.util
+
+    import torch
+
+    os.environ["TRITONJAC_AUTOTUNE"] = "0"
+    sys.path.insert(0, str(HERE))  # scalar_fields imports real_networks
+    spec = importlib.util.spec_from_file_location("scalar_fields", HERE / "scalar_fields.py")
+    fields = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fields)
+    torch.set_float32_matmul_precision("high")
+    device = "cpu" if dry_run else "cuda"
+    # the 64-wide SDF first: its 5x target is the one forward mode on the kernels is furthest from
+    cases = sorted(fields.CASES["cuda"].items(), key=lambda item: not item[0].startswith("SDF"))
+    for name, build in cases:
+        start = time.perf_counter()
+        scale = 2**-10 if dry_run else 1.0
+        rows = fields.run(name, build, device, torch.float32, scale, sizes(dry_run)["rounds"], False, 8.0)
+        print(fields.format_rows(rows), flush=True)
+        append_jsonl(
+            work / "scalar-fields.jsonl", {"label": name, "rows": rows, "seconds": time.perf_counter() - start}
+        )
+
+
 def step_profile(work: Path, dry_run: bool) -> None:
     """Where our main-case time goes (TF32): device time per kernel under torch.profiler, per call of
     forward + J and of a training step, after warm-up runs that autotune (main-tf32 left the kernels
@@ -794,6 +822,7 @@ STEP_FUNCTIONS = {
     "main-tf32": lambda work, dry: step_main(work, dry, "main-tf32"),
     "profile": step_profile,
     "real-networks": step_real_networks,
+    "scalar-fields": step_scalar_fields,
     "main-tf32-compiled": lambda work, dry: step_main(work, dry, "main-tf32-compiled"),
     "main-bf16": lambda work, dry: step_main(work, dry, "main-bf16"),
     "tune": lambda work, dry: step_main(work, dry, "tune"),
@@ -839,6 +868,7 @@ def collect(work: Path, mode: str, steps: dict) -> dict:
             steps.setdefault(step, {})["variants"] = record.get("variants")
     summary["runs"] = runs
     summary["real_networks"] = read_jsonl(work / "real-networks.jsonl")
+    summary["scalar_fields"] = read_jsonl(work / "scalar-fields.jsonl")
     summary["profile"] = read_jsonl(work / "profile.jsonl")
     targets = []
     for label, record in runs.items():
@@ -868,6 +898,22 @@ def collect(work: Path, mode: str, steps: dict) -> dict:
                         "met": ratio >= 3.0,
                     }
                 )
+    for record in summary["scalar_fields"]:  # 2x faster than autograd at width 256, 5x at 64; a third of its memory
+        required = 5.0 if "4x64" in record["label"] else 2.0
+        for row in record["rows"]:
+            if row["method"] != "autograd":
+                continue
+            run = record["label"].split(" (")[0].split(",")[0]
+            for what, value, sense, bound in (
+                ("autograd time / ours", row.get("relative_to_tritonjac"), ">=", required),
+                ("autograd peak memory / ours", row.get("memory_relative_to_tritonjac"), ">=", 3.0),
+            ):
+                if value:
+                    met = value >= bound
+                    targets.append(
+                        {"run": run, "target": f"{row['mode']}: {what}", "value": value, "sense": sense,
+                         "required": bound, "met": met}
+                    )  # fmt: skip
     summary["targets"] = targets
     tables = {}
     for path in sorted((work / "configs").glob("*.json")) if (work / "configs").exists() else []:
@@ -955,6 +1001,17 @@ def format_summary(summary: dict) -> str:
                 lines.append(
                     f"  {row['mode']:17s} {row['method']:40s} {row['median_ms']:9.3f} ms "
                     f"x{row['relative_to_tritonjac']:.2f}"
+                )
+    for record in summary.get("scalar_fields", []):
+        lines.append(f"\n== {record['label']} ({record['rows'][0]['plan'] if record['rows'] else ''})")
+        for row in record["rows"]:
+            if row.get("median_ms") is None:
+                lines.append(f"  {row['mode']:15s} {row['method']:34s} {row['status']}")
+            else:
+                memory = row.get("peak_mem_mb")
+                lines.append(
+                    f"  {row['mode']:15s} {row['method']:34s} {row['median_ms']:9.3f} ms "
+                    f"x{row['relative_to_tritonjac']:.2f}" + (f" {memory:8.1f} MB" if memory is not None else "")
                 )
     for label in sorted(runs, key=lambda l: (l != "main bf16", l != "main TF32, compiled peers", l)):
         if label.startswith("main") and summary["mode"] == "quick":

@@ -8,8 +8,10 @@
 #   OUT=dir bash perf/gpu_check.sh --tune      # second call: the config sweep (main case TF32 and bf16,
 #                                              # widths 32/128/256/512, depths 2/8), tuned table written
 #   OUT=dir bash perf/gpu_check.sh --tests     # the GPU-only pytest tests (inductor, opcheck, TF32, ...)
-#   OUT=dir bash perf/gpu_check.sh --real      # NeuS's SDF and Nerfies' warp field alone (200 s): cold,
-#                                              # their per-layer kernels outlast --quick's 35 s
+#   OUT=dir bash perf/gpu_check.sh --real      # NeuS's SDF and Nerfies' warp field alone (150 s): cold,
+#                                              # their per-layer kernels outlast --quick's 35 s; then the
+#                                              # scalar fields (50 s): a 64-wide SDF at N = 2^20 and NeuS,
+#                                              # y + gradient and an eikonal step, both modes vs autograd
 # Several modes fit one call when each gets its own OUT (each keeps its own 235 s budget), e.g.
 #   mkdir -p $OUT/q $OUT/t; OUT=$OUT/q bash perf/gpu_check.sh --quick; OUT=$OUT/t bash perf/gpu_check.sh --tune --budget 150
 #   OUT=dir bash perf/gpu_check.sh --dry-run   # the --quick steps on CPU under the Triton interpreter at

@@ -204,3 +204,21 @@ def test_steps_beyond_the_calls_budget_are_skipped_and_reported(tmp_path):
     steps = json.loads((tmp_path / "summary.json").read_text())["steps"]
     assert steps["environment"]["limit_s"] <= 7
     assert steps["main-tf32"]["status"] == steps["main-bf16"]["status"] == "skipped: out of the call's budget"
+
+
+def test_scalar_fields_step_reports_both_modes_and_the_targets(tmp_path):
+    """--real's scalar-fields step (dry: on CPU, 1/1024 of the points): every case times tritonjac in
+    both modes and autograd, with memory, and the summary turns them into the issue's targets."""
+    gpu_check = load_gpu_check()
+    gpu_check.step_scalar_fields(tmp_path, dry_run=True)
+    summary = gpu_check.collect(tmp_path, "real", {})
+    records = summary["scalar_fields"]
+    assert [r["label"].split(",")[0] for r in records] == ["SDF 3 -> 4x64 -> 1", "NeuS SDF (PE6"]
+    for record in records:
+        methods = {(row["mode"], row["method"]) for row in record["rows"] if row["median_ms"] is not None}
+        for mode in ("y and gradient", "eikonal step"):
+            assert {(mode, "tritonjac (auto)"), (mode, "tritonjac (mode='forward')"), (mode, "autograd")} <= methods
+    targets = {(t["run"], t["target"]): t for t in summary["targets"]}
+    assert targets[("SDF 3 -> 4x64 -> 1", "eikonal step: autograd time / ours")]["required"] == 5.0
+    assert targets[("NeuS SDF", "y and gradient: autograd peak memory / ours")]["required"] == 3.0
+    assert "== NeuS SDF" in gpu_check.format_summary(summary)
