@@ -154,6 +154,20 @@ BUGS = [
         "            lambda start, stop: store.chunk(0, stop - start),",
         "reverse mode's backward reads the first chunk's saved adjoints for every chunk",
     ),
+    Bug(
+        "chunk-workers-gradients",
+        "tritonjac/torch_engine/common.py",
+        "    for worker in sorted(per_worker)[1:]:",
+        "    for worker in sorted(per_worker)[1:1]:",
+        "the PyTorch engine keeps worker 0's weight gradients and drops the other workers'",
+    ),
+    Bug(
+        "chunk-workers-inference-mode",
+        "tritonjac/torch_engine/common.py",
+        "    inference = torch.is_inference_mode_enabled()",
+        "    inference = False",
+        "the PyTorch engine's chunk workers leave inference mode (writes to inference tensors fail)",
+    ),
 ]
 
 

@@ -176,3 +176,56 @@ def test_bad_modes_are_refused():
     model.mode = "reverse"
     with pytest.raises(NotImplementedError, match="mode='reverse' has no Triton kernels yet"):
         model(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_chunks_on_worker_threads(mode, monkeypatch):
+    """Chunks on 3 workers (torch's intra-op threads set to 3 for the call): every chunk computed
+    once by its worker, the per-worker weight gradients summed, the caller's thread count restored,
+    and the same inputs give bit-identical gradients (the workers' chunks are fixed)."""
+    from tritonjac import torch_engine
+
+    monkeypatch.setattr(torch_engine.common, "CHUNK_BYTES", 4 * 16 * 8 * 3)  # 3-6 points per chunk
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        model = make_mlp(3, [16, 16], 1, "tanh")
+        check_mode(model, torch.randn(47, 3, dtype=torch.float64), "both", slice(0, 1), mode)
+        assert torch.get_num_threads() == 3
+        x = torch.randn(47, 3, dtype=torch.float64)
+        runs = []
+        for _ in range(2):
+            model.zero_grad()
+            y, J = model(x)
+            (y.square().sum() + J.square().sum()).backward()
+            runs.append([p.grad.clone() for p in model.parameters()])
+        for a, b in zip(*runs):
+            assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_workers_keep_inference_mode_and_raise_errors(monkeypatch):
+    from tritonjac.torch_engine import common
+
+    monkeypatch.setattr(common, "CHUNK_BYTES", 2 * 16 * 8 * 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = make_mlp(3, [16, 16], 1, "tanh")
+        x = torch.randn(40, 3, dtype=torch.float64)
+        with torch.inference_mode():
+            y, J = model(x)  # the workers write into inference tensors: they must be in inference mode too
+        assert y.is_inference()
+        expected = model(x)[1]
+        assert_close(J, expected, "float64-same-math", "J under inference mode")
+
+        def fail(start, stop, worker, scratch):
+            if worker == 1:
+                raise RuntimeError(f"chunk {start}:{stop} failed")
+
+        with pytest.raises(RuntimeError, match="failed"):
+            common.run_chunks(40, 5, x, fail)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

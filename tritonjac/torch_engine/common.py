@@ -4,6 +4,7 @@ one call with their weights split by input, and the input a0 with its sparse tan
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,93 @@ def chunk_points(num_points: int, weights, spec: NetworkSpec, x: torch.Tensor) -
     per_point = rows * widest * x.element_size()
     chunk_bytes = CHUNK_BYTES if x.device.type == "cpu" else GPU_CHUNK_BYTES
     return max(1, min(num_points, chunk_bytes // per_point))
+
+
+# Chunks run on worker threads of one intra-op thread each (at most this many; beyond it the
+# threads would queue for the GIL between ops), each with its own chunks and scratch. With one
+# OpenMP team per op instead, every op of every chunk ends in a barrier: with one busy process
+# beside it on 2 cores, a descheduled thread stalled each of them and forward + J took 22x its
+# quiet time (3.8 s against 0.18 s); on workers 1.6x (0.26 s).
+MAX_CHUNK_WORKERS = 8
+
+
+def run_chunks(num_points: int, step: int, like: torch.Tensor, work) -> int:
+    """Call work(start, stop, worker, scratch) for every chunk [start, stop) of `step` points.
+
+    On CPU with several intra-op threads, the chunks go to workers (the calling thread is worker 0)
+    in a fixed round-robin (worker w takes chunks w, w + W, ...), each worker with its own `Scratch`
+    and torch's intra-op threads divided among them; elsewhere they run in order on the calling
+    thread. Workers record no autograd and keep the caller's inference mode. Returns the number of
+    workers (what `work` may have indexed by `worker`)."""
+    starts = range(0, num_points, step)
+    threads = torch.get_num_threads()
+    workers = min(len(starts), threads, MAX_CHUNK_WORKERS) if like.device.type == "cpu" else 1
+    if workers <= 1:
+        scratch = Scratch(like)
+        for start in starts:
+            work(start, min(num_points, start + step), 0, scratch)
+        return 1
+    inference = torch.is_inference_mode_enabled()
+    errors = []
+
+    def run(worker: int):
+        torch.set_num_threads(max(1, threads // workers))  # this thread's OpenMP team, and the global default
+        try:
+            with torch.inference_mode(inference), torch.no_grad():
+                scratch = Scratch(like)
+                for start in starts[worker::workers]:
+                    work(start, min(num_points, start + step), worker, scratch)
+        except BaseException as error:  # re-raised on the calling thread
+            errors.append(error)
+        finally:
+            torch.set_num_threads(threads)
+
+    pool = [threading.Thread(target=run, args=(w,), name=f"tritonjac-chunks-{w}") for w in range(1, workers)]
+    for thread in pool:
+        thread.start()
+    run(0)
+    for thread in pool:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return workers
+
+
+def chunked_gradients(x2d, weights, spec: NetworkSpec, need_x, need_W, need_b, chunk_backward):
+    """The chunked backward both modes share: gradients of x, the weights and the biases (None where
+    not needed). `chunk_backward(start, stop, grad_W, grad_b, scratch)` adds one chunk's weight and
+    bias gradients into the lists it is given (one pair per worker, summed in worker order at the
+    end: deterministic) and returns the chunk's gradient of x (None without need_x)."""
+    P = x2d.shape[0]
+
+    def zeros():
+        return (
+            [torch.zeros_like(W) if need else None for W, need in zip(weights, need_W)],
+            [W.new_zeros(W.shape[0]) if need else None for W, need in zip(weights, need_b)],
+        )
+
+    per_worker = {}
+    gx = torch.empty_like(x2d) if need_x else None
+
+    def work(start, stop, worker, scratch):
+        if worker not in per_worker:
+            per_worker[worker] = zeros()
+        grad_W, grad_b = per_worker[worker]
+        gx_c = chunk_backward(start, stop, grad_W, grad_b, scratch)
+        if need_x:
+            gx[start:stop] = gx_c
+
+    if P > 0:
+        run_chunks(P, chunk_points(P, weights, spec, x2d), x2d, work)
+    grad_W, grad_b = per_worker.get(0) or zeros()
+    for worker in sorted(per_worker)[1:]:
+        for total, part in zip(grad_W + grad_b, per_worker[worker][0] + per_worker[worker][1]):
+            if total is not None:
+                total += part
+    for l in spec.skips:  # the engine used scale * W: d/dW = scale * d/d(scale * W)
+        if grad_W[l] is not None:
+            grad_W[l] *= spec.skip_scale
+    return gx, grad_W, grad_b
 
 
 class Scratch:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..activations import Activation
 from ..grad_mode import records_autograd, refuse_double_backward
 from ..network import NetworkSpec
-from .common import Layer, Network, Scratch, chunk_points, evaluate_activation
+from .common import Layer, Network, Scratch, chunk_points, chunked_gradients, evaluate_activation, run_chunks
 
 __all__ = ["mlp_jacobian", "forward_points", "backward_by_recompute"]
 
@@ -107,14 +107,17 @@ def forward_points(x2d, weights, biases, spec: NetworkSpec, saved: list | None, 
     y = x2d.new_empty(P, d_out)
     J = x2d.new_empty(P, spec.jacobian_outputs(d_out), k)
     step = chunk_points(P, weights, spec, x2d)
-    scratch = Scratch(x2d)
-    for start in range(0, P, step):
-        stop = min(P, start + step)
+    if saved is not None:
+        saved.extend([None] * -(-P // step))
+
+    def work(start, stop, worker, scratch):
         chunk_saved = [] if saved is not None else None
         y[start:stop], T = _forward_chunk(x2d[start:stop], net, chunk_saved, scratch)
         J[start:stop] = T.permute(1, 2, 0)
         if saved is not None:
-            saved.append(chunk_saved)
+            saved[start // step] = chunk_saved
+
+    run_chunks(P, step, x2d, work)
     return y, J
 
 
@@ -245,7 +248,7 @@ class _AnalyticJacobian(torch.autograd.Function):
             needs[2],
             needs[3 : 3 + L],
             [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])],
-            lambda c, start, stop: list(
+            lambda c, start, stop, scratch: list(
                 zip(flat[2 * L * c : 2 * L * (c + 1) : 2], flat[2 * L * c + 1 : 2 * L * (c + 1) : 2])
             ),
         )
@@ -255,37 +258,25 @@ class _AnalyticJacobian(torch.autograd.Function):
 def _backward(x2d, weights, net: Network, gy, gJ, need_x, need_W, need_b, layer_saved):
     """Chunked backward: gradients of x, the weights and the biases (None where not needed).
 
-    `layer_saved(c, start, stop)` gives chunk c's per-layer (z, U) (see `_forward_chunk`).
+    `layer_saved(c, start, stop, scratch)` gives chunk c's per-layer (z, U) (see `_forward_chunk`).
     """
-    spec = net.spec
-    grad_W = [torch.zeros_like(W) if need else None for W, need in zip(weights, need_W)]
-    grad_b = [W.new_zeros(W.shape[0]) if need else None for W, need in zip(weights, need_b)]
-    gx = torch.empty_like(x2d) if need_x else None
     P, d_out = x2d.shape[0], weights[-1].shape[0]
-    if P > 0:
-        step = chunk_points(P, weights, spec, x2d)
-        scratch = Scratch(x2d)
-        for c, start in enumerate(range(0, P, step)):
-            stop = min(P, start + step)
-            G, gy_c, gT_c = _output_grads(gy, gJ, start, stop, d_out, net, scratch)
-            gx_c = _backward_chunk(
-                x2d[start:stop], layer_saved(c, start, stop), net, G, gy_c, gT_c, grad_W, grad_b, need_x, scratch
-            )
-            if need_x:
-                gx[start:stop] = gx_c
-    for l in spec.skips:  # the engine used scale * W: d/dW = scale * d/d(scale * W)
-        if grad_W[l] is not None:
-            grad_W[l] *= spec.skip_scale
-    return gx, grad_W, grad_b
+    step = chunk_points(P, weights, net.spec, x2d) if P else 1
+
+    def chunk_backward(start, stop, grad_W, grad_b, scratch):
+        G, gy_c, gT_c = _output_grads(gy, gJ, start, stop, d_out, net, scratch)
+        saved = layer_saved(start // step, start, stop, scratch)
+        return _backward_chunk(x2d[start:stop], saved, net, G, gy_c, gT_c, grad_W, grad_b, need_x, scratch)
+
+    return chunked_gradients(x2d, weights, net.spec, need_x, need_W, need_b, chunk_backward)
 
 
 def backward_by_recompute(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x, need_W, need_b, band_weights=None):
     """The analytic backward for a forward that kept nothing but its inputs (the torch.compile op):
     each chunk's forward is recomputed before its backward."""
-    scratch = Scratch(x2d)
     net = Network(x2d, weights, biases, spec, band_weights)
 
-    def recompute(c, start, stop):
+    def recompute(c, start, stop, scratch):
         saved = []
         _forward_chunk(x2d[start:stop], net, saved, scratch)
         return saved

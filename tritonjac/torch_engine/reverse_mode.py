@@ -28,7 +28,16 @@ import torch
 
 from ..grad_mode import records_autograd, refuse_double_backward
 from ..network import NetworkSpec
-from .common import Layer, Network, Scratch, activation_value, chunk_points, evaluate_activation
+from .common import (
+    Layer,
+    Network,
+    Scratch,
+    activation_value,
+    chunk_points,
+    chunked_gradients,
+    evaluate_activation,
+    run_chunks,
+)
 
 __all__ = ["mlp_jacobian", "forward_points", "backward_by_recompute"]
 
@@ -65,15 +74,17 @@ class _Store:
         self.tensors = tensors
 
     @classmethod
-    def allocate(cls, num_points: int, net: Network, like: torch.Tensor):
+    def allocate(cls, num_points: int, net: Network, empty):
+        """A store for num_points points, its tensors from empty(role, *shape) (`Scratch.get`, or
+        `_fresh(like)` for tensors of their own)."""
         layers, rows = net.layers, net.rows
         m, last = rows.stop - rows.start, len(layers) - 1
-        z = [like.new_empty(num_points, layer.width) for layer in layers]
+        z = [empty(f"store z{l}", num_points, layer.width) for l, layer in enumerate(layers)]
         if layers[last].act.is_identity:
             z[last] = None  # y itself
-        dh = [like.new_empty(m, num_points, layers[l].width) for l in range(last)]
+        dh = [empty(f"store dh{l}", m, num_points, layers[l].width) for l in range(last)]
         input_map = net.input_map
-        da0 = like.new_empty(m, num_points, input_map.width) if input_map.encoding is not None else None
+        da0 = empty("store da0", m, num_points, input_map.width) if input_map.encoding is not None else None
         return cls([*z, *dh, da0])
 
     def chunk(self, start: int, stop: int) -> list:
@@ -144,12 +155,12 @@ def forward_points(x2d, weights, biases, spec: NetworkSpec, store: _Store | None
     d_out = weights[-1].shape[0]
     y = x2d.new_empty(P, d_out)
     J = x2d.new_empty(P, spec.jacobian_outputs(d_out), spec.jacobian_inputs)
-    step = chunk_points(P, weights, spec, x2d)
-    scratch = Scratch(x2d)
-    for start in range(0, P, step):
-        stop = min(P, start + step)
+
+    def work(start, stop, worker, scratch):
         saved = store.chunk(start, stop) if store is not None else None
         y[start:stop], J[start:stop] = _forward_chunk(x2d[start:stop], net, scratch, saved)
+
+    run_chunks(P, chunk_points(P, weights, spec, x2d), x2d, work)
     return y, J
 
 
@@ -275,32 +286,20 @@ def _add_weight_grad(grad_W, layer: Layer, is_last, gz, w, dhs, slopes, l, stack
 
 def _backward(x2d, weights, net: Network, gy, gJ, need_x, need_W, need_b, chunk_saved):
     """Chunked backward: gradients of x, the weights and the biases (None where not needed).
-    `chunk_saved(start, stop)` gives what `_forward_chunk` saved for points start:stop."""
-    spec = net.spec
-    grad_W = [torch.zeros_like(W) if need else None for W, need in zip(weights, need_W)]
-    grad_b = [W.new_zeros(W.shape[0]) if need else None for W, need in zip(weights, need_b)]
-    gx = torch.empty_like(x2d) if need_x else None
-    P, d_out = x2d.shape[0], weights[-1].shape[0]
-    if P > 0:
-        step = chunk_points(P, weights, spec, x2d)
-        scratch = Scratch(x2d)
-        for start in range(0, P, step):
-            stop = min(P, start + step)
-            g_values = scratch.get("gy", stop - start, d_out)
-            if gy is None:
-                g_values.zero_()
-            else:
-                g_values.copy_(gy[start:stop])
-            V = gJ[start:stop].transpose(0, 1) if gJ is not None else None
-            gx_c = _backward_chunk(
-                x2d[start:stop], chunk_saved(start, stop), net, g_values, V, grad_W, grad_b, need_x, scratch
-            )
-            if need_x:
-                gx[start:stop] = gx_c
-    for l in spec.skips:  # the engine used scale * W: d/dW = scale * d/d(scale * W)
-        if grad_W[l] is not None:
-            grad_W[l] *= spec.skip_scale
-    return gx, grad_W, grad_b
+    `chunk_saved(start, stop, scratch)` gives what `_forward_chunk` saved for points start:stop."""
+    d_out = weights[-1].shape[0]
+
+    def chunk_backward(start, stop, grad_W, grad_b, scratch):
+        g_values = scratch.get("gy", stop - start, d_out)
+        if gy is None:
+            g_values.zero_()
+        else:
+            g_values.copy_(gy[start:stop])
+        V = gJ[start:stop].transpose(0, 1) if gJ is not None else None
+        saved = chunk_saved(start, stop, scratch)
+        return _backward_chunk(x2d[start:stop], saved, net, g_values, V, grad_W, grad_b, need_x, scratch)
+
+    return chunked_gradients(x2d, weights, net.spec, need_x, need_W, need_b, chunk_backward)
 
 
 class _ReverseJacobian(torch.autograd.Function):
@@ -311,7 +310,8 @@ class _ReverseJacobian(torch.autograd.Function):
     def forward(ctx, spec: NetworkSpec, band_weights, x2d, *params):
         L = spec.num_layers
         weights, biases = list(params[:L]), list(params[L:])
-        store = _Store.allocate(x2d.shape[0], Network(x2d, weights, biases, spec, band_weights), x2d)
+        net = Network(x2d, weights, biases, spec, band_weights)
+        store = _Store.allocate(x2d.shape[0], net, lambda role, *shape: x2d.new_empty(shape))
         y, J = forward_points(x2d, weights, biases, spec, store, band_weights)
         ctx.set_materialize_grads(False)  # a loss on y alone or J alone gives None for the other
         ctx.spec, ctx.band_weights = spec, band_weights
@@ -337,7 +337,7 @@ class _ReverseJacobian(torch.autograd.Function):
             needs[2],
             needs[3 : 3 + L],
             [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])],
-            lambda start, stop: store.chunk(start, stop),
+            lambda start, stop, scratch: store.chunk(start, stop),
         )
         return (None, None, gx, *grad_W, *grad_b)
 
@@ -346,11 +346,10 @@ def backward_by_recompute(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_
     """The analytic backward for a forward that kept nothing but its inputs (the torch.compile op):
     each chunk's forward is recomputed before its backward."""
     net = Network(x2d, weights, biases, spec, band_weights)
-    store = _Store.allocate(chunk_points(x2d.shape[0], weights, spec, x2d), net, x2d)
-    scratch = Scratch(x2d)
+    step = chunk_points(x2d.shape[0], weights, spec, x2d)
 
-    def recompute(start, stop):
-        saved = store.chunk(0, stop - start)
+    def recompute(start, stop, scratch):
+        saved = _Store.allocate(step, net, scratch.get).chunk(0, stop - start)  # one per worker, in its scratch
         _forward_chunk(x2d[start:stop], net, scratch, saved)
         return saved
 
