@@ -11,7 +11,8 @@ spec (`NetworkSpec.uses_reverse_mode`; `tritonjac.functional.choose_mode` says w
 
 Both share `common`: the input a0 (x, or its encoding and a latent code) with its sparse tangent,
 skip layers' split weights, selected outputs, and chunks of points of about 1.5 MB each (256 MB on
-a GPU), which bound temporary memory and keep the temporaries in cache (`CHUNK_BYTES`).
+a GPU), which bound temporary memory and keep the temporaries in cache (`CHUNK_BYTES`). On CPU the
+chunks run on worker threads of one intra-op thread each (`run_chunks`, docs/design.md section 10).
 """
 
 from __future__ import annotations
