@@ -13,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import assert_close, sequential_reference
 from tritonjac.activations import ACTIVATION_NAMES
@@ -206,11 +207,17 @@ def test_steps_beyond_the_calls_budget_are_skipped_and_reported(tmp_path):
     assert steps["main-tf32"]["status"] == steps["main-bf16"]["status"] == "skipped: out of the call's budget"
 
 
-def test_scalar_fields_step_reports_both_modes_and_the_targets(tmp_path):
+def test_scalar_fields_step_reports_both_modes_and_the_targets(tmp_path, monkeypatch):
     """--real's scalar-fields step (dry: on CPU, 1/1024 of the points): every case times tritonjac in
     both modes and autograd, with memory, and the summary turns them into the issue's targets."""
     gpu_check = load_gpu_check()
-    gpu_check.step_scalar_fields(tmp_path, dry_run=True)
+    monkeypatch.setenv("TRITONJAC_AUTOTUNE", "0")  # the step sets these for its process: restore them
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    precision = torch.get_float32_matmul_precision()
+    try:
+        gpu_check.step_scalar_fields(tmp_path, dry_run=True)
+    finally:
+        torch.set_float32_matmul_precision(precision)
     summary = gpu_check.collect(tmp_path, "real", {})
     records = summary["scalar_fields"]
     assert [r["label"].split(",")[0] for r in records] == ["SDF 3 -> 4x64 -> 1", "NeuS SDF (PE6"]

@@ -81,7 +81,8 @@ def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: 
     }
     tile_rows = block_m * constexprs["SLOTS"]
     ws_shape = (num_hidden + 1, tile_rows, constexprs["WIDTH_PAD"])
-    workspace = allocate("fused workspace", x2d, num_programs, *ws_shape, dtype=torch.float32)
+    # no points, no launch: a workspace would never be written (the guard rows report that)
+    workspace = allocate("fused workspace", x2d, num_programs, *ws_shape, dtype=torch.float32) if P else None
     gx = allocate("dLoss/dx", x2d, P, d_in) if need_x else None
     gx_arg = gx if gx is not None else x2d
     gy_arg = gy if gy is not None else x2d
