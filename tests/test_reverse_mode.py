@@ -152,7 +152,10 @@ def test_auto_takes_reverse_mode_for_fewer_outputs_and_says_why():
     sdf = tritonjac.JacobianMLP(3, [16], 1)
     plan = sdf.plan(x)
     assert isinstance(plan, CallPlan) and (plan.engine, plan.mode) == ("torch", "reverse")
-    assert "1 outputs < 3 inputs" in str(plan) and "reverse mode on the PyTorch engine" in str(plan)
+    assert (
+        str(plan)
+        == "reverse mode on the PyTorch engine: 1 outputs < 3 inputs: 1 + 1 rows per point and layer instead of 1 + 3"
+    )
     field = tritonjac.JacobianMLP(3, [16], 3)
     assert field.plan(x).mode == "forward"
     narrow = tritonjac.JacobianMLP(3, [16], 8, jacobian_outputs=1)  # m counts the selected outputs
@@ -164,6 +167,19 @@ def test_auto_takes_reverse_mode_for_fewer_outputs_and_says_why():
     assert converted.plan(x).mode == "reverse"
     y, J = tritonjac.mlp_jacobian(x, [sdf.linear_layers[0].weight], None, [None], mode="forward")
     assert J.shape == (5, 16, 3)
+
+
+def test_plan_names_the_triton_kernels_plan():
+    x = torch.randn(4, 3)
+    field = tritonjac.JacobianMLP(3, [16, 16], 3, backend="triton")
+    assert str(field.plan(x)) == (
+        "forward mode on the Triton kernels: 3 outputs >= 3 inputs: 1 + 3 rows per point and layer, one GEMM "
+        "(reverse: 1 + 3, two); the whole network in one launch"
+    )
+    sdf = tritonjac.JacobianMLP(3, [16, 32], 1, backend="triton")
+    plan = sdf.plan(x)
+    assert (plan.engine, plan.mode, plan.kernels) == ("triton", "forward", "layers")
+    assert "forward mode only" in plan.mode_reason and "hidden widths differ" in str(plan)
 
 
 def test_bad_modes_are_refused():

@@ -168,11 +168,12 @@ def choose_mode(spec: NetworkSpec, out_features: int, engine: str) -> tuple[str,
     m, k = spec.jacobian_outputs(out_features), spec.jacobian_inputs
     if spec.mode != "auto":
         return spec.mode, f"mode={spec.mode!r} was asked for"
-    if engine == "triton":
-        return "forward", "the Triton kernels compute forward mode (reverse mode runs on the PyTorch engine)"
+    if engine == "triton" and m < k:
+        why = f"{m} outputs < {k} inputs, but the Triton kernels have forward mode only"
+        return "forward", why + " (mode='reverse' runs the PyTorch engine)"
     if spec.uses_reverse_mode(out_features):
         return "reverse", f"{m} outputs < {k} inputs: 1 + {m} rows per point and layer instead of 1 + {k}"
-    return "forward", f"{k} inputs <= {m} outputs: 1 + {k} rows per point and layer instead of 1 + {m}"
+    return "forward", f"{m} outputs >= {k} inputs: 1 + {k} rows per point and layer, one GEMM (reverse: 1 + {m}, two)"
 
 
 def call_engine_and_mode(spec: NetworkSpec, out_features: int, backend: str, x: torch.Tensor):
@@ -204,11 +205,11 @@ class CallPlan:
 
     def __str__(self) -> str:
         text = f"{self.mode} mode on the {'Triton kernels' if self.engine == 'triton' else 'PyTorch engine'}"
-        text += f" ({self.mode_reason})"
+        text += f": {self.mode_reason}"
         if self.kernels == "network":
             text += "; the whole network in one launch"
         elif self.kernels == "layers":
-            text += f"; one launch per layer ({self.kernels_reason})"
+            text += f"; one launch per layer: {self.kernels_reason}"
         return text
 
 
