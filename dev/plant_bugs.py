@@ -150,8 +150,8 @@ BUGS = [
     Bug(
         "reverse-saved-chunk",
         "tritonjac/torch_engine/reverse_mode.py",
-        "            lambda start, stop: store.chunk(start, stop),",
-        "            lambda start, stop: store.chunk(0, stop - start),",
+        "lambda start, stop, scratch: store.chunk(start, stop)",
+        "lambda start, stop, scratch: store.chunk(0, stop - start)",
         "reverse mode's backward reads the first chunk's saved adjoints for every chunk",
     ),
     Bug(

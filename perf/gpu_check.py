@@ -992,25 +992,16 @@ def format_summary(summary: dict) -> str:
         for row in record["rows"][:6]:
             share = row["ms"] / record["total_ms"] if record["total_ms"] else 0.0
             lines.append(f"  {row['ms']:8.3f} ms {share:6.1%} {row['calls']:5.1f}x  {row['kernel'][:70]}")
-    for record in summary.get("real_networks", []):
-        lines.append(f"\n== {record['label']}")
+    for record in summary.get("real_networks", []) + summary.get("scalar_fields", []):
+        plan = record["rows"][0].get("plan") if record["rows"] else None  # the scalar fields' plan
+        lines.append(f"\n== {record['label']}" + (f" ({plan})" if plan else ""))
         for row in record["rows"]:
             if row.get("median_ms") is None:
                 lines.append(f"  {row['mode']:17s} {row['method']:40s} {row['status']}")
             else:
-                lines.append(
-                    f"  {row['mode']:17s} {row['method']:40s} {row['median_ms']:9.3f} ms "
-                    f"x{row['relative_to_tritonjac']:.2f}"
-                )
-    for record in summary.get("scalar_fields", []):
-        lines.append(f"\n== {record['label']} ({record['rows'][0]['plan'] if record['rows'] else ''})")
-        for row in record["rows"]:
-            if row.get("median_ms") is None:
-                lines.append(f"  {row['mode']:15s} {row['method']:34s} {row['status']}")
-            else:
                 memory = row.get("peak_mem_mb")
                 lines.append(
-                    f"  {row['mode']:15s} {row['method']:34s} {row['median_ms']:9.3f} ms "
+                    f"  {row['mode']:17s} {row['method']:40s} {row['median_ms']:9.3f} ms "
                     f"x{row['relative_to_tritonjac']:.2f}" + (f" {memory:8.1f} MB" if memory is not None else "")
                 )
     for label in sorted(runs, key=lambda l: (l != "main bf16", l != "main TF32, compiled peers", l)):

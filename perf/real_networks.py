@@ -137,25 +137,34 @@ def matmuls_alone(shapes, device, dtype):
     return run
 
 
+def training_step(fn, params, loss_of):
+    """A timed training step: gradients cleared, (y, J) = fn(), loss_of(y, J) backward."""
+
+    def run():
+        for p in params:
+            p.grad = None
+        y, J = fn()
+        loss_of(y, J).backward()
+
+    return run
+
+
+def no_grad(fn):
+    """fn under torch.no_grad(): forward + J as an inference would run it."""
+
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
 def methods(model, x, include_compile: bool):
     params = list(model.parameters())
     forward = plain_forward(model)
 
     def step(fn):
-        def run():
-            for p in params:
-                p.grad = None
-            y, J = fn()
-            loss(y, J).backward()
-
-        return run
-
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                return fn()
-
-        return run
+        return training_step(fn, params, loss)
 
     table = {
         "tritonjac": (no_grad(lambda: model(x)), step(lambda: model(x))),
@@ -193,9 +202,9 @@ def run(name, build, device, dtype, scale, rounds, include_compile, max_seconds,
     for mode, index in (("forward_jacobian", 0), ("train_step", 1)):
         fns = {m: fns[index] for m, fns in table.items() if fns[index] is not None}
         results = benchmark.time_interleaved(fns, device, rounds, max_seconds=max_seconds, label=f"{mode} ")
-        ours = _median(results["tritonjac"].times_ms)
+        ours = median_of(results["tritonjac"].times_ms)
         for method, r in results.items():
-            median = _median(r.times_ms)
+            median = median_of(r.times_ms)
             rows.append(
                 dict(
                     network=name,
@@ -211,7 +220,7 @@ def run(name, build, device, dtype, scale, rounds, include_compile, max_seconds,
     return rows
 
 
-def _median(times):
+def median_of(times):
     return sorted(times)[len(times) // 2] if times else None
 
 

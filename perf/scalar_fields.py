@@ -33,7 +33,7 @@ from torch import nn
 from tritonjac import JacobianMLP, benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from real_networks import matmuls_alone, neus  # noqa: E402
+from real_networks import matmuls_alone, median_of, neus, no_grad, training_step  # noqa: E402
 
 LIMIT = "limit: reverse mode's matmuls alone"
 OURS = "tritonjac (auto)"
@@ -100,20 +100,7 @@ def methods(model, x, include_compile: bool):
     forward = model._plain_forward
 
     def step(fn):
-        def run():
-            for p in params:
-                p.grad = None
-            y, grad = fn()
-            eikonal(y, grad).backward()
-
-        return run
-
-    def no_grad(fn):
-        def run():
-            with torch.no_grad():
-                return fn()
-
-        return run
+        return training_step(fn, params, eikonal)
 
     def ours(mode):
         def run():
@@ -160,10 +147,10 @@ def run(name, build, device, dtype, scale, rounds, include_compile, max_seconds)
     for mode, index in (("y and gradient", 0), ("eikonal step", 1)):
         fns = {m: fns[index] for m, fns in table.items() if fns[index] is not None}
         results = benchmark.time_interleaved(fns, device, rounds, max_seconds=max_seconds, label=f"{mode}: ")
-        ours_ms = _median(results[OURS].times_ms)
+        ours_ms = median_of(results[OURS].times_ms)
         ours_mb = results[OURS].peak_mem_mb
         for method, r in results.items():
-            median = _median(r.times_ms)
+            median = median_of(r.times_ms)
             memory = r.peak_mem_mb if method != LIMIT else None
             rows.append(
                 dict(
@@ -181,10 +168,6 @@ def run(name, build, device, dtype, scale, rounds, include_compile, max_seconds)
                 )
             )
     return rows
-
-
-def _median(times):
-    return sorted(times)[len(times) // 2] if times else None
 
 
 def format_rows(rows) -> str:

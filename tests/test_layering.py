@@ -108,3 +108,18 @@ def test_every_package_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {name for name, path in modules().items() if path.name == "__init__.py"}
     assert packages == listed
+
+
+def test_every_planted_bug_still_has_its_line():
+    """dev/plant_bugs.py replaces one exact piece of source per bug: a refactor that changes that
+    piece would leave the bug unplantable (the script stops), so each must occur exactly once."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("plant_bugs", ROOT / "dev" / "plant_bugs.py")
+    plant_bugs = importlib.util.module_from_spec(spec)
+    sys.modules["plant_bugs"] = plant_bugs  # its dataclass looks its module up there
+    spec.loader.exec_module(plant_bugs)
+    for bug in plant_bugs.BUGS:
+        count = (ROOT / bug.path).read_text().count(bug.old)
+        assert count == 1, f"{bug.name}: its text occurs {count} times in {bug.path}"

@@ -13,7 +13,7 @@ from torch import nn
 from .activations import Activation, as_activation, supported_modules
 from .encoding import PositionalEncoding
 from .functional import CallPlan, apply_spec, plan_call, resolve_backend
-from .network import MODES, SUPPORTED_DTYPES, check_backend, check_tensors, make_spec
+from .network import SUPPORTED_DTYPES, check_backend, check_mode, check_tensors, make_spec
 
 __all__ = ["JacobianMLP", "jacobian"]
 
@@ -337,9 +337,7 @@ class JacobianMLP(nn.Module):
 
     @mode.setter
     def mode(self, value: str):
-        if value not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {value!r}")
-        self._spec = dataclasses.replace(self._spec, mode=value)
+        self._spec = dataclasses.replace(self._spec, mode=check_mode(value))
 
     def plan(self, x: torch.Tensor) -> CallPlan:
         """What a call `self(x)` runs, and why: the engine, the mode, and for the Triton kernels

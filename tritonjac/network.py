@@ -26,6 +26,7 @@ __all__ = [
     "check_tensors",
     "check_input",
     "check_backend",
+    "check_mode",
     "BACKENDS",
     "SUPPORTED_DTYPES",
     "TRITON_DTYPES",
@@ -209,8 +210,7 @@ def make_spec(
             )
     if len(set(skips)) != len(skips):
         raise ValueError(f"skips has repeated layers: {skips}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
+    check_mode(mode)
     scale = float(skip_scale)
     if not math.isfinite(scale) or scale == 0.0:
         raise ValueError(f"skip_scale must be finite and non-zero, not {skip_scale!r}")
@@ -242,6 +242,12 @@ def _index_range(name: str, selection, size: int, size_name: str) -> tuple[int, 
     if isinstance(selection, bool) or not isinstance(selection, int) or not 1 <= selection <= size:
         raise ValueError(f"{name} must be None, an int from 1 to {size_name}={size} or a slice, not {selection!r}")
     return 0, selection
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, not {mode!r}")
+    return mode
 
 
 def check_backend(backend: str) -> str:

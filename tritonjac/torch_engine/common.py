@@ -96,7 +96,7 @@ def run_chunks(num_points: int, step: int, like: torch.Tensor, work) -> int:
 
 def chunked_gradients(x2d, weights, spec: NetworkSpec, need_x, need_W, need_b, chunk_backward):
     """The chunked backward both modes share: gradients of x, the weights and the biases (None where
-    not needed). `chunk_backward(start, stop, grad_W, grad_b, scratch)` adds one chunk's weight and
+    not needed). `chunk_backward(c, start, stop, grad_W, grad_b, scratch)` adds chunk c's weight and
     bias gradients into the lists it is given (one pair per worker, summed in worker order at the
     end: deterministic) and returns the chunk's gradient of x (None without need_x)."""
     P = x2d.shape[0]
@@ -109,17 +109,18 @@ def chunked_gradients(x2d, weights, spec: NetworkSpec, need_x, need_W, need_b, c
 
     per_worker = {}
     gx = torch.empty_like(x2d) if need_x else None
+    step = chunk_points(P, weights, spec, x2d) if P else 1
 
     def work(start, stop, worker, scratch):
         if worker not in per_worker:
             per_worker[worker] = zeros()
         grad_W, grad_b = per_worker[worker]
-        gx_c = chunk_backward(start, stop, grad_W, grad_b, scratch)
+        gx_c = chunk_backward(start // step, start, stop, grad_W, grad_b, scratch)
         if need_x:
             gx[start:stop] = gx_c
 
     if P > 0:
-        run_chunks(P, chunk_points(P, weights, spec, x2d), x2d, work)
+        run_chunks(P, step, x2d, work)
     grad_W, grad_b = per_worker.get(0) or zeros()
     for worker in sorted(per_worker)[1:]:
         for total, part in zip(grad_W + grad_b, per_worker[worker][0] + per_worker[worker][1]):
@@ -129,6 +130,20 @@ def chunked_gradients(x2d, weights, spec: NetworkSpec, need_x, need_W, need_b, c
         if grad_W[l] is not None:
             grad_W[l] *= spec.skip_scale
     return gx, grad_W, grad_b
+
+
+def saved_call(ctx):
+    """What an engine's autograd.Function saved (x2d, the weights, then its own tensors, with ctx.spec,
+    ctx.band_weights and ctx.has_bias set) as its backward needs it: (x2d, weights, the rest, the
+    layers as a `Network`, need_x, need_W, need_b). needs_input_grad is (spec, band_weights, x,
+    W_1..W_L, b_1..b_L)."""
+    L = ctx.spec.num_layers
+    x2d, *rest = ctx.saved_tensors
+    weights, own = rest[:L], rest[L:]
+    needs = ctx.needs_input_grad
+    net = Network(x2d, weights, [None] * L, ctx.spec, ctx.band_weights)  # biases: only the forward adds them
+    need_b = [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])]
+    return x2d, weights, own, net, needs[2], needs[3 : 3 + L], need_b
 
 
 class Scratch:

@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from ..activations import Activation
 from ..grad_mode import records_autograd, refuse_double_backward
 from ..network import NetworkSpec
-from .common import Layer, Network, Scratch, chunk_points, chunked_gradients, evaluate_activation, run_chunks
+from .common import (
+    Layer,
+    Network,
+    Scratch,
+    chunk_points,
+    chunked_gradients,
+    evaluate_activation,
+    run_chunks,
+    saved_call,
+)
 
 __all__ = ["mlp_jacobian", "forward_points", "backward_by_recompute"]
 
@@ -234,20 +243,17 @@ class _AnalyticJacobian(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, gJ):
         refuse_double_backward()
-        spec = ctx.spec
-        L = len(spec.activations)
-        x2d, *rest = ctx.saved_tensors
-        weights, flat = rest[:L], rest[L:]
-        needs = ctx.needs_input_grad  # (spec, band_weights, x, W_1..W_L, b_1..b_L)
+        x2d, weights, flat, net, need_x, need_W, need_b = saved_call(ctx)
+        L = len(weights)
         gx, grad_W, grad_b = _backward(
             x2d,
             weights,
-            Network(x2d, weights, [None] * L, spec, ctx.band_weights),  # biases: only the forward adds them
+            net,
             gy,
             gJ,
-            needs[2],
-            needs[3 : 3 + L],
-            [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])],
+            need_x,
+            need_W,
+            need_b,
             lambda c, start, stop, scratch: list(
                 zip(flat[2 * L * c : 2 * L * (c + 1) : 2], flat[2 * L * c + 1 : 2 * L * (c + 1) : 2])
             ),
@@ -260,12 +266,11 @@ def _backward(x2d, weights, net: Network, gy, gJ, need_x, need_W, need_b, layer_
 
     `layer_saved(c, start, stop, scratch)` gives chunk c's per-layer (z, U) (see `_forward_chunk`).
     """
-    P, d_out = x2d.shape[0], weights[-1].shape[0]
-    step = chunk_points(P, weights, net.spec, x2d) if P else 1
+    d_out = weights[-1].shape[0]
 
-    def chunk_backward(start, stop, grad_W, grad_b, scratch):
+    def chunk_backward(c, start, stop, grad_W, grad_b, scratch):
         G, gy_c, gT_c = _output_grads(gy, gJ, start, stop, d_out, net, scratch)
-        saved = layer_saved(start // step, start, stop, scratch)
+        saved = layer_saved(c, start, stop, scratch)
         return _backward_chunk(x2d[start:stop], saved, net, G, gy_c, gT_c, grad_W, grad_b, need_x, scratch)
 
     return chunked_gradients(x2d, weights, net.spec, need_x, need_W, need_b, chunk_backward)

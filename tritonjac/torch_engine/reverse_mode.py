@@ -37,6 +37,7 @@ from .common import (
     chunked_gradients,
     evaluate_activation,
     run_chunks,
+    saved_call,
 )
 
 __all__ = ["mlp_jacobian", "forward_points", "backward_by_recompute"]
@@ -75,8 +76,8 @@ class _Store:
 
     @classmethod
     def allocate(cls, num_points: int, net: Network, empty):
-        """A store for num_points points, its tensors from empty(role, *shape) (`Scratch.get`, or
-        `_fresh(like)` for tensors of their own)."""
+        """A store for num_points points, its tensors from empty(role, *shape): `Scratch.get` (one
+        chunk's, reused), or a factory of fresh tensors (what autograd keeps)."""
         layers, rows = net.layers, net.rows
         m, last = rows.stop - rows.start, len(layers) - 1
         z = [empty(f"store z{l}", num_points, layer.width) for l, layer in enumerate(layers)]
@@ -289,7 +290,7 @@ def _backward(x2d, weights, net: Network, gy, gJ, need_x, need_W, need_b, chunk_
     `chunk_saved(start, stop, scratch)` gives what `_forward_chunk` saved for points start:stop."""
     d_out = weights[-1].shape[0]
 
-    def chunk_backward(start, stop, grad_W, grad_b, scratch):
+    def chunk_backward(c, start, stop, grad_W, grad_b, scratch):
         g_values = scratch.get("gy", stop - start, d_out)
         if gy is None:
             g_values.zero_()
@@ -322,22 +323,10 @@ class _ReverseJacobian(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, gJ):
         refuse_double_backward()
-        spec = ctx.spec
-        L = spec.num_layers
-        x2d, *rest = ctx.saved_tensors
-        weights, flat = rest[:L], rest[L:]
-        needs = ctx.needs_input_grad  # (spec, band_weights, x, W_1..W_L, b_1..b_L)
-        store = _Store(list(flat))
+        x2d, weights, own, net, need_x, need_W, need_b = saved_call(ctx)
+        store = _Store(list(own))
         gx, grad_W, grad_b = _backward(
-            x2d,
-            weights,
-            Network(x2d, weights, [None] * L, spec, ctx.band_weights),  # biases: only the forward adds them
-            gy,
-            gJ,
-            needs[2],
-            needs[3 : 3 + L],
-            [h and n for h, n in zip(ctx.has_bias, needs[3 + L :])],
-            lambda start, stop, scratch: store.chunk(start, stop),
+            x2d, weights, net, gy, gJ, need_x, need_W, need_b, lambda start, stop, scratch: store.chunk(start, stop)
         )
         return (None, None, gx, *grad_W, *grad_b)
 
