@@ -211,11 +211,16 @@ def layer_backward_kernel(
     LIVE_SLOTS: tl.constexpr, LAST_STEP: tl.constexpr,
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     PRECISION: tl.constexpr, SLOTS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET_BF16: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ADJOINTS: tl.constexpr = False, INTERPRET_BF16: tl.constexpr = False,
 ):  # fmt: skip
     """G = G_Z W for BLOCK_M points and BLOCK_K input features (LIVE_SLOTS live slots of SLOTS), then
     the previous layer's activation backward with its Z (ACT), written to out[p, slot, k]; with
-    LAST_STEP (this is the first layer) the value row of G is dLoss/dx, written to out[p, k]."""
+    LAST_STEP (this is the first layer) the value row of G is dLoss/dx, written to out[p, k].
+
+    With ADJOINTS (reverse mode's forward, kernels/reverse.py) the slots are the adjoints of J's rows,
+    not [value; tangents]: each is scaled by the slope s'(z) alone (z_prev holds z once per point: the
+    caller passes stride_zs = 0), and LAST_STEP writes every live slot to out[p, slot, k]."""
     i_m = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -240,12 +245,16 @@ def layer_backward_kernel(
     G = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_K))
     m_pk = m_p[:, None, None] & m_k[None, None, :]
     if LAST_STEP:
-        p_out = out_ptr + o_p[:, None, None] * stride_op + o_k[None, None, :] * stride_of + o_s[None, :, None] * 0
-        tl.store(p_out, G.to(out_ptr.dtype.element_ty), mask=m_pk & (o_s[None, :, None] == 0))
+        p_out = out_ptr + o_p[:, None, None] * stride_op + o_k[None, None, :] * stride_of + o_s[None, :, None] * stride_os
+        m_out = m_s[None, :, None] if ADJOINTS else o_s[None, :, None] == 0
+        tl.store(p_out, G.to(out_ptr.dtype.element_ty), mask=m_pk & m_out)
     else:
         p_z = z_prev_ptr + o_p[:, None, None] * stride_zp + o_s[None, :, None] * stride_zs + o_k[None, None, :]
         Z = tl.load(p_z, mask=m_pk & m_s[None, :, None], other=0.0)
-        G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+        if ADJOINTS:  # every slot times s'(z): no value row, no curvature term
+            G_Z = _activation_backward(G, Z, 1, ACT, ACT_PARAM, ACT_THRESHOLD)
+        else:
+            G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         p_out = (
             out_ptr + o_p[:, None, None] * stride_op + o_s[None, :, None] * stride_os + o_k[None, None, :] * stride_of
         )

@@ -24,7 +24,6 @@ __all__ = [
     "apply_spec",
     "resolve_backend",
     "choose_mode",
-    "call_engine_and_mode",
     "plan_call",
     "CallPlan",
     "compiler_sees_kernels",
@@ -126,12 +125,11 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
     lead, d_in = x.shape[:-1], x.shape[-1]
     d_out = weights[-1].shape[0]
     x2d = x.reshape(-1, d_in)
+    engine = resolve_backend(backend, x)
     if jacobian:
-        engine, mode, _ = call_engine_and_mode(spec, d_out, backend, x)
+        mode, _ = choose_mode(spec, d_out)
         if spec.mode != mode:
             spec = dataclasses.replace(spec, mode=mode)
-    else:
-        engine = resolve_backend(backend, x)
     half = _autocast_dtype(x)
     if half is not None:  # what a built-in layer does under autocast: compute and return in half
         x2d = x2d.to(half)
@@ -158,38 +156,18 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
     return y, J.view(*lead, spec.jacobian_outputs(d_out), spec.jacobian_inputs)
 
 
-def choose_mode(spec: NetworkSpec, out_features: int, engine: str) -> tuple[str, str]:
-    """("forward" or "reverse", why) for a call computing J on `engine` ("torch" or "triton").
+def choose_mode(spec: NetworkSpec, out_features: int) -> tuple[str, str]:
+    """("forward" or "reverse", why) for a call computing J.
 
     "auto" compares the stacked rows per point and layer: forward mode carries 1 + k (the values
     and k tangents), reverse mode 1 + m (the values, then m adjoints), and takes reverse when
-    m < k (an SDF: 2 rows instead of 4). The Triton kernels run forward mode only, so "auto" with
-    them is forward mode."""
+    m < k (an SDF: 2 rows instead of 4), on both engines."""
     m, k = spec.jacobian_outputs(out_features), spec.jacobian_inputs
     if spec.mode != "auto":
         return spec.mode, f"mode={spec.mode!r} was asked for"
-    if engine == "triton" and m < k:
-        why = f"{m} outputs < {k} inputs, but the Triton kernels have forward mode only"
-        return "forward", why + " (mode='reverse' runs the PyTorch engine)"
     if spec.uses_reverse_mode(out_features):
         return "reverse", f"{m} outputs < {k} inputs: 1 + {m} rows per point and layer instead of 1 + {k}"
     return "forward", f"{m} outputs >= {k} inputs: 1 + {k} rows per point and layer, one GEMM (reverse: 1 + {m}, two)"
-
-
-def call_engine_and_mode(spec: NetworkSpec, out_features: int, backend: str, x: torch.Tensor):
-    """(engine, mode, why the mode) of a call computing J: `choose_mode` on the backend's engine,
-    except that reverse mode, which has no Triton kernels yet, runs on the PyTorch engine (on x's
-    device) under backend "auto" and is refused under backend "triton"."""
-    engine = resolve_backend(backend, x)
-    mode, why = choose_mode(spec, out_features, engine)
-    if mode == "reverse" and engine == "triton":
-        if backend == "triton":
-            raise NotImplementedError(
-                "mode='reverse' has no Triton kernels yet; use backend='torch' (which runs on CUDA too) "
-                "or mode='forward'"
-            )
-        engine = "torch"
-    return engine, mode, why
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +194,8 @@ class CallPlan:
 def plan_call(x: torch.Tensor, weights, spec: NetworkSpec, backend: str = "auto") -> CallPlan:
     """The `CallPlan` of `apply_spec(x, weights, ..., spec, backend)` (x: (..., in_features))."""
     check_input(x, weights)
-    engine, mode, why = call_engine_and_mode(spec, weights[-1].shape[0], backend, x)
+    engine = resolve_backend(backend, x)
+    mode, why = choose_mode(spec, weights[-1].shape[0])
     if engine != "triton":
         return CallPlan(engine, mode, why)
     from . import triton_engine
@@ -224,7 +203,8 @@ def plan_call(x: torch.Tensor, weights, spec: NetworkSpec, backend: str = "auto"
 
     x2d = x.reshape(-1, x.shape[-1])
     dtype = _autocast_dtype(x) or x.dtype
-    plan = triton_engine.plan_for(weights, spec, True, matmul_precision(dtype), triton_engine.launch.device_arch(x2d))
+    arch = triton_engine.launch.device_arch(x2d)
+    plan = triton_engine.plan_for(weights, spec, True, matmul_precision(dtype), arch, mode)
     return CallPlan(engine, mode, why, plan.kind, plan.reason)
 
 

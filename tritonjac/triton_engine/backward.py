@@ -36,7 +36,7 @@ from .launch import (
 )
 from .plans import fused_backward_available, slots
 
-__all__ = ["mlp_backward", "fused_mlp_backward", "layers_backward"]
+__all__ = ["mlp_backward", "fused_mlp_backward", "layers_backward", "LayerLaunches", "recompute_layers", "propagate"]
 
 
 def mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None):
@@ -148,7 +148,7 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     is_traced = traced(x2d)
     bf16 = interpret_bf16(x2d.dtype)
     inputs = LayerInputs(x2d, spec, band_weights)
-    run = _Launches(arch, precision, num_slots, bf16, is_traced)
+    run = LayerLaunches(arch, precision, num_slots, bf16, is_traced)
     encoded = inputs.encoded_width > 0
     # x's gradient straight from the first layer's propagation kernel when a0 is x and nothing
     # else reads it; otherwise dLoss/da0 is summed over the layers that read a0, then taken to x
@@ -160,7 +160,7 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
         for start in range(0, P, chunk):
             xc = x2d[start : start + chunk]
             C = xc.shape[0]
-            As, Zs = _recompute(xc, weights, biases, spec, inputs, jacobian, run)
+            As, Zs = recompute_layers(xc, weights, biases, spec, inputs, jacobian, run)
 
             # dLoss/d[z; U] of the last layer, from dLoss/d[y; J]
             G = torch.zeros(C, rows, d_out_last, **f32)
@@ -209,10 +209,10 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                 if W_hidden is not None:
                     d_prev = W_hidden.shape[1]
                     out = allocate(f"dLoss/d[z; U] of layer {l - 1}", x2d, C, rows, d_prev, dtype=torch.float32)
-                    _propagate(G, W_hidden, Zs[l - 1], out, spec.activations[l - 1], rows, False, run)
+                    propagate(G, W_hidden, Zs[l - 1], out, spec.activations[l - 1], rows, False, run)
                 if W_input is not None and need_x:
                     if direct_gx:
-                        _propagate(G, W_input, G, gx[start : start + chunk], spec.activations[0], rows, True, run)
+                        propagate(G, W_input, G, gx[start : start + chunk], spec.activations[0], rows, True, run)
                     else:
                         Wi = W_input.float()
                         g = G[:, 0] @ Wi
@@ -228,17 +228,17 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
 
 
 @dataclass(frozen=True)
-class _Launches:
-    """What every per-layer backward launch of one call shares."""
+class LayerLaunches:
+    """What every per-layer launch of one call shares (the backward's, and reverse mode's forward)."""
 
     arch: int
     precision: str
-    num_slots: int
+    num_slots: int  # stacked rows per point in the propagation (adjoint rows in reverse mode)
     bf16: dict  # interpret_bf16's argument
     is_traced: bool
 
 
-def _recompute(xc, weights, biases, spec, inputs, jacobian, run: _Launches):
+def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaunches):
     """The forward of a chunk again, keeping A_l = [h; T] (compute dtype) and Z_l = [z; U] (fp32)."""
     k = spec.jacobian_inputs
     rows = 1 + k if jacobian else 1
@@ -282,7 +282,7 @@ def _recompute(xc, weights, biases, spec, inputs, jacobian, run: _Launches):
     return As, Zs
 
 
-def _weight_grad(G, A_prev, live_a, has_bias, l, like, run: _Launches):
+def _weight_grad(G, A_prev, live_a, has_bias, l, like, run: LayerLaunches):
     """(G_Z^T A_prev summed over the points and live slots, the bias gradient or None): fp32 partial
     sums over splits of the points, summed in a fixed order. A_prev: (P, slots, d_in), or x (P, d_in)."""
     C, d_out, d_in = G.shape[0], G.shape[2], A_prev.shape[-1]
@@ -330,9 +330,11 @@ def _weight_grad(G, A_prev, live_a, has_bias, l, like, run: _Launches):
     return gw_part.sum(0), (gb_part.sum(0) if has_bias else None)
 
 
-def _propagate(G, W, z_prev, out, prev_act, rows, last_step, run: _Launches):
+def propagate(G, W, z_prev, out, prev_act, rows, last_step, run: LayerLaunches, adjoints: bool = False):
     """out = G_Z W, then the previous layer's activation backward with its Z (or, with last_step,
-    the value row alone: dLoss/dx of a first layer whose input is x)."""
+    the value row alone: dLoss/dx of a first layer whose input is x). With `adjoints` (reverse
+    mode's forward) the rows are J's adjoints: each times s'(z), z_prev holding z alone, and
+    last_step writes every row."""
     C, d_out, d_in = G.shape[0], W.shape[0], W.shape[1]
     precision = layer_precision(run.precision, d_in, d_out)
     cfg, _ = tuning.layer_backward_configs(run.arch, precision, run.num_slots)
@@ -354,15 +356,16 @@ def _propagate(G, W, z_prev, out, prev_act, rows, last_step, run: _Launches):
             stride_wn=W.stride(0),
             stride_wk=W.stride(1),
             stride_zp=z_prev.stride(0),
-            stride_zs=z_prev.stride(1),
+            stride_zs=0 if adjoints else z_prev.stride(1),
             stride_op=out.stride(0),
-            stride_os=0 if last_step else out.stride(1),
+            stride_os=0 if last_step and not adjoints else out.stride(1),
             stride_of=out.stride(-1),
             LIVE_SLOTS=rows,
             LAST_STEP=last_step,
             **activation_constexprs(prev_act, "ACT"),
             PRECISION=precision,
             SLOTS=run.num_slots,
+            ADJOINTS=adjoints,
             **run.bf16,
         ),
         run.is_traced,

@@ -44,7 +44,11 @@ def mlp_forward(x2d: torch.Tensor, weights, biases, spec: NetworkSpec, *, jacobi
         return y, J
     precision = matmul_precision(x2d.dtype)
     with device_guard(x2d):
-        if planned_kind(x2d, weights, spec, jacobian) == "network":
+        if jacobian and spec.uses_reverse_mode(d_out):
+            from .reverse import reverse_forward  # builds on this module and the backward's
+
+            reverse_forward(x2d, weights, biases, spec, y, J, precision, band_weights)
+        elif planned_kind(x2d, weights, spec, jacobian) == "network":
             _run_network(x2d, weights, biases, spec, y, J, jacobian, precision, band_weights)
         else:
             _run_layers(x2d, weights, biases, spec, y, J, jacobian, precision, band_weights)

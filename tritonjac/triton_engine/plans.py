@@ -6,6 +6,9 @@
   `mlp_backward_kernel` where a configuration fits (`fused_backward_available`).
   Real networks (docs/design.md section 8) take it with an encoding, a latent code, one skip into a
   hidden layer and selected inputs and outputs; their backward runs per layer.
+- In reverse mode (fewer outputs than inputs, docs/design.md section 9), "network" is one launch of
+  `mlp_reverse_kernel` (plain chains, selected inputs and outputs: no encodings or skips yet), and
+  "layers" goes up with `layer_forward_kernel` and down with `layer_backward_kernel`.
 - "layers": one launch of `layer_forward_kernel` per layer otherwise (wide layers such as IDR's
   512, mixed widths or activations, single-layer nets, several skips), with [h; T] between layers
   in global memory in the compute dtype, and the per-layer backward kernels.
@@ -32,6 +35,7 @@ __all__ = [
     "fused_backward_available",
     "per_layer_backward",
     "slots",
+    "adjoint_slots",
     "pad_width",
 ]
 
@@ -50,6 +54,11 @@ def slots(k: int, jacobian: bool) -> int:
     return triton.next_power_of_2(1 + k) if jacobian else 1
 
 
+def adjoint_slots(m: int) -> int:
+    """Stacked adjoint rows per point in reverse mode: J's m rows, padded to a power of two."""
+    return triton.next_power_of_2(m)
+
+
 def pad_width(width: int) -> int:
     """The whole-network kernels' tile width: a power of two, at least 16 (a `tl.dot` minimum)."""
     return max(16, triton.next_power_of_2(width))
@@ -62,7 +71,9 @@ def network_fits(width: int, num_slots: int, precision: str, arch: int, encoded:
     return bool(tuning.prune_network_configs(tuning.network_configs(), named, arch=arch))
 
 
-def plan_for(weights, spec: NetworkSpec, jacobian: bool = True, precision: str = "tf32", arch: int = 90) -> Plan:
+def plan_for(
+    weights, spec: NetworkSpec, jacobian: bool = True, precision: str = "tf32", arch: int = 90, mode: str = "forward"
+) -> Plan:
     """The forward plan for these weights and spec on a GPU of compute capability `arch`.
 
     Args:
@@ -71,13 +82,18 @@ def plan_for(weights, spec: NetworkSpec, jacobian: bool = True, precision: str =
         jacobian: whether the call computes J (tangents take registers).
         precision: the `tl.dot` input precision, see `tritonjac.precision.matmul_precision`.
         arch: compute capability as 80, 90, ...
+        mode: how J is computed, "forward" or "reverse" (`mlp_reverse_kernel` for the whole network:
+            plain chains, with selected inputs and outputs, but no encodings or skips yet).
     Returns:
         A `Plan`: kind "network" or "layers", and the reason for "layers".
     """
     L = len(weights)
     d_in, d_out = weights[0].shape[1], weights[-1].shape[0]
     hidden = {w.shape[0] for w in weights[:-1]}
-    if not spec.is_plain:
+    reverse = jacobian and mode == "reverse"
+    if reverse and (spec.encoding is not None or spec.skips):
+        return Plan("layers", "the whole-network reverse kernel has no encodings or skips yet")
+    if not spec.is_plain and not reverse:
         problem = _real_network_problem(weights, spec)
         if problem:
             return Plan("layers", problem)
@@ -93,6 +109,11 @@ def plan_for(weights, spec: NetworkSpec, jacobian: bool = True, precision: str =
         return Plan("layers", f"in/out features {d_in}/{d_out} > {MAX_NETWORK_FEATURES}")
     if len(set(spec.activations[:-1])) > 1:
         return Plan("layers", "hidden activations differ")
+    if reverse:
+        m = spec.jacobian_outputs(d_out)
+        if tuning.reverse_config(adjoint_slots(m), pad_width(width), precision, arch) is None:
+            return Plan("layers", f"width {width} with {m} adjoints in {precision} does not fit the registers")
+        return Plan("network", "")
     if not network_fits(width, slots(spec.jacobian_inputs, jacobian), precision, arch, spec.encoding is not None):
         return Plan(
             "layers", f"width {width} with {spec.jacobian_inputs} tangents in {precision} does not fit the registers"
@@ -115,9 +136,9 @@ def _real_network_problem(weights, spec: NetworkSpec) -> str:
     return ""
 
 
-def planned_kind(x2d: torch.Tensor, weights, spec: NetworkSpec, jacobian: bool) -> str:
+def planned_kind(x2d: torch.Tensor, weights, spec: NetworkSpec, jacobian: bool, mode: str = "forward") -> str:
     """ "network" or "layers": the plan the forward takes for these inputs on x2d's device."""
-    return plan_for(weights, spec, jacobian, matmul_precision(x2d.dtype), device_arch(x2d)).kind
+    return plan_for(weights, spec, jacobian, matmul_precision(x2d.dtype), device_arch(x2d), mode).kind
 
 
 _FUSED_BACKWARD = [True]

@@ -123,6 +123,13 @@ KERNELS: dict[str, KernelInfo] = {
             prune=lambda *a, **kw: tuning.prune_layer_configs(*a, **kw),
         ),
         KernelInfo(
+            "mlp_reverse",
+            "reverse",
+            "mlp_reverse_kernel",
+            pointers=("x_ptr", *_NETWORK_PARAMETERS, "y_ptr", "j_ptr", "ws_ptr"),
+            fp32_pointers=frozenset({"ws_ptr"}),
+        ),
+        KernelInfo(
             "mlp_backward",
             "backward",
             "mlp_backward_kernel",

@@ -33,6 +33,8 @@ __all__ = [
     "INTERPRETER_CONFIGS",
     "fused_backward_config",
     "fused_backward_programs",
+    "reverse_configs",
+    "reverse_config",
     "layer_backward_configs",
     "recompute_config",
     "layers_backward_chunk",
@@ -341,9 +343,36 @@ def fused_backward_config(slots: int, width_pad: int, precision: str, arch: int)
     return configs[0] if configs else None
 
 
+def reverse_configs(named_args: dict, arch: int) -> list[triton.Config]:
+    """Configurations of the whole-network reverse kernel that fit, preferred first (possibly none:
+    then it runs per layer). Its live state is the forward kernel's with ADJ_SLOTS stacked rows (the
+    adjoint tile, the layer's weight tile), so the forward's budgets apply (`network_fits_config`),
+    checked by ahead-of-time compilation (tests/test_aot.py)."""
+    slots, width, precision = named_args["ADJ_SLOTS"], named_args["WIDTH_PAD"], named_args["PRECISION"]
+    stages = 1 if precision == "tf32x3" and width >= 128 else 2
+    candidates = [
+        triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=stages)
+        for bm, w in ((64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 8), (128, 8))
+    ]
+    return [
+        c
+        for c in candidates
+        if network_fits_config(c.kwargs["BLOCK_M"], slots, width, c.num_warps, precision, arch, c.num_stages)
+    ]
+
+
+def reverse_config(adj_slots: int, width_pad: int, precision: str, arch: int) -> triton.Config | None:
+    """The whole-network reverse kernel's configuration (the first that fits), or None. The
+    interpreter takes the whole-network path exactly where an sm_90 GPU would, with its own block."""
+    configs = reverse_configs({"ADJ_SLOTS": adj_slots, "WIDTH_PAD": width_pad, "PRECISION": precision}, arch)
+    if configs and interpreting():
+        return triton.Config({"BLOCK_M": 16}, num_warps=4, num_stages=1)
+    return configs[0] if configs else None
+
+
 def fused_backward_programs(num_blocks: int, sm_count: int) -> int:
-    """Persistent programs of the fused backward: two per SM (a few under the interpreter, so that
-    programs loop over several blocks)."""
+    """Persistent programs of the fused backward and of the whole-network reverse kernel: two per SM
+    (a few under the interpreter, so that programs loop over several blocks)."""
     limit = 3 if interpreting() else 2 * sm_count
     return max(1, min(num_blocks, limit))
 
