@@ -244,8 +244,8 @@ def layer_backward_kernel(
         acc = dot_f32(b_g, b_w.to(operand_ty), acc, PRECISION, INTERPRET_BF16)
     G = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_K))
     m_pk = m_p[:, None, None] & m_k[None, None, :]
+    p_out = out_ptr + o_p[:, None, None] * stride_op + o_s[None, :, None] * stride_os + o_k[None, None, :] * stride_of
     if LAST_STEP:
-        p_out = out_ptr + o_p[:, None, None] * stride_op + o_k[None, None, :] * stride_of + o_s[None, :, None] * stride_os
         m_out = m_s[None, :, None] if ADJOINTS else o_s[None, :, None] == 0
         tl.store(p_out, G.to(out_ptr.dtype.element_ty), mask=m_pk & m_out)
     else:
@@ -255,9 +255,6 @@ def layer_backward_kernel(
             G_Z = _activation_backward(G, Z, 1, ACT, ACT_PARAM, ACT_THRESHOLD)
         else:
             G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
-        p_out = (
-            out_ptr + o_p[:, None, None] * stride_op + o_s[None, :, None] * stride_os + o_k[None, None, :] * stride_of
-        )
         tl.store(p_out, G_Z, mask=m_pk & m_s[None, :, None])
 
 

@@ -85,22 +85,25 @@ def mlp_reverse_kernel(
         # ---- the last layer: y, and the adjoints of the selected outputs with respect to h_(L-1) -----------
         G = tl.zeros((BLOCK_M, ADJ_SLOTS, WIDTH_PAD), tl.float32)
         for o in tl.static_range(OUT):
-            r = tl.reshape(last_layer_output(h[:, None, :], w_last_ptr, bias_last_ptr, o, WIDTH, WIDTH_PAD, 1, HAS_BIAS), (BLOCK_M,))
+            r = last_layer_output(h[:, None, :], w_last_ptr, bias_last_ptr, o, WIDTH, WIDTH_PAD, 1, HAS_BIAS)
+            r = tl.reshape(r, (BLOCK_M,))
             slope = tl.full((BLOCK_M,), 1.0, tl.float32)
             if LAST_ACT != IDENTITY:
                 r, slope = activation_and_slope(r, LAST_ACT, LAST_PARAM, LAST_THRESHOLD)
-            tl.store(y_ptr + o_p * stride_yp + o * stride_yf, to_storage(r, y_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_p)
+            b_y = to_storage(r, y_ptr.dtype.element_ty, INTERPRET_BF16)
+            tl.store(y_ptr + o_p * stride_yp + o * stride_yf, b_y, mask=m_p)
             if o >= OUT_START and o < OUT_START + ADJOINTS:
                 b_row = tl.load(w_last_ptr + o * WIDTH + o_w, mask=m_w, other=0.0).to(tl.float32)
-                dz = tl.where(o_a[None, :] == o - OUT_START, slope[:, None], 0.0)
-                G += dz[:, :, None] * b_row[None, None, :]
+                dz_out = tl.where(o_a[None, :] == o - OUT_START, slope[:, None], 0.0)
+                G += dz_out[:, :, None] * b_row[None, None, :]
         tl.debug_barrier()  # the slopes are read back below in other threads' layouts
 
         # ---- down: dz_l = s'(z_l) * dh_l, dh_(l-1) = dz_l W_l --------------------------------------------
         for i in range(num_hidden):
             l = num_hidden - 1 - i
             ds = tl.load(ws + (l + 1) * BLOCK_M * WIDTH_PAD + p_ws_tile)
-            b_dz = to_operand(tl.reshape(G * ds[:, None, :], (BLOCK_M * ADJ_SLOTS, WIDTH_PAD)), operand_ty, INTERPRET_BF16)
+            dz = tl.reshape(G * ds[:, None, :], (BLOCK_M * ADJ_SLOTS, WIDTH_PAD))
+            b_dz = to_operand(dz, operand_ty, INTERPRET_BF16)
             p_w = w_hidden_ptr + l * WIDTH * WIDTH + o_w[:, None] * WIDTH + o_w[None, :]  # [n, k]
             b_w = tl.load(p_w, mask=m_ww, other=0.0).to(operand_ty)
             G = tl.reshape(dot_f32(b_dz, b_w, None, PRECISION, INTERPRET_BF16), (BLOCK_M, ADJ_SLOTS, WIDTH_PAD))

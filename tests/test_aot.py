@@ -38,7 +38,14 @@ def test_every_shipped_configuration_was_compiled(reports):
 
     assert len(reports) == len(aot.shipped_cases()) > 0
     kernels = {r["label"].split()[1] for r in reports}
-    assert kernels == {"mlp_forward", "layer_forward", "mlp_backward", "layer_backward", "layer_weight_grad"}
+    assert kernels == {
+        "mlp_forward",
+        "layer_forward",
+        "mlp_backward",
+        "layer_backward",
+        "layer_weight_grad",
+        "mlp_reverse",
+    }
 
 
 def test_no_compile_errors(reports):

@@ -178,8 +178,12 @@ def test_plan_names_the_triton_kernels_plan():
     )
     sdf = tritonjac.JacobianMLP(3, [16, 32], 1, backend="triton")
     plan = sdf.plan(x)
-    assert (plan.engine, plan.mode, plan.kernels) == ("triton", "forward", "layers")
-    assert "forward mode only" in plan.mode_reason and "hidden widths differ" in str(plan)
+    assert (plan.engine, plan.mode, plan.kernels) == ("triton", "reverse", "layers")
+    assert "1 outputs < 3 inputs" in plan.mode_reason and "hidden widths differ" in str(plan)
+    sdf = tritonjac.JacobianMLP(3, [16, 16], 1, backend="triton")
+    assert str(sdf.plan(x)).endswith("1 + 1 rows per point and layer instead of 1 + 3; the whole network in one launch")
+    encoded = tritonjac.JacobianMLP(3, [16, 16], 1, encoding=tritonjac.PositionalEncoding(2), backend="triton")
+    assert encoded.plan(x).kernels_reason == "the whole-network reverse kernel has no encodings or skips yet"
 
 
 def test_bad_modes_are_refused():
@@ -188,10 +192,6 @@ def test_bad_modes_are_refused():
     model = tritonjac.JacobianMLP(3, [16], 1)
     with pytest.raises(ValueError, match="mode must be one of"):
         model.mode = "fast"
-    model.backend = "triton"
-    model.mode = "reverse"
-    with pytest.raises(NotImplementedError, match="mode='reverse' has no Triton kernels yet"):
-        model(torch.randn(4, 3))
 
 
 @pytest.mark.parametrize("mode", MODES)

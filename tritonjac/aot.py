@@ -50,6 +50,9 @@ class Case:
             shape = f"in={parts}" + (" +Z" if c.get("STORE_Z") else "")
         elif self.kernel.startswith("layer_"):
             shape = f"rows={c.get('LIVE_SLOTS', c.get('LIVE_SLOTS_A'))}" + (" last" if c.get("LAST_STEP") else "")
+            shape += " adjoints" if c.get("ADJOINTS") else ""
+        elif self.kernel == "mlp_reverse":
+            shape = f"W{c['WIDTH']} adjoints={c['ADJOINTS']}"
         else:
             shape = f"W{c.get('WIDTH', '-')}" + ("+enc+skip" if c.get("ENCODED") else "")
         cfg = dict(self.config)
@@ -132,9 +135,8 @@ def compile_config(case: Case) -> CompileReport:
         )
     except Exception as err:  # report, do not hide: the caller fails the case
         error = f"{type(err).__name__}: {err}"[:2000]
-        return CompileReport(
-            case.label, 0, 0, 0, 0, "none", time.perf_counter() - start, error, SHARED_LIMIT[case.arch]
-        )
+        seconds = time.perf_counter() - start
+        return CompileReport(case.label, 0, 0, 0, 0, "none", seconds, error=error, shared_limit=SHARED_LIMIT[case.arch])
     seconds = time.perf_counter() - start
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
@@ -187,6 +189,7 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
     from .activations import as_activation
     from .network import NetworkSpec
     from .triton_engine import forward, launch, plans, tuning
+    from .triton_engine.reverse import reverse_constexprs
 
     cases = []
     softplus = as_activation(torch.nn.Softplus(beta=100.0))
@@ -206,6 +209,12 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                         real |= {"OUT_START": 3, "OUT_STOP": 6, "BLOCK_E": 32, "LIVE_SLOTS": 4}
                         for config in tuning.prune_network_configs(tuning.network_configs(), real, arch=arch):
                             cases.append(_case("mlp_forward", real, config, dtype, arch))
+                    if jacobian:  # reverse mode (an SDF's one output, and two of three outputs)
+                        for m in (1, 2):
+                            rx = reverse_constexprs(W[:-1] + [torch.empty(m, width)], spec, precision, m)
+                            config = tuning.reverse_config(rx["ADJ_SLOTS"], rx["WIDTH_PAD"], precision, arch)
+                            if config is not None:
+                                cases.append(_case("mlp_reverse", rx | {"HAS_BIAS": True}, config, dtype, arch))
                     if not plans.network_fits(width, cx["SLOTS"], precision, arch):
                         continue  # this plan runs per layer, forward and backward
                     bx = {k: v for k, v in cx.items() if k != "JACOBIAN"}
@@ -220,21 +229,33 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
             (False, True, True),
             (True, True, True),
         )
-        for (hidden, has_input, encoded), jacobian in [(p, True) for p in layer_parts] + [
-            ((True, False, False), False)
-        ]:
+        # with tangents, and without: the forward without J (hidden layers), reverse mode's way up (all)
+        for (hidden, has_input, encoded), jacobian in [(p, j) for p in layer_parts for j in (True, False)]:
             first = not hidden
             for dtype, precision in (("fp32", "tf32"), ("fp32", "tf32x3"), ("bf16", "ieee")):
                 cx = forward.layer_constexprs(softplus, 3, hidden, has_input, encoded, True, jacobian, precision)
                 if encoded:
                     cx["BLOCK_E"] = 16
-                for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
-                    cases.append(_case("layer_forward", cx, config, dtype, arch))
-                # the per-layer backward: its recompute (storing Z) and its two kernels
+                if jacobian or (hidden and not has_input):
+                    for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
+                        cases.append(_case("layer_forward", cx, config, dtype, arch))
+                # the per-layer backward's recompute (storing Z), also reverse mode's way up
                 recompute = tuning.recompute_config(cx, arch)
                 cases.append(_case("layer_forward", cx | {"STORE_Z": True}, recompute, dtype, arch))
                 if first or has_input:
                     continue
+                if not jacobian:  # reverse mode's way down: an SDF's adjoint row, and J from the first layer
+                    adjoint_config, _ = tuning.layer_backward_configs(arch, precision, 1)
+                    for last_step in (False, True):
+                        ax = {
+                            "LIVE_SLOTS": 1,
+                            "LAST_STEP": last_step,
+                            **launch.activation_constexprs(softplus, "ACT"),
+                            "PRECISION": precision,
+                            "SLOTS": 1,
+                            "ADJOINTS": True,
+                        }
+                        cases.append(_case("layer_backward", ax, adjoint_config, dtype, arch))
                 slots, rows = cx["SLOTS"], 4 if jacobian else 1
                 backward_config, _ = tuning.layer_backward_configs(arch, precision, slots)
                 for last_step in (False, True):
@@ -244,6 +265,7 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                         **launch.activation_constexprs(softplus, "ACT"),
                         "PRECISION": precision,
                         "SLOTS": slots,
+                        "ADJOINTS": False,
                     }
                     cases.append(_case("layer_backward", bx, backward_config, dtype, arch))
                 for rows_a in (rows, 1) if jacobian else (1,):

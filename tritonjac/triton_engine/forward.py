@@ -38,17 +38,17 @@ def mlp_forward(x2d: torch.Tensor, weights, biases, spec: NetworkSpec, *, jacobi
     check_dtype(x2d.dtype)
     P = x2d.shape[0]
     d_out, k = weights[-1].shape[0], spec.jacobian_inputs
+    if jacobian and spec.uses_reverse_mode(d_out):
+        from .reverse import reverse_forward  # builds on this module and on the backward's
+
+        return reverse_forward(x2d, weights, biases, spec, band_weights)
     y = allocate("y", x2d, P, d_out)
     J = allocate("J", x2d, P, spec.jacobian_outputs(d_out), k) if jacobian else None
     if P == 0:
         return y, J
     precision = matmul_precision(x2d.dtype)
     with device_guard(x2d):
-        if jacobian and spec.uses_reverse_mode(d_out):
-            from .reverse import reverse_forward  # builds on this module and the backward's
-
-            reverse_forward(x2d, weights, biases, spec, y, J, precision, band_weights)
-        elif planned_kind(x2d, weights, spec, jacobian) == "network":
+        if planned_kind(x2d, weights, spec, jacobian) == "network":
             _run_network(x2d, weights, biases, spec, y, J, jacobian, precision, band_weights)
         else:
             _run_layers(x2d, weights, biases, spec, y, J, jacobian, precision, band_weights)

@@ -18,30 +18,42 @@ import torch
 import triton
 
 from ..network import NetworkSpec
+from ..precision import matmul_precision
 from . import tuning
 from .backward import LayerLaunches, propagate, recompute_layers
 from .forward import LayerInputs, network_constexprs, network_parameters
-from .launch import allocate, device_arch, interpret_bf16, run_kernel, sm_count, traced
-from .plans import adjoint_slots, pad_width, planned_kind
+from .launch import allocate, device_arch, device_guard, interpret_bf16, run_kernel, sm_count, traced
+from .plans import adjoint_slots, planned_kind
 
-__all__ = ["reverse_forward"]
-
-
-def reverse_forward(x2d, weights, biases, spec: NetworkSpec, y, J, precision: str, band_weights=None) -> None:
-    """Write y (P, d_L) and J (P, m, k) in reverse mode (the caller allocated them, P > 0)."""
-    if planned_kind(x2d, weights, spec, True, "reverse") == "network":
-        _run_network(x2d, weights, biases, spec, y, J, precision)
-    else:
-        _run_layers(x2d, weights, biases, spec, y, J, precision, band_weights)
+__all__ = ["reverse_forward", "reverse_constexprs"]
 
 
-def _run_network(x, weights, biases, spec: NetworkSpec, y, J, precision: str) -> None:
+def reverse_forward(x2d, weights, biases, spec: NetworkSpec, band_weights=None):
+    """y (P, d_L) and J (P, m, k) in reverse mode; no autograd (`forward.mlp_forward` for the checks)."""
+    P, d_out = x2d.shape[0], weights[-1].shape[0]
+    if P == 0:
+        return allocate("y", x2d, 0, d_out), allocate("J", x2d, 0, spec.jacobian_outputs(d_out), spec.jacobian_inputs)
+    precision = matmul_precision(x2d.dtype)
+    with device_guard(x2d):
+        if planned_kind(x2d, weights, spec, True, "reverse") == "network":
+            return _run_network(x2d, weights, biases, spec, precision)
+        return _run_layers(x2d, weights, biases, spec, precision, band_weights)
+
+
+def reverse_constexprs(weights, spec: NetworkSpec, precision: str, m: int, biases=None) -> dict:
+    """`mlp_reverse_kernel`'s constexprs for m adjoint rows (J's selected outputs)."""
+    constexprs = network_constexprs(weights, biases or [None] * len(weights), spec, False, precision)
+    del constexprs["JACOBIAN"], constexprs["SLOTS"]
+    return constexprs | {"ADJOINTS": m, "ADJ_SLOTS": adjoint_slots(m), "OUT_START": spec.output_start}
+
+
+def _run_network(x, weights, biases, spec: NetworkSpec, precision: str):
     P, d_out = x.shape[0], weights[-1].shape[0]
     m = spec.jacobian_outputs(d_out)
-    constexprs = network_constexprs(weights, biases, spec, False, precision)
-    del constexprs["JACOBIAN"], constexprs["SLOTS"]
-    constexprs |= {"ADJOINTS": m, "ADJ_SLOTS": adjoint_slots(m), "OUT_START": spec.output_start}
-    width_pad = pad_width(weights[0].shape[0])
+    y = allocate("y", x, P, d_out)
+    J = allocate("J", x, P, m, spec.jacobian_inputs)
+    constexprs = reverse_constexprs(weights, spec, precision, m, biases)
+    width_pad = constexprs["WIDTH_PAD"]
     config = tuning.reverse_config(constexprs["ADJ_SLOTS"], width_pad, precision, device_arch(x))
     block_m = config.kwargs["BLOCK_M"]
     num_programs = tuning.fused_backward_programs(triton.cdiv(P, block_m), sm_count(x.device.index or 0))
@@ -69,9 +81,10 @@ def _run_network(x, weights, biases, spec: NetworkSpec, y, J, precision: str) ->
         **interpret_bf16(x.dtype),
     )
     run_kernel("mlp_reverse", (num_programs,), config, args, traced(x))
+    return y, J
 
 
-def _run_layers(x, weights, biases, spec: NetworkSpec, y, J, precision: str, band_weights=None) -> None:
+def _run_layers(x, weights, biases, spec: NetworkSpec, precision: str, band_weights=None):
     P, L, k = x.shape[0], len(weights), spec.jacobian_inputs
     rows = spec.output_rows(weights[-1].shape[0])
     m = rows.stop - rows.start
@@ -85,11 +98,13 @@ def _run_layers(x, weights, biases, spec: NetworkSpec, y, J, precision: str, ban
     chunk = tuning.layers_backward_chunk(P, per_point, free)
     last = spec.activations[-1]
     eye = torch.eye(m, device=x.device, dtype=torch.float32)
+    J = allocate("J", x, P, m, k) if direct else None
+    ys, Js = [], []  # per chunk (one, mostly): y is the last layer's recomputed output
     for start in range(0, P, chunk):
         xc = x[start : start + chunk]
         C = xc.shape[0]
         As, Zs = recompute_layers(xc, weights, biases, spec, inputs, False, run)
-        y[start : start + C] = As[-1][:, 0]
+        ys.append(As[-1][:, 0])
 
         # dz of the last layer: slot r is the adjoint of output o + r, s'(z) at that output alone
         if last.is_identity:
@@ -118,6 +133,10 @@ def _run_layers(x, weights, biases, spec: NetworkSpec, y, J, precision: str, ban
             if inputs.encoded_width:
                 _, _, d1, _ = inputs.map.evaluate(xc.float())
                 g = g_a0[:, :, inputs.map.differentiated_columns].transpose(0, 1)
-                J[start : start + C] = inputs.map.jacobian(g, d1)
+                Js.append(inputs.map.jacobian(g, d1).to(x.dtype))
             else:
-                J[start : start + C] = g_a0[:, :, spec.input_start : spec.input_start + k]
+                Js.append(g_a0[:, :, spec.input_start : spec.input_start + k].to(x.dtype))
+    y = ys[0] if len(ys) == 1 else torch.cat(ys)
+    if not direct:
+        J = Js[0] if len(Js) == 1 else torch.cat(Js)
+    return y, J

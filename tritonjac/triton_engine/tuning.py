@@ -33,6 +33,7 @@ __all__ = [
     "INTERPRETER_CONFIGS",
     "fused_backward_config",
     "fused_backward_programs",
+    "reverse_fits_config",
     "reverse_configs",
     "reverse_config",
     "layer_backward_configs",
@@ -343,21 +344,33 @@ def fused_backward_config(slots: int, width_pad: int, precision: str, arch: int)
     return configs[0] if configs else None
 
 
+def reverse_fits_config(
+    block_m: int, adj_slots: int, width_pad: int, num_warps: int, precision: str, arch: int
+) -> bool:
+    """Whether the whole-network reverse kernel compiles without spills (ahead-of-time compilation,
+    triton 3.9, every candidate). On sm_90 its adjoint tile, slope tile and weight tiles together
+    spilled beyond these budgets, and two stages (the next layer's weights prefetched) spilled
+    where one did not: one stage there. Before sm_90 the forward kernel's budgets held."""
+    if arch < 90:
+        stages = 1 if precision == "tf32x3" and width_pad >= 128 else 2
+        return network_fits_config(block_m, adj_slots, width_pad, num_warps, precision, arch, stages)
+    threads = 32 * num_warps
+    tile = block_m * adj_slots * width_pad / threads
+    weight = width_pad * width_pad / threads * (2 if precision == "tf32x3" else 1)
+    return block_m * adj_slots >= WGMMA_ROWS and tile <= 32 and tile + weight <= 96
+
+
 def reverse_configs(named_args: dict, arch: int) -> list[triton.Config]:
     """Configurations of the whole-network reverse kernel that fit, preferred first (possibly none:
-    then it runs per layer). Its live state is the forward kernel's with ADJ_SLOTS stacked rows (the
-    adjoint tile, the layer's weight tile), so the forward's budgets apply (`network_fits_config`),
-    checked by ahead-of-time compilation (tests/test_aot.py)."""
+    then it runs per layer; 3xTF32 at width 128 on sm_90)."""
     slots, width, precision = named_args["ADJ_SLOTS"], named_args["WIDTH_PAD"], named_args["PRECISION"]
-    stages = 1 if precision == "tf32x3" and width >= 128 else 2
+    stages = 1 if arch >= 90 or (precision == "tf32x3" and width >= 128) else 2
     candidates = [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=stages)
         for bm, w in ((64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 8), (128, 8))
     ]
     return [
-        c
-        for c in candidates
-        if network_fits_config(c.kwargs["BLOCK_M"], slots, width, c.num_warps, precision, arch, c.num_stages)
+        c for c in candidates if reverse_fits_config(c.kwargs["BLOCK_M"], slots, width, c.num_warps, precision, arch)
     ]
 
 
