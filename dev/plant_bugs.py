@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = [
+    "tests/test_triton_reverse.py",
     "tests/test_reverse_mode.py",
     "tests/test_triton_forward.py",
     "tests/test_triton_backward.py",
@@ -153,6 +154,55 @@ BUGS = [
         "lambda start, stop, scratch: store.chunk(start, stop)",
         "lambda start, stop, scratch: store.chunk(0, stop - start)",
         "reverse mode's backward reads the first chunk's saved adjoints for every chunk",
+    ),
+    Bug(
+        "reverse-kernel-first-slope",
+        "kernels/reverse.py",
+        "        G = G * tl.load(ws + p_ws_tile)[:, None, :]\n",
+        "",
+        "the whole-network reverse kernel forgets the first layer's slope before J",
+    ),
+    Bug(
+        "reverse-kernel-slope-of-the-wrong-layer",
+        "kernels/reverse.py",
+        "            ds = tl.load(ws + (l + 1) * BLOCK_M * WIDTH_PAD + p_ws_tile)",
+        "            ds = tl.load(ws + l * BLOCK_M * WIDTH_PAD + p_ws_tile)",
+        "the whole-network reverse kernel scales the adjoints by the previous layer's slopes",
+    ),
+    Bug(
+        "reverse-kernel-padding-adjoint-written",
+        "kernels/reverse.py",
+        "        m_j = m_p[:, None] & (o_a[None, :] < ADJOINTS)",
+        "        m_j = m_p[:, None]",
+        "the whole-network reverse kernel writes its padding adjoint slot into J",
+    ),
+    Bug(
+        "reverse-kernel-persistent-stride",
+        "kernels/reverse.py",
+        "        first_point += num_programs.to(tl.int64) * BLOCK_M",
+        "        first_point += BLOCK_M",
+        "the whole-network reverse kernel's programs step to the next block instead of their next one",
+    ),
+    Bug(
+        "adjoint-propagation-with-curvature",
+        "kernels/backward.py",
+        "            G_Z = _activation_backward(G, Z, 1, ACT, ACT_PARAM, ACT_THRESHOLD)",
+        "            G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)",
+        "the per-layer adjoint propagation treats adjoint rows as [value; tangents] (curvature terms)",
+    ),
+    Bug(
+        "reverse-layers-all-output-rows",
+        "tritonjac/triton_engine/reverse.py",
+        "                W_hidden = None if W_hidden is None else W_hidden[rows]",
+        "                W_hidden = None if W_hidden is None else W_hidden[: rows.stop - rows.start]",
+        "per-layer reverse mode starts the adjoints from the first outputs' rows, not the selected ones'",
+    ),
+    Bug(
+        "reverse-layers-skip-share-dropped",
+        "tritonjac/triton_engine/reverse.py",
+        "                    g_a0 = share if g_a0 is None else g_a0.add_(share)",
+        "                    g_a0 = share",
+        "per-layer reverse mode keeps only the first layer's share of a0's adjoints (a skip layer's is lost)",
     ),
     Bug(
         "chunk-workers-gradients",

@@ -238,7 +238,9 @@ def test_training_through_the_jacobian_compiles():
 WORKER = Path(__file__).parent / "traced_kernels_worker.py"
 
 
-@pytest.mark.parametrize("case", ["network", "network-tf32", "layers", "dynamic", "no-grad", "y-only"])
+@pytest.mark.parametrize(
+    "case", ["network", "network-tf32", "layers", "dynamic", "no-grad", "y-only", "sdf-network", "sdf-layers"]
+)
 def test_compiler_sees_the_kernels(case):
     """torch.compile(fullgraph=True) traces into tritonjac::triton_mlp_jacobian and its backward:
     every launch is a kernel node of the graph, torch's analysis of the kernels' IR found which
@@ -258,6 +260,8 @@ def test_compiler_sees_the_kernels(case):
         assert "aten.copy_." not in code  # nothing written in place: the IR analysis worked
     if case == "dynamic":
         assert "'num_points': 100" not in graphs[0] and "'num_points': 37" not in graphs[0]
+    if case.startswith("sdf"):  # reverse mode: the whole-network kernel's adjoints, or the propagation's
+        assert ("'ADJOINTS': 1" if case == "sdf-network" else "'ADJOINTS': True") in graphs[0]
     if case == "y-only":  # the forward without tangents, and a backward without a loss on J
         assert "'JACOBIAN': False" in graphs[0] and "'JACOBIAN': True" not in graphs[0]
         assert "'HAS_GJ': False" in graphs[1] and "'HAS_GJ': True" not in graphs[1]

@@ -13,7 +13,13 @@ PACKAGES = {"tritonjac": ROOT / "tritonjac", "tritonjac.kernels": ROOT / "kernel
 LAYERS = [
     {"tritonjac.activations", "tritonjac.precision", "tritonjac.grad_mode", "tritonjac.encoding"},
     {"tritonjac.network"},
-    {"tritonjac.kernels", "tritonjac.kernels.activations", "tritonjac.kernels.forward", "tritonjac.kernels.backward"},
+    {
+        "tritonjac.kernels",
+        "tritonjac.kernels.activations",
+        "tritonjac.kernels.forward",
+        "tritonjac.kernels.backward",
+        "tritonjac.kernels.reverse",
+    },
     {
         "tritonjac.torch_engine",
         "tritonjac.torch_engine.common",
@@ -27,6 +33,7 @@ LAYERS = [
         "tritonjac.triton_engine.plans",
         "tritonjac.triton_engine.forward",
         "tritonjac.triton_engine.backward",
+        "tritonjac.triton_engine.reverse",
     },
     {"tritonjac.ops", "tritonjac.ops.common", "tritonjac.ops.opaque", "tritonjac.ops.traced"},
     {"tritonjac.functional"},

@@ -224,9 +224,15 @@ def test_network_against_its_plain_pytorch_version(name, mode):
 
 
 # the networks the whole-network forward kernel takes (one skip into a hidden layer, equal widths up
-# to 128), run again on the per-layer kernels
+# to 128), run again on the per-layer kernels; the SDFs run in reverse mode ("auto"), two of them
+# again in forward mode
 WHOLE_NETWORK = {"nerfies", "dnerf"}
-KERNEL_CASES = [(name, "auto") for name in NETWORKS] + [(name, "layers") for name in sorted(WHOLE_NETWORK)]
+SDFS = {"neus", "deepsdf", "igr", "siren"}
+KERNEL_CASES = (
+    [(name, "auto") for name in NETWORKS]
+    + [(name, "layers") for name in sorted(WHOLE_NETWORK)]
+    + [(name, "forward-mode") for name in ("deepsdf", "neus")]
+)
 
 
 @pytest.mark.parametrize("name, plan", KERNEL_CASES, ids=[f"{n}-{p}" for n, p in KERNEL_CASES])
@@ -253,7 +259,10 @@ def test_triton_kernels_on_the_network(name, plan, kernels_run, monkeypatch, tf3
         from tritonjac.triton_engine import plans
 
         monkeypatch.setattr(plans, "MAX_NETWORK_WIDTH", 0)
+    if plan == "forward-mode":
+        kernels.mode = "forward"
     xo = x.to(TRITON_DEVICE, torch.float32).requires_grad_()
+    assert kernels.plan(xo).mode == ("reverse" if name in SDFS and plan == "auto" else "forward")
     y, J = kernels(xo)
     ours = gradients(y, J, xo, list(kernels.parameters()))
     whole = "mlp_forward" in kernels_run

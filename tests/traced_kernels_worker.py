@@ -61,9 +61,9 @@ def run_kernels_in_the_interpreter() -> None:
         for name in ("standard", "math", "random"):
             importlib.reload(importlib.import_module(f"triton.language.{name}"))
         importlib.reload(importlib.import_module("triton.language"))
-        from tritonjac.kernels import activations, backward, forward
+        from tritonjac.kernels import activations, backward, forward, reverse
 
-        for module in (activations, forward, backward):
+        for module in (activations, forward, backward, reverse):
             _interpreted.update(vars(importlib.reload(module)))
     for idx, kernel in list(kernel_side_table.id_to_kernel.items()):
         if isinstance(kernel, JITFunction):
@@ -91,24 +91,26 @@ def rel_err(a, b) -> float:
 
 
 CASES = {
-    # name: (hidden widths, activation, matmul precision, dynamic shapes, training step, with J)
-    "network": ([32, 32], "softplus", "highest", False, True, True),  # whole-network forward, per-layer backward
-    "network-tf32": ([32, 32], "softplus", "high", False, True, True),  # whole-network forward and backward
-    "layers": ([32, 48], "tanh", "highest", False, True, True),  # per-layer forward and backward
-    "dynamic": ([32, 32], "silu", "high", True, True, True),  # symbolic point count, one graph for two sizes
-    "no-grad": ([32, 32], "gelu", "high", False, False, True),  # inference: the forward alone
-    "y-only": ([32, 32], "softplus", "highest", False, True, False),  # forward(x, jacobian=False): no tangents
+    # name: (hidden widths, activation, matmul precision, dynamic shapes, training step, with J, outputs)
+    "network": ([32, 32], "softplus", "highest", False, True, True, 3),  # whole-network forward, per-layer backward
+    "network-tf32": ([32, 32], "softplus", "high", False, True, True, 3),  # whole-network forward and backward
+    "layers": ([32, 48], "tanh", "highest", False, True, True, 3),  # per-layer forward and backward
+    "dynamic": ([32, 32], "silu", "high", True, True, True, 3),  # symbolic point count, one graph for two sizes
+    "no-grad": ([32, 32], "gelu", "high", False, False, True, 3),  # inference: the forward alone
+    "y-only": ([32, 32], "softplus", "highest", False, True, False, 3),  # forward(x, jacobian=False): no tangents
+    "sdf-network": ([32, 32], "softplus", "high", False, True, True, 1),  # reverse mode, whole network
+    "sdf-layers": ([32, 48], "softplus", "highest", False, True, True, 1),  # reverse mode, per layer
 }
 
 
 def main(case: str) -> None:
-    widths, act, precision, dynamic, train, with_jacobian = CASES[case]
+    widths, act, precision, dynamic, train, with_jacobian, outputs = CASES[case]
     triton.runtime.driver.set_active(CompileOnlyDriver())
     launch.check_device = lambda x: None  # CPU tensors, though not interpreted while traced
     functional.compiler_sees_kernels = lambda engine, x: engine == "triton"  # the CUDA choice, on CPU
     torch.set_float32_matmul_precision(precision)
     torch.manual_seed(0)
-    model = tritonjac.JacobianMLP(3, widths, 3, act, backend="triton")
+    model = tritonjac.JacobianMLP(3, widths, outputs, act, backend="triton")
     model.linear_layers[1].bias = None  # a layer without bias
     reference = copy.deepcopy(model).double()  # float64, with its own parameters
     reference.backend = "torch"
@@ -118,7 +120,7 @@ def main(case: str) -> None:
             y = m(x, jacobian=False)
             return y.square().mean(), y
         y, J = m(x)
-        return y.square().mean() + (J + torch.eye(3, dtype=x.dtype)).square().mean(), y, J
+        return y.square().mean() + (J + torch.eye(*J.shape[-2:], dtype=x.dtype)).square().mean(), y, J
 
     compiled = torch.compile(lambda x: loss(model, x), backend=interpreting_backend, fullgraph=True, dynamic=dynamic)
     errors = {}
