@@ -6,6 +6,8 @@
                      network_input, sin_cos
     backward.py      mlp_backward_kernel (fused, whole network), layer_backward_kernel and
                      layer_weight_grad_kernel (the per-layer plan)
+    reverse.py       mlp_reverse_kernel: y and J in reverse mode for the whole network (values up,
+                     the adjoints of J's m rows down)
 
 Launching them (shapes, strides, grids, configurations) is `tritonjac.triton_engine`'s job; its
 kernel registry lists every kernel here with its pointer arguments and autotune key.
@@ -17,6 +19,8 @@ slot 0 the values h (or pre-activations z), slots 1..NUM_TANGENTS the tangents T
 padding slots up to SLOTS = next_power_of_2(1 + NUM_TANGENTS) zeros. Reshaped to
 (BLOCK_M * SLOTS, width) it is one `tl.dot` operand, so the values and all tangents go through a
 layer's matmul together. Without tangents (JACOBIAN=False, or no loss on J in a backward) SLOTS = 1.
+In reverse mode (kernels/reverse.py, and layer_backward_kernel with ADJOINTS) the stacked rows of a
+point are instead the adjoints of J's m rows, ADJOINTS = m of them padded to ADJ_SLOTS.
 
 Axes and their names.
 - points: `num_points`, tiled by BLOCK_M (BLOCK_P in the weight gradient, which reduces over them);
@@ -37,8 +41,8 @@ loaded bias), `i_` program ids, `g_`/`G` gradients (G_Z = dLoss/d[z; U]).
 Arguments, in this order: pointers (`*_ptr`), sizes (`num_points`, `d_in`, `d_out`, ...), strides
 (`stride_<tensor><axis>`), then constexprs: shapes (IN, NUM_TANGENTS, WIDTH, OUT, SLOTS, ...),
 the activation (ACT, ACT_PARAM, ACT_THRESHOLD; LAST_ACT, LAST_PARAM, LAST_THRESHOLD for the
-last layer), switches (HAS_BIAS, JACOBIAN, HAS_GY, HAS_GJ, NEED_X, LAST_STEP, STORE_Z; a layer's
-input parts HAS_HIDDEN, HAS_INPUT, ENCODED and the whole network's PLAIN_INPUT, HAS_SKIP, with
+last layer), switches (HAS_BIAS, JACOBIAN, HAS_GY, HAS_GJ, NEED_X, LAST_STEP, STORE_Z, ADJOINTS;
+a layer's input parts HAS_HIDDEN, HAS_INPUT, ENCODED and the whole network's PLAIN_INPUT, HAS_SKIP, with
 OUT_START/OUT_STOP for the outputs J holds: docs/design.md section 8),
 PRECISION (the `tl.dot` input precision: "ieee", "tf32" or "tf32x3"), block sizes (BLOCK_*), and
 INTERPRET_BF16 last (the interpreter's bf16 workaround, see forward.py). Sizes that vary with the

@@ -12,9 +12,9 @@ Cases (float32):
 
 Modes: "y and gradient" (the SDF and its gradient, nothing recorded: autograd.grad without a graph)
 and "eikonal step" (loss (|grad| - 1)^2 + |y|, backward to every parameter; autograd with
-create_graph=True). Methods: tritonjac as it chooses ("auto": reverse mode for one output on
-CPU, the Triton kernels' forward mode on a GPU), tritonjac in the other mode (reverse mode runs
-on the PyTorch engine, on either device), plain autograd, torch.compile of the network under autograd (--compile),
+create_graph=True). Methods: tritonjac as it chooses ("auto": reverse mode for one output, on the
+PyTorch engine on CPU and on the Triton kernels on a GPU), tritonjac in forward mode, plain
+autograd, torch.compile of the network under autograd (--compile),
 and on CPU the "limit" row: reverse mode's matmuls alone on random operands. Each row has its median
 time, the time relative to tritonjac's, and the peak memory (also relative to tritonjac's).
 """
@@ -111,7 +111,7 @@ def methods(model, x, include_compile: bool):
         return run
 
     model.mode = "auto"
-    other = "forward" if model.plan(x).mode == "reverse" else "reverse"  # reverse: on the PyTorch engine
+    other = "forward" if model.plan(x).mode == "reverse" else "reverse"
     table = {
         OURS: (no_grad(ours("auto")), step(ours("auto"))),
         f"tritonjac (mode={other!r})": (no_grad(ours(other)), step(ours(other))),

@@ -6,6 +6,7 @@ Files, in the order a call meets them:
     registry.py   every kernel with its pointer arguments and autotune key (also read by aot.py)
     launch.py     buffers, checks, configuration resolution and the one place kernels launch
     forward.py    y and J
+    reverse.py    y and J in reverse mode (fewer outputs than inputs)
     backward.py   the gradients: fused whole-network kernel or per-layer kernels
 
 Importing this package imports triton; `tritonjac.functional` imports it only when the Triton

@@ -6,12 +6,12 @@
   `mlp_backward_kernel` where a configuration fits (`fused_backward_available`).
   Real networks (docs/design.md section 8) take it with an encoding, a latent code, one skip into a
   hidden layer and selected inputs and outputs; their backward runs per layer.
-- In reverse mode (fewer outputs than inputs, docs/design.md section 9), "network" is one launch of
-  `mlp_reverse_kernel` (plain chains, selected inputs and outputs: no encodings or skips yet), and
-  "layers" goes up with `layer_forward_kernel` and down with `layer_backward_kernel`.
 - "layers": one launch of `layer_forward_kernel` per layer otherwise (wide layers such as IDR's
   512, mixed widths or activations, single-layer nets, several skips), with [h; T] between layers
   in global memory in the compute dtype, and the per-layer backward kernels.
+- In reverse mode (fewer outputs than inputs, docs/design.md section 9), "network" is one launch of
+  `mlp_reverse_kernel` (plain chains, selected inputs and outputs: no encodings or skips yet), and
+  "layers" goes up with `layer_forward_kernel` and down with `layer_backward_kernel`.
 """
 
 from __future__ import annotations
