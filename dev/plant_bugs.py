@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = [
     "tests/test_triton_reverse.py",
+    "tests/test_triton_backward.py",
     "tests/test_reverse_mode.py",
     "tests/test_triton_forward.py",
-    "tests/test_triton_backward.py",
     "tests/test_strided_inputs.py",
     "tests/test_compile.py",
     "tests/test_real_networks.py",
@@ -203,6 +203,27 @@ BUGS = [
         "                    g_a0 = share if g_a0 is None else g_a0.add_(share)",
         "                    g_a0 = share",
         "per-layer reverse mode keeps only the first layer's share of a0's adjoints (a skip layer's is lost)",
+    ),
+    Bug(
+        "seeded-backward-one-hot-slot",
+        "kernels/backward.py",
+        "                g += tl.where(o_s[None, :] == o + 1, 1.0, 0.0) * m_p[:, None].to(tl.float32)",
+        "                g += tl.where(o_s[None, :] == o, 1.0, 0.0) * m_p[:, None].to(tl.float32)",
+        "the seeded backward puts the loss on the wrong tangent slot (the value row for output 0)",
+    ),
+    Bug(
+        "seeded-backward-unmasked-points",
+        "kernels/backward.py",
+        "                g += tl.where(o_s[None, :] == o + 1, 1.0, 0.0) * m_p[:, None].to(tl.float32)",
+        "                g += tl.where(o_s[None, :] == o + 1, 1.0, 0.0)",
+        "the seeded backward's loss on the tangents also counts the padding points of a partial block",
+    ),
+    Bug(
+        "seeded-backward-first-layer-column",
+        "kernels/backward.py",
+        "                _add_to(gw_first + o_w * IN + j, g_col, m_w)",
+        "                _add_to(gw_first + o_w * IN + (SEED_INPUTS - 1 - j), g_col, m_w)",
+        "the seeded backward adds the first layer's tangent gradient to the wrong columns of W_1",
     ),
     Bug(
         "chunk-workers-gradients",

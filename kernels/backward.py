@@ -17,6 +17,12 @@ the slabs in a fixed order. No atomics: the same inputs give bit-identical gradi
 
 Without a loss on J (HAS_GJ=False) the tangents do not influence any gradient: SLOTS is 1 and the
 recomputed forward carries no tangents. Without a loss on y (HAS_GY=False), g_y is zero.
+
+SEEDED (reverse mode's backward, docs/design.md section 9): for J with fewer rows m than columns k,
+sum(dLoss/dJ * J) = sum_r (the derivative of y_r along the direction dLoss/dJ[r] in x), so the
+tangents are NUM_TANGENTS = m directions per point, seeded with dLoss/dJ's rows (U_1[r] = W_1's
+first SEED_INPUTS columns times dLoss/dJ[p, r]), their loss is tangent r of output r (a one-hot
+G_T), and their gradient lands in W_1's columns weighted by the seeds: m + 1 rows instead of k + 1.
 """
 
 import triton
@@ -44,6 +50,14 @@ def _activation_backward(G, Z, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: tl
 
 
 @triton.jit
+def _seeds(gj_ptr, o_p, m_p, o_s, j, stride_gjp, stride_gjo, stride_gjk, NUM_TANGENTS: tl.constexpr):
+    """dLoss/dJ[p, s - 1, j] in tangent slot s (BLOCK_M, SLOTS): the seeds' component along input j."""
+    p_seed = gj_ptr + o_p[:, None] * stride_gjp + (o_s[None, :] - 1) * stride_gjo + j * stride_gjk
+    m_seed = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= NUM_TANGENTS)
+    return tl.load(p_seed, mask=m_seed, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _add_to(p, value, mask):
     """*p += value for a program-private fp32 slab."""
     tl.store(p, tl.load(p, mask=mask, other=0.0) + value, mask=mask)
@@ -61,9 +75,11 @@ def mlp_backward_kernel(
     LAST_ACT: tl.constexpr, LAST_PARAM: tl.constexpr, LAST_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GY: tl.constexpr, HAS_GJ: tl.constexpr, NEED_X: tl.constexpr,
     PRECISION: tl.constexpr, SLOTS: tl.constexpr, WIDTH_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-    INTERPRET_BF16: tl.constexpr = False,
+    SEEDED: tl.constexpr = False, SEED_INPUTS: tl.constexpr = 0, INTERPRET_BF16: tl.constexpr = False,
 ):  # fmt: skip
     """Gradients for the points of blocks pid, pid + num_programs, ...
+
+    With SEEDED, gj holds dLoss/dJ (P, NUM_TANGENTS, SEED_INPUTS) as the tangents' seeds (above).
 
     Partial-sum slabs (fp32, one per program, zeroed by the launcher): gw_first (WIDTH, IN), gb_first
     (WIDTH), gw_hidden (num_hidden, WIDTH, WIDTH), gb_hidden (num_hidden, WIDTH), gw_last (OUT, WIDTH),
@@ -99,23 +115,22 @@ def mlp_backward_kernel(
         first_point += num_programs.to(tl.int64) * BLOCK_M
 
         # ---- forward again, keeping each layer's Z in the workspace -----------------------------
-        Z = first_layer(
-            x_ptr,
-            w_first_ptr,
-            bias_first_ptr,
-            o_p,
-            m_p,
-            stride_xp,
-            stride_xf,
-            IN,
-            NUM_TANGENTS,
-            WIDTH,
-            WIDTH_PAD,
-            SLOTS,
-            BLOCK_M,
-            HAS_BIAS,
-            HAS_GJ,
-        )
+        if SEEDED:  # U_1[r] = W_1's first SEED_INPUTS columns times the seeds dLoss/dJ[p, r]
+            Z = first_layer(
+                x_ptr, w_first_ptr, bias_first_ptr, o_p, m_p, stride_xp, stride_xf,
+                IN, NUM_TANGENTS, WIDTH, WIDTH_PAD, 1, BLOCK_M, HAS_BIAS, False,
+            )  # fmt: skip  # z alone, (BLOCK_M, 1, WIDTH_PAD)
+            U = tl.zeros((BLOCK_M, SLOTS, WIDTH_PAD), tl.float32)
+            for j in tl.static_range(SEED_INPUTS):
+                seed = _seeds(gj_ptr, o_p, m_p, o_s, j, stride_gjp, stride_gjo, stride_gjk, NUM_TANGENTS)
+                b_col = tl.load(w_first_ptr + o_w * IN + j, mask=m_w, other=0.0).to(tl.float32)
+                U += seed[:, :, None] * b_col[None, None, :]
+            Z = tl.where(is_value, Z, U)
+        else:  # U_1 = W_1's first NUM_TANGENTS columns
+            Z = first_layer(
+                x_ptr, w_first_ptr, bias_first_ptr, o_p, m_p, stride_xp, stride_xf,
+                IN, NUM_TANGENTS, WIDTH, WIDTH_PAD, SLOTS, BLOCK_M, HAS_BIAS, HAS_GJ,
+            )  # fmt: skip
         tl.store(ws + p_ws_tile, tl.reshape(Z, (TILE_ROWS, WIDTH_PAD)))
         A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         for l in range(num_hidden):
@@ -143,7 +158,9 @@ def mlp_backward_kernel(
             if HAS_GY:
                 p_gy = gy_ptr + o_p[:, None] * stride_gyp + o * stride_gyf + o_s[None, :] * 0
                 g += tl.load(p_gy, mask=m_p[:, None] & is_value_2d, other=0.0).to(tl.float32)
-            if HAS_GJ:
+            if SEEDED:  # the loss on the seeded tangents: tangent r of output r
+                g += tl.where(o_s[None, :] == o + 1, 1.0, 0.0) * m_p[:, None].to(tl.float32)
+            elif HAS_GJ:
                 p_gj = gj_ptr + o_p[:, None] * stride_gjp + o * stride_gjo + (o_s[None, :] - 1) * stride_gjk
                 m_gj = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= NUM_TANGENTS)
                 g += tl.load(p_gj, mask=m_gj, other=0.0).to(tl.float32)
@@ -186,7 +203,13 @@ def mlp_backward_kernel(
                 b_col = tl.load(w_first_ptr + o_w * IN + i, mask=m_w, other=0.0).to(tl.float32)
                 g_x = tl.sum(g_z * b_col[None, :], axis=1)
                 tl.store(gx_ptr + o_p * stride_gxp + i * stride_gxf, g_x.to(gx_ptr.dtype.element_ty), mask=m_p)
-        if HAS_GJ:  # the tangent rows of Z_1 are W's first NUM_TANGENTS columns: their gradient lands there
+        if SEEDED:  # U_1 = W_1[:, j] times the seeds: column j's gradient weighs G_U by them
+            tl.debug_barrier()  # those columns were just updated above, in another layout
+            for j in tl.static_range(SEED_INPUTS):
+                seed = _seeds(gj_ptr, o_p, m_p, o_s, j, stride_gjp, stride_gjo, stride_gjk, NUM_TANGENTS)
+                g_col = tl.sum(tl.sum(G_Z * seed[:, :, None], axis=1), axis=0)  # slot 0's seed is 0
+                _add_to(gw_first + o_w * IN + j, g_col, m_w)
+        elif HAS_GJ:  # the tangent rows of Z_1 are W's first NUM_TANGENTS columns: their gradient lands there
             tl.debug_barrier()  # those columns were just updated above, in another layout
             g_u = tl.sum(G_Z, axis=0)  # (SLOTS, WIDTH_PAD): slot s -> column s - 1
             m_u = (o_s[:, None] >= 1) & (o_s[:, None] <= NUM_TANGENTS) & m_w[None, :]

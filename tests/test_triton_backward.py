@@ -114,12 +114,53 @@ def check_against_torch_func(ours, x, loss):
         assert_close(g, w, tol, f"gradient of {name}")
 
 
+@pytest.fixture
+def fused_seeded():
+    """Whether each fused backward launch seeded its tangents with dLoss/dJ's rows (SEEDED)."""
+    from tritonjac.triton_engine import launch
+
+    seen = []
+
+    def observe(name, args, config):
+        if name == "mlp_backward":
+            seen.append(args["SEEDED"])
+
+    remove = launch.add_launch_observer(observe)
+    yield seen
+    remove()
+
+
 @pytest.mark.parametrize("loss_on", ["y", "J", "both"])
 @pytest.mark.parametrize("act", ALL_ACTIVATIONS)
-def test_every_activation(act, loss_on, kernels_run):
-    ours, reference = make_pair(3, [32, 32], 2, act)
+@pytest.mark.parametrize("outputs", [3, 1], ids=["J-columns", "seeded"])
+def test_every_activation(act, loss_on, outputs, kernels_run, fused_seeded):
+    """J's k = 3 columns carried as tangents (3 outputs), or (one output: m < k, reverse mode's
+    backward) one tangent seeded with dLoss/dJ's row."""
+    ours, reference = make_pair(3, [32, 32], outputs, act)
     check_gradients(ours, reference, 63, loss_on)
     assert ran_fused(kernels_run)
+    assert fused_seeded == [loss_on != "y" and outputs == 1]
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize(
+    "d_in, d_out, k, last",
+    [(3, 1, None, None), (3, 2, None, "tanh"), (5, 3, 4, None), (7, 1, 5, "sigmoid")],
+    ids=["sdf", "m2-last-activation", "m3-padded-slot", "k5-last-activation"],
+)
+def test_seeded_backward_whichever_mode_made_J(d_in, d_out, k, last, mode, kernels_run, fused_seeded):
+    """m < k: the fused backward seeds m tangents with dLoss/dJ's rows, whether reverse or forward
+    mode computed J; every gradient against float64, at several point counts."""
+    ours, reference = make_pair(d_in, [32, 32], d_out, "softplus", last=last, k=k)
+    ours.mode = mode
+    for N in (1, 63, 200):
+        check_gradients(ours, reference, N, "both")
+    assert ran_fused(kernels_run) and fused_seeded == [True] * 3
+    kernels_run.clear()
+    fused_seeded.clear()
+    with triton_engine.per_layer_backward():  # the per-layer backward carries J's columns
+        check_gradients(ours, reference, 63, "J")
+    assert not ran_fused(kernels_run) and fused_seeded == []
 
 
 @pytest.mark.parametrize("loss_on", ["y", "both"])

@@ -55,6 +55,7 @@ class Case:
             shape = f"W{c['WIDTH']} adjoints={c['ADJOINTS']}"
         else:
             shape = f"W{c.get('WIDTH', '-')}" + ("+enc+skip" if c.get("ENCODED") else "")
+            shape += f" seeded={c['NUM_TANGENTS']}" if c.get("SEEDED") else ""
         cfg = dict(self.config)
         blocks = "x".join(str(cfg[k]) for k in ("BLOCK_M", "BLOCK_P", "BLOCK_N", "BLOCK_K") if k in cfg)
         tangents = int(c.get("JACOBIAN", c.get("HAS_GJ", c.get("SLOTS", 1) > 1)))
@@ -215,6 +216,12 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                             config = tuning.reverse_config(rx["ADJ_SLOTS"], rx["WIDTH_PAD"], precision, arch)
                             if config is not None:
                                 cases.append(_case("mlp_reverse", rx | {"HAS_BIAS": True}, config, dtype, arch))
+                            # its backward: m tangents seeded with dLoss/dJ's rows
+                            sx = {k: v for k, v in cx.items() if k != "JACOBIAN"} | {"OUT": m, "NUM_TANGENTS": m}
+                            sx |= {"SLOTS": plans.slots(m, True), "HAS_GY": True, "HAS_GJ": True, "NEED_X": True}
+                            sx |= {"SEEDED": True, "SEED_INPUTS": 3}
+                            for config in tuning.backward_configs(sx, arch):
+                                cases.append(_case("mlp_backward", sx, config, dtype, arch))
                     if not plans.network_fits(width, cx["SLOTS"], precision, arch):
                         continue  # this plan runs per layer, forward and backward
                     bx = {k: v for k, v in cx.items() if k != "JACOBIAN"}

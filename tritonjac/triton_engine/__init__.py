@@ -19,10 +19,17 @@ import torch
 
 from ..grad_mode import records_autograd, refuse_double_backward
 from ..network import NetworkSpec
-from . import launch
+from . import forward, launch
 from .backward import mlp_backward
-from .forward import mlp_forward
-from .plans import Plan, fused_backward_available, per_layer_backward, plan_for, planned_kind
+from .plans import (
+    Plan,
+    fused_backward_available,
+    per_layer_backward,
+    plan_for,
+    planned_kind,
+    seeded_backward_available,
+)
+from .reverse import reverse_forward
 
 __all__ = [
     "mlp_jacobian",
@@ -31,10 +38,19 @@ __all__ = [
     "plan_for",
     "planned_kind",
     "fused_backward_available",
+    "seeded_backward_available",
     "per_layer_backward",
     "Plan",
     "launch",
 ]
+
+
+def mlp_forward(x2d, weights, biases, spec: NetworkSpec, *, jacobian: bool = True, band_weights=None):
+    """y (P, d_L) and J (P, m, k) (None without `jacobian`) from the kernels, no autograd: J in
+    reverse mode when the spec asks for it (`NetworkSpec.uses_reverse_mode`), else in forward mode."""
+    if jacobian and spec.uses_reverse_mode(weights[-1].shape[0]):
+        return reverse_forward(x2d, weights, biases, spec, band_weights)
+    return forward.mlp_forward(x2d, weights, biases, spec, jacobian=jacobian, band_weights=band_weights)
 
 
 def mlp_jacobian(x2d, weights, biases, spec: NetworkSpec, jacobian: bool = True, band_weights=None):

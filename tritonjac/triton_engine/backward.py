@@ -34,14 +34,18 @@ from .launch import (
     sm_count,
     traced,
 )
-from .plans import fused_backward_available, slots
+from .plans import fused_backward_available, seeded_backward_available, slots
 
 __all__ = ["mlp_backward", "fused_mlp_backward", "layers_backward", "LayerLaunches", "recompute_layers", "propagate"]
 
 
 def mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None):
     """dLoss/dx (None unless `need_x`), the weight gradients and the bias gradients (None where a
-    layer has no bias), in the parameters' dtypes. gy (P, d_L) or gJ (P, m, k) may be None."""
+    layer has no bias), in the parameters' dtypes. gy (P, d_L) or gJ (P, m, k) may be None.
+    Whichever mode computed J: with a loss on J of fewer rows than columns the fused kernel seeds m
+    tangents with its rows (`seeded_backward_available`), else it carries J's k columns."""
+    if gJ is not None and seeded_backward_available(x2d, weights, spec):
+        return fused_mlp_backward(x2d, weights, biases, spec, gy, gJ, need_x, seeded=True)
     if fused_backward_available(x2d, weights, spec, gJ is not None):
         return fused_mlp_backward(x2d, weights, biases, spec, gy, gJ, need_x)
     return layers_backward(x2d, weights, biases, spec, gy, gJ, need_x, band_weights)
@@ -52,8 +56,9 @@ def _fp32_sums_to(params, sums):
 
 
 # ---- the fused backward of the whole-network plan --------------------------------------------------
-def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool):
-    """`mlp_backward` by the fused kernel (the caller checked `fused_backward_available`)."""
+def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, seeded: bool = False):
+    """`mlp_backward` by the fused kernel (the caller checked `fused_backward_available`, or with
+    `seeded` (m tangents seeded with gJ's rows) `seeded_backward_available`)."""
     launch.check_device(x2d)
     P, d_in = x2d.shape
     L, width, d_out = len(weights), weights[0].shape[0], weights[-1].shape[0]
@@ -61,6 +66,8 @@ def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: 
     has_gj = gJ is not None
     precision = matmul_precision(x2d.dtype)
     constexprs = network_constexprs(weights, biases, spec, has_gj, precision)
+    if seeded:  # the tangents are J's rows (d_out of them: a plain chain's J holds every output)
+        constexprs |= {"NUM_TANGENTS": d_out, "SLOTS": slots(d_out, True)}
     config = tuning.fused_backward_config(constexprs["SLOTS"], constexprs["WIDTH_PAD"], precision, device_arch(x2d))
     if config is None:
         raise ValueError("no fused-backward configuration fits these shapes (see fused_backward_available)")
@@ -111,6 +118,8 @@ def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: 
         HAS_GY=gy is not None,
         HAS_GJ=has_gj,
         NEED_X=need_x,
+        SEEDED=seeded,
+        SEED_INPUTS=spec.jacobian_inputs if seeded else 0,
         **interpret_bf16(x2d.dtype),
     )
     if P > 0:

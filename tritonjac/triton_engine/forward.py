@@ -33,15 +33,12 @@ __all__ = [
 
 
 def mlp_forward(x2d: torch.Tensor, weights, biases, spec: NetworkSpec, *, jacobian: bool = True, band_weights=None):
-    """y (P, d_L) and J (P, m, k) (None without `jacobian`) from the forward kernels; no autograd."""
+    """y (P, d_L) and J (P, m, k) (None without `jacobian`) from the forward kernels in forward mode;
+    no autograd (`triton_engine.mlp_forward` picks the mode)."""
     launch.check_device(x2d)
     check_dtype(x2d.dtype)
     P = x2d.shape[0]
     d_out, k = weights[-1].shape[0], spec.jacobian_inputs
-    if jacobian and spec.uses_reverse_mode(d_out):
-        from .reverse import reverse_forward  # builds on this module and on the backward's
-
-        return reverse_forward(x2d, weights, biases, spec, band_weights)
     y = allocate("y", x2d, P, d_out)
     J = allocate("J", x2d, P, spec.jacobian_outputs(d_out), k) if jacobian else None
     if P == 0:

@@ -33,6 +33,7 @@ __all__ = [
     "planned_kind",
     "network_fits",
     "fused_backward_available",
+    "seeded_backward_available",
     "per_layer_backward",
     "slots",
     "adjoint_slots",
@@ -153,6 +154,20 @@ def per_layer_backward():
         yield
     finally:
         _FUSED_BACKWARD.pop()
+
+
+def seeded_backward_available(x2d: torch.Tensor, weights, spec: NetworkSpec) -> bool:
+    """Whether a backward with a loss on J of fewer rows than columns (m < k: an SDF's gradient)
+    runs the fused kernel with m tangents seeded by dLoss/dJ's rows (docs/design.md section 9),
+    whichever mode computed J: plain chains of the whole-network plan whose (1 + m)-row tile fits."""
+    d_out = weights[-1].shape[0]
+    if not _FUSED_BACKWARD[-1] or not spec.is_plain or d_out >= spec.jacobian_inputs:
+        return False
+    if planned_kind(x2d, weights, spec, False) != "network":
+        return False
+    precision = matmul_precision(x2d.dtype)
+    width_pad = pad_width(weights[0].shape[0])
+    return tuning.fused_backward_config(slots(d_out, True), width_pad, precision, device_arch(x2d)) is not None
 
 
 def fused_backward_available(x2d: torch.Tensor, weights, spec: NetworkSpec, jacobian: bool) -> bool:

@@ -19,17 +19,28 @@ import triton
 
 from ..network import NetworkSpec
 from ..precision import matmul_precision
-from . import tuning
+from . import launch, tuning
 from .backward import LayerLaunches, propagate, recompute_layers
 from .forward import LayerInputs, network_constexprs, network_parameters
-from .launch import allocate, device_arch, device_guard, interpret_bf16, run_kernel, sm_count, traced
+from .launch import (
+    allocate,
+    check_dtype,
+    device_arch,
+    device_guard,
+    interpret_bf16,
+    run_kernel,
+    sm_count,
+    traced,
+)
 from .plans import adjoint_slots, planned_kind
 
 __all__ = ["reverse_forward", "reverse_constexprs"]
 
 
 def reverse_forward(x2d, weights, biases, spec: NetworkSpec, band_weights=None):
-    """y (P, d_L) and J (P, m, k) in reverse mode; no autograd (`forward.mlp_forward` for the checks)."""
+    """y (P, d_L) and J (P, m, k) in reverse mode; no autograd."""
+    launch.check_device(x2d)
+    check_dtype(x2d.dtype)
     P, d_out = x2d.shape[0], weights[-1].shape[0]
     if P == 0:
         return allocate("y", x2d, 0, d_out), allocate("J", x2d, 0, spec.jacobian_outputs(d_out), spec.jacobian_inputs)

@@ -157,6 +157,8 @@ def backward_fits_config(block_m: int, slots: int, width_pad: int, num_warps: in
     if rows < 16:
         return False
     if slots > 1:
+        if arch < 90 and precision == "tf32" and rows < 32:
+            return False  # reverse mode's seeded backward (SLOTS 2, BLOCK_M 8): 40 spilled bytes (triton 3.9)
         return precision != "tf32x3" and tile <= 8 and weight <= (64 if arch >= 90 else 16)
     if arch >= 90:
         return tile <= 16 and tile + weight <= 72
