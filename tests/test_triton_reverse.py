@@ -278,3 +278,26 @@ def test_kernel_tolerances_apply_in_tf32(tf32, kernels_run):
     tolerance_y, tolerance_J = kernel_tolerances([y_ref, J_ref], plain, "float32")
     assert_close(y, y_ref, tolerance_y, "y")
     assert_close(J, J_ref, tolerance_J, "J")
+
+
+@pytest.mark.parametrize("plan", ["network", "layers"])
+def test_autocast_in_reverse_mode(plan, kernels_run):
+    """Under bf16 autocast: y and J in bf16 from the reverse kernels, float32 gradients (through the
+    seeded fused backward, whose 2-row tile fits in half precision, or the per-layer one)."""
+    device_type = "cuda" if TRITON_DEVICE == "cuda" else "cpu"
+    model = tritonjac.JacobianMLP(3, HIDDEN[plan], 1, "softplus", backend="triton", device=TRITON_DEVICE)
+    x = torch.rand(63, 3, device=TRITON_DEVICE) * 2 - 1
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        y, J = model(x)
+    assert y.dtype == J.dtype == torch.bfloat16 and set(PLAN_KERNELS[plan]) <= set(kernels_run)
+    reference = copy.deepcopy(model).to(device="cpu", dtype=torch.float64)
+    reference.backend = "torch"
+    with torch.no_grad():
+        y_ref, J_ref = reference(x.double().cpu())
+    assert_close(y, y_ref, "bfloat16", "y")  # bf16 operands: 2^-9 relative rounding through a few layers
+    assert_close(J, J_ref, "bfloat16", "J")
+    (eikonal(y.float(), J.float())).backward()
+    wanted = model_gradients(model, x, eikonal)[1:]
+    for (name, p), want in zip(model.named_parameters(), wanted, strict=True):
+        assert p.grad.dtype == torch.float32, name
+        assert_close(p.grad, want, "bfloat16", f"gradient of {name} under autocast")

@@ -8,8 +8,9 @@
   else summed over those layers and, with an encoding, taken through its derivatives
   (`torch_engine.InputMap.jacobian`).
 
-The backward of a reverse-mode call is the forward-mode backward (`backward.mlp_backward`): it
-recomputes from x and only needs dLoss/dJ, whichever way J was computed.
+There is no reverse-mode backward of its own: `backward.mlp_backward` recomputes from x and needs
+only dLoss/dJ, whichever way J was computed (with m < k its fused kernel seeds m tangents with
+dLoss/dJ's rows).
 """
 
 from __future__ import annotations
