@@ -207,16 +207,9 @@ BUGS = [
     Bug(
         "seeded-backward-one-hot-slot",
         "kernels/backward.py",
-        "                g += tl.where(o_s[None, :] == o + 1, 1.0, 0.0) * m_p[:, None].to(tl.float32)",
-        "                g += tl.where(o_s[None, :] == o, 1.0, 0.0) * m_p[:, None].to(tl.float32)",
-        "the seeded backward puts the loss on the wrong tangent slot (the value row for output 0)",
-    ),
-    Bug(
-        "seeded-backward-unmasked-points",
-        "kernels/backward.py",
-        "                g += tl.where(o_s[None, :] == o + 1, 1.0, 0.0) * m_p[:, None].to(tl.float32)",
         "                g += tl.where(o_s[None, :] == o + 1, 1.0, 0.0)",
-        "the seeded backward's loss on the tangents also counts the padding points of a partial block",
+        "                g += tl.where(o_s[None, :] == o, 1.0, 0.0)",
+        "the seeded backward puts the loss on the wrong tangent slot (the value row for output 0)",
     ),
     Bug(
         "seeded-backward-first-layer-column",

@@ -158,8 +158,9 @@ def mlp_backward_kernel(
             if HAS_GY:
                 p_gy = gy_ptr + o_p[:, None] * stride_gyp + o * stride_gyf + o_s[None, :] * 0
                 g += tl.load(p_gy, mask=m_p[:, None] & is_value_2d, other=0.0).to(tl.float32)
-            if SEEDED:  # the loss on the seeded tangents: tangent r of output r
-                g += tl.where(o_s[None, :] == o + 1, 1.0, 0.0) * m_p[:, None].to(tl.float32)
+            if SEEDED:  # the loss on the seeded tangents: tangent r of output r (a padding point's seeds
+                # are zero, so are its tangents, and it adds nothing to any gradient)
+                g += tl.where(o_s[None, :] == o + 1, 1.0, 0.0)
             elif HAS_GJ:
                 p_gj = gj_ptr + o_p[:, None] * stride_gjp + o * stride_gjo + (o_s[None, :] - 1) * stride_gjk
                 m_gj = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= NUM_TANGENTS)
