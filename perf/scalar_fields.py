@@ -13,7 +13,8 @@ Cases (float32):
 Modes: "y and gradient" (the SDF and its gradient, nothing recorded: autograd.grad without a graph)
 and "eikonal step" (loss (|grad| - 1)^2 + |y|, backward to every parameter; autograd with
 create_graph=True). Methods: tritonjac as it chooses ("auto": reverse mode for one output, on the
-PyTorch engine on CPU and on the Triton kernels on a GPU), tritonjac in forward mode, plain
+PyTorch engine on CPU and on the Triton kernels on a GPU), tritonjac in forward mode, on the
+kernels the step with the backward carrying J's columns instead of one seeded tangent, plain
 autograd, torch.compile of the network under autograd (--compile),
 and on CPU the "limit" row: reverse mode's matmuls alone on random operands. Each row has its median
 time, the time relative to tritonjac's, and the peak memory (also relative to tritonjac's).
@@ -37,6 +38,7 @@ from real_networks import matmuls_alone, median_of, neus, no_grad, training_step
 
 LIMIT = "limit: reverse mode's matmuls alone"
 OURS = "tritonjac (auto)"
+COLUMNS = "tritonjac (auto), backward carrying J's 3 columns"
 
 
 def sdf(width: int, depth: int, n: int):
@@ -120,6 +122,16 @@ def methods(model, x, include_compile: bool):
             step(lambda: autograd_gradient(forward, model, x, True)),
         ),
     }
+    if model.plan(x).engine == "triton":  # what seeding the backward's tangents with dLoss/dJ saves
+        from tritonjac import triton_engine
+
+        auto_step = step(ours("auto"))
+
+        def columns_step():
+            with triton_engine.unseeded_backward():
+                auto_step()
+
+        table[COLUMNS] = (None, columns_step)
     if include_compile:
         compiled = torch.compile(forward)
         table["torch.compile(network) + autograd"] = (

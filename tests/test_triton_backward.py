@@ -161,6 +161,10 @@ def test_seeded_backward_whichever_mode_made_J(d_in, d_out, k, last, mode, kerne
     with triton_engine.per_layer_backward():  # the per-layer backward carries J's columns
         check_gradients(ours, reference, 63, "J")
     assert not ran_fused(kernels_run) and fused_seeded == []
+    kernels_run.clear()
+    with triton_engine.unseeded_backward():  # the fused one too, on request (the benchmark's comparison)
+        check_gradients(ours, reference, 63, "J")
+    assert ran_fused(kernels_run) and fused_seeded == [False]
 
 
 @pytest.mark.parametrize("loss_on", ["y", "both"])

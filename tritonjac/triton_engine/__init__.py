@@ -28,6 +28,7 @@ from .plans import (
     plan_for,
     planned_kind,
     seeded_backward_available,
+    unseeded_backward,
 )
 from .reverse import reverse_forward
 
@@ -39,6 +40,7 @@ __all__ = [
     "planned_kind",
     "fused_backward_available",
     "seeded_backward_available",
+    "unseeded_backward",
     "per_layer_backward",
     "Plan",
     "launch",

@@ -35,6 +35,7 @@ __all__ = [
     "fused_backward_available",
     "seeded_backward_available",
     "per_layer_backward",
+    "unseeded_backward",
     "slots",
     "adjoint_slots",
     "pad_width",
@@ -156,12 +157,26 @@ def per_layer_backward():
         _FUSED_BACKWARD.pop()
 
 
+_SEEDED_BACKWARD = [True]
+
+
+@contextlib.contextmanager
+def unseeded_backward():
+    """Within it, a backward with m < k carries J's k columns as tangents instead of m tangents
+    seeded with dLoss/dJ's rows: how the scalar-field benchmark measures what seeding saves."""
+    _SEEDED_BACKWARD.append(False)
+    try:
+        yield
+    finally:
+        _SEEDED_BACKWARD.pop()
+
+
 def seeded_backward_available(x2d: torch.Tensor, weights, spec: NetworkSpec) -> bool:
     """Whether a backward with a loss on J of fewer rows than columns (m < k: an SDF's gradient)
     runs the fused kernel with m tangents seeded by dLoss/dJ's rows (docs/design.md section 9),
     whichever mode computed J: plain chains of the whole-network plan whose (1 + m)-row tile fits."""
     d_out = weights[-1].shape[0]
-    if not _FUSED_BACKWARD[-1] or not spec.is_plain or d_out >= spec.jacobian_inputs:
+    if not (_FUSED_BACKWARD[-1] and _SEEDED_BACKWARD[-1]) or not spec.is_plain or d_out >= spec.jacobian_inputs:
         return False
     if planned_kind(x2d, weights, spec, False) != "network":
         return False
