@@ -217,9 +217,10 @@ def network_input(
     Z += tl.where(o_s[None, :, None] == 0, z[:, None, :], u[None, :, :])
     if ENCODED:
         Z = encoded_input(
-            Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, o_p, m_p, o_w, m_w, o_s,
-            enc_per_coord, stride_xp, stride_xf, enc_per_coord * NUM_TANGENTS,
-            NUM_TANGENTS, SLOTS, JACOBIAN, PRECISION, BLOCK_M, WIDTH_PAD, BLOCK_E, INTERPRET_BF16,
+            Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, x_ptr, o_p, m_p, o_w, m_w, o_s,
+            enc_per_coord, stride_xp, stride_xf, enc_per_coord * NUM_TANGENTS, 0, 0, 0,
+            NUM_TANGENTS, NUM_TANGENTS, SLOTS, JACOBIAN, False, PRECISION, BLOCK_M, WIDTH_PAD, BLOCK_E,
+            INTERPRET_BF16,
         )  # fmt: skip
     return Z
 
@@ -350,23 +351,26 @@ def sin_cos(t):
 
 @triton.jit
 def encoded_input(
-    acc3, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, o_p, m_p, o_n, m_n, o_s,
-    enc_per_coord, stride_xp, stride_xf, stride_wen,
-    NUM_TANGENTS: tl.constexpr, SLOTS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    acc3, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, gj_ptr, o_p, m_p, o_n, m_n, o_s,
+    enc_per_coord, stride_xp, stride_xf, stride_wen, stride_gjp, stride_gjo, stride_gjk,
+    COORDINATES: tl.constexpr, NUM_TANGENTS: tl.constexpr, SLOTS: tl.constexpr, JACOBIAN: tl.constexpr,
+    SEEDED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_E: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):  # fmt: skip
     """acc3 (BLOCK_M, SLOTS, BLOCK_N) plus the encoded features' share of [z; U], computed from x.
 
     The encoded features come grouped by coordinate (tritonjac/encoding.py: w f(c x_j), f the
-    identity, sin or cos), enc_per_coord per coordinate, with w_enc's columns in the same order.
-    Coordinate j's features depend on x_j alone, so their tangent is one non-zero per feature:
-    the values take one dot per coordinate over its features, and tangent slot j + 1 another over
-    their derivatives; no product with the zeros of the other coordinates.
+    identity, sin or cos), enc_per_coord per coordinate (of COORDINATES), with w_enc's columns in
+    the same order. Coordinate j's features depend on x_j alone, so their tangent is one non-zero
+    per feature: the values take one dot per coordinate over its features, and tangent slot j + 1
+    another over their derivatives; no product with the zeros of the other coordinates. With
+    SEEDED (reverse mode's backward) tangent slot r + 1 is the direction gj[p, r] in x instead, and
+    gets the derivatives' dot of coordinate j times gj[p, r, j].
     """
     operand_ty = w_enc_ptr.dtype.element_ty
     o_e = tl.arange(0, BLOCK_E)
     m_e = o_e < enc_per_coord
-    for j in tl.static_range(NUM_TANGENTS):
+    for j in tl.static_range(COORDINATES):
         col = j * enc_per_coord + o_e
         function = tl.load(enc_func_ptr + col, mask=m_e, other=0)
         frequency = tl.load(enc_freq_ptr + col, mask=m_e, other=0.0)
@@ -384,7 +388,13 @@ def encoded_input(
         if JACOBIAN:
             slope = tl.where(is_sin, cos_t, tl.where(is_cos, -sin_t, 1.0)) * (weight * frequency)[None, :]
             u = dot_f32(to_operand(slope, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
-            acc3 += tl.where(o_s[None, :, None] == j + 1, u[:, None, :], 0.0)
+            if SEEDED:
+                p_seed = gj_ptr + o_p[:, None] * stride_gjp + (o_s[None, :] - 1) * stride_gjo + j * stride_gjk
+                m_seed = m_p[:, None] & (o_s[None, :] >= 1) & (o_s[None, :] <= NUM_TANGENTS)
+                seed = tl.load(p_seed, mask=m_seed, other=0.0).to(tl.float32)
+                acc3 += seed[:, :, None] * u[:, None, :]
+            else:
+                acc3 += tl.where(o_s[None, :, None] == j + 1, u[:, None, :], 0.0)
     return acc3
 
 
@@ -402,16 +412,17 @@ def encoded_input(
 )
 def layer_forward_kernel(
     a_ptr, w_ptr, bias_ptr, h_ptr, t_ptr, z_ptr,
-    x_ptr, w_in_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr,
+    x_ptr, w_in_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, gj_ptr,
     num_points, d_in, d_out, points_bucket, d_plain, x_col0, input_start, enc_per_coord,
     stride_ap, stride_as, stride_af, stride_wn, stride_wk,
     stride_hp, stride_hf, stride_tp, stride_ts, stride_tf, stride_zp, stride_zs,
-    stride_xp, stride_xf, stride_win, stride_wik, stride_wen,
+    stride_xp, stride_xf, stride_win, stride_wik, stride_wen, stride_gjp, stride_gjo, stride_gjk,
     NUM_TANGENTS: tl.constexpr, HAS_HIDDEN: tl.constexpr, HAS_INPUT: tl.constexpr, ENCODED: tl.constexpr,
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     HAS_BIAS: tl.constexpr, JACOBIAN: tl.constexpr, PRECISION: tl.constexpr,
     SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_E: tl.constexpr = 16, STORE_Z: tl.constexpr = False, INTERPRET_BF16: tl.constexpr = False,
+    BLOCK_E: tl.constexpr = 16, STORE_Z: tl.constexpr = False,
+    SEEDED: tl.constexpr = False, SEED_INPUTS: tl.constexpr = 0, INTERPRET_BF16: tl.constexpr = False,
 ):  # fmt: skip
     """One layer for BLOCK_M points and BLOCK_N output features: [a] -> [s(z); s'(z) U].
 
@@ -425,6 +436,8 @@ def layer_forward_kernel(
     z = both parts + bias (a skip's scale is in the weights). Values are written to h[p, n], tangent slot
     s to t[p, s - 1, n] (strides given), so the last layer writes y and J. With STORE_Z (the
     backward's recompute) the stacked pre-activation Z is also written, in fp32, to z[p, slot, n].
+    With SEEDED (reverse mode's backward) a0's tangents are NUM_TANGENTS directions per point in x's
+    SEED_INPUTS differentiated inputs, gj[p, r, j] (dLoss/dJ's rows), not unit vectors.
     """
     tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not JACOBIAN, "SLOTS must hold the value and the tangents")
     i_m = tl.program_id(0).to(tl.int64)
@@ -462,10 +475,21 @@ def layer_forward_kernel(
                 other=0.0,
             )
             if ENCODED:  # the columns after the encoded ones are not differentiated
-                unit = tl.zeros((1, SLOTS, BLOCK_K), tl.float32)
-            else:
-                unit = tl.where(column[None, None, :] == input_start + o_s[None, :, None] - 1, 1.0, 0.0)
-            b_a = tl.where(o_s[None, :, None] == 0, b_x.to(tl.float32)[:, None, :], unit)
+                tangent = tl.zeros((1, SLOTS, BLOCK_K), tl.float32)
+            elif SEEDED:  # tangent r: gj[p, r, column - input_start] on the differentiated columns
+                seed_col = column[None, None, :] - input_start
+                p_seed = (
+                    gj_ptr
+                    + o_p[:, None, None] * stride_gjp
+                    + (o_s[None, :, None] - 1) * stride_gjo
+                    + seed_col * stride_gjk
+                )
+                m_seed = (o_s[None, :, None] >= 1) & (o_s[None, :, None] <= NUM_TANGENTS) & m_p[:, None, None]
+                m_seed = m_seed & (seed_col >= 0) & (seed_col < SEED_INPUTS)
+                tangent = tl.load(p_seed, mask=m_seed, other=0.0).to(tl.float32)
+            else:  # unit vectors for x's differentiated columns
+                tangent = tl.where(column[None, None, :] == input_start + o_s[None, :, None] - 1, 1.0, 0.0)
+            b_a = tl.where(o_s[None, :, None] == 0, b_x.to(tl.float32)[:, None, :], tangent)
             b_wt = tl.load(
                 w_in_ptr + o_n[None, :] * stride_win + o_k[:, None] * stride_wik,
                 mask=m_k[:, None] & m_n[None, :],
@@ -476,11 +500,20 @@ def layer_forward_kernel(
 
     Z = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_N))
     if HAS_INPUT and ENCODED:
-        Z = encoded_input(
-            Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, o_p, m_p, o_n, m_n, o_s,
-            enc_per_coord, stride_xp, stride_xf, stride_wen,
-            NUM_TANGENTS, SLOTS, JACOBIAN, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E, INTERPRET_BF16,
-        )  # fmt: skip
+        if SEEDED:  # SEED_INPUTS encoded coordinates, NUM_TANGENTS seeded directions
+            Z = encoded_input(
+                Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, gj_ptr, o_p, m_p, o_n, m_n, o_s,
+                enc_per_coord, stride_xp, stride_xf, stride_wen, stride_gjp, stride_gjo, stride_gjk,
+                SEED_INPUTS, NUM_TANGENTS, SLOTS, JACOBIAN, True, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E,
+                INTERPRET_BF16,
+            )  # fmt: skip
+        else:  # one tangent per encoded coordinate
+            Z = encoded_input(
+                Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, gj_ptr, o_p, m_p, o_n, m_n, o_s,
+                enc_per_coord, stride_xp, stride_xf, stride_wen, stride_gjp, stride_gjo, stride_gjk,
+                NUM_TANGENTS, NUM_TANGENTS, SLOTS, JACOBIAN, False, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E,
+                INTERPRET_BF16,
+            )  # fmt: skip
     if HAS_BIAS:
         bias_row = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
         Z += tl.where(o_s[None, :, None] == 0, bias_row[None, None, :], 0.0)

@@ -9,6 +9,7 @@ encodings and skips, and training through J (the backward is forward mode's, fro
 buffer the launchers allocate is fenced by guard rows (conftest).
 """
 
+import contextlib
 import copy
 
 import pytest
@@ -206,17 +207,40 @@ def test_training_through_reverse_mode(loss_name, plan, kernels_run):
         assert_close(got, want, "float32-gradient", f"gradient of {name}")
 
 
-@pytest.mark.parametrize("structure", ["encoding-skip-latent", "neus-like"])
-def test_encodings_skips_and_latent_codes(structure, kernels_run):
+@pytest.fixture
+def seeded_recomputes():
+    """For each recompute launch of the per-layer backward (layer_forward storing Z): whether a0's
+    tangents were seeded with dLoss/dJ's rows."""
+    from tritonjac.triton_engine import launch
+
+    seen = []
+
+    def observe(name, args, config):
+        if name == "layer_forward" and args.get("STORE_Z") and args.get("JACOBIAN"):
+            seen.append(args["SEEDED"])
+
+    remove = launch.add_launch_observer(observe)
+    yield seen
+    remove()
+
+
+@pytest.mark.parametrize("structure", ["encoding-skip-latent", "neus-like", "latent-first", "skip-two-outputs"])
+def test_encodings_skips_and_latent_codes(structure, kernels_run, seeded_recomputes):
     """Per layer: a0's adjoints summed over the first and the skip layer, through the encoding's
     derivatives (coordinate-major in the kernels, encoding order here), with a latent code that J
-    does not differentiate; NeuS's layout, one selected output of several."""
+    does not differentiate; NeuS's layout, one selected output of several. The backward seeds m
+    tangents with dLoss/dJ's rows (through the encoding, whose derivatives depend on x), and gives
+    the same gradients carrying J's k columns (`unseeded_backward`)."""
     if structure == "encoding-skip-latent":
         kw = dict(jacobian_inputs=3, encoding=tritonjac.PositionalEncoding(3), skips=(2,), skip_scale=0.7)
         reference = tritonjac.JacobianMLP(3 + 4, [32, 32, 32], 1, "softplus", dtype=torch.float64, **kw)
-    else:
+    elif structure == "neus-like":
         kw = dict(jacobian_outputs=1, encoding=tritonjac.PositionalEncoding(2), skips=(2,), skip_input_first=True)
         reference = tritonjac.JacobianMLP(3, [32, 24, 32], 9, "softplus", dtype=torch.float64, **kw)
+    elif structure == "latent-first":  # DeepSDF's layout: the code, then xyz
+        reference = tritonjac.JacobianMLP(7, [40, 24], 1, "softplus", jacobian_inputs=slice(4, 7), dtype=torch.float64)
+    else:  # x itself read again by a skip layer, two outputs of three inputs
+        reference = tritonjac.JacobianMLP(3, [32, 24, 32], 2, "tanh", skips=(2,), dtype=torch.float64)
     x = torch.rand(40, reference.in_features, dtype=torch.float64) * 2 - 1
     ours = copy.deepcopy(reference).to(device=TRITON_DEVICE, dtype=torch.float32)
     ours.backend = "triton"
@@ -230,11 +254,16 @@ def test_encodings_skips_and_latent_codes(structure, kernels_run):
     y_ref, J_ref = reference(xr)
     assert_close(y, y_ref, "float32", "y")
     assert_close(J, J_ref, "float32", "J")
-    ours_grads = torch.autograd.grad(eikonal(y, J), [xo, *ours.parameters()])
     wanted = torch.autograd.grad(eikonal(y_ref, J_ref), [xr, *reference.parameters()])
     names = ["x", *(n for n, _ in reference.named_parameters())]
-    for name, got, want in zip(names, ours_grads, wanted, strict=True):
-        assert_close(got, want, "float32-gradient", f"gradient of {name}")
+    for seeded in (True, False):
+        seeded_recomputes.clear()
+        with contextlib.nullcontext() if seeded else triton_engine.unseeded_backward():
+            y, J = ours(xo)
+            ours_grads = torch.autograd.grad(eikonal(y, J), [xo, *ours.parameters()])
+        assert set(seeded_recomputes) == ({False, True} if seeded else {False})  # a0's layers seeded
+        for name, got, want in zip(names, ours_grads, wanted, strict=True):
+            assert_close(got, want, "float32-gradient", f"gradient of {name} ({'seeded' if seeded else 'columns'})")
 
 
 # ---- plans ----------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class Case:
         c = dict(self.constexprs)
         if self.kernel == "layer_forward":
             parts = "h" * c["HAS_HIDDEN"] + ("+x" if c["HAS_INPUT"] else "") + ("+enc" if c["ENCODED"] else "")
-            shape = f"in={parts}" + (" +Z" if c.get("STORE_Z") else "")
+            shape = f"in={parts}" + (" +Z" if c.get("STORE_Z") else "") + (" seeded" if c.get("SEEDED") else "")
         elif self.kernel.startswith("layer_"):
             shape = f"rows={c.get('LIVE_SLOTS', c.get('LIVE_SLOTS_A'))}" + (" last" if c.get("LAST_STEP") else "")
             shape += " adjoints" if c.get("ADJOINTS") else ""
@@ -249,6 +249,10 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                 # the per-layer backward's recompute (storing Z), also reverse mode's way up
                 recompute = tuning.recompute_config(cx, arch)
                 cases.append(_case("layer_forward", cx | {"STORE_Z": True}, recompute, dtype, arch))
+                if jacobian and has_input:  # the recompute with a0's tangent seeded by dLoss/dJ (m = 1 < k)
+                    sx = forward.layer_constexprs(softplus, 1, hidden, has_input, encoded, True, True, precision)
+                    sx |= {"STORE_Z": True, "SEEDED": True, "SEED_INPUTS": 3} | ({"BLOCK_E": 16} if encoded else {})
+                    cases.append(_case("layer_forward", sx, tuning.recompute_config(sx, arch), dtype, arch))
                 if first or has_input:
                     continue
                 if not jacobian:  # reverse mode's way down: an SDF's adjoint row, and J from the first layer
@@ -263,24 +267,26 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                             "ADJOINTS": True,
                         }
                         cases.append(_case("layer_backward", ax, adjoint_config, dtype, arch))
-                slots, rows = cx["SLOTS"], 4 if jacobian else 1
-                backward_config, _ = tuning.layer_backward_configs(arch, precision, slots)
-                for last_step in (False, True):
-                    bx = {
-                        "LIVE_SLOTS": rows,
-                        "LAST_STEP": last_step,
-                        **launch.activation_constexprs(softplus, "ACT"),
-                        "PRECISION": precision,
-                        "SLOTS": slots,
-                        "ADJOINTS": False,
-                    }
-                    cases.append(_case("layer_backward", bx, backward_config, dtype, arch))
-                for rows_a in (rows, 1) if jacobian else (1,):
-                    slots_a = slots if rows_a > 1 else 1
-                    wx = {"LIVE_SLOTS_A": rows_a, "HAS_BIAS": True, "PRECISION": precision, "SLOTS": slots_a}
-                    _, weight_grad_config = tuning.layer_backward_configs(arch, precision, slots, slots_a)
-                    cases.append(_case("layer_weight_grad", wx, weight_grad_config, dtype, arch))
-    return cases
+                # the backward's two kernels: J's 3 columns as tangents, one seeded tangent, or none
+                for tangents in (3, 1) if jacobian else (0,):
+                    rows, slots = 1 + tangents, plans.slots(tangents, tangents > 0)
+                    backward_config, _ = tuning.layer_backward_configs(arch, precision, slots)
+                    for last_step in (False, True):
+                        bx = {
+                            "LIVE_SLOTS": rows,
+                            "LAST_STEP": last_step,
+                            **launch.activation_constexprs(softplus, "ACT"),
+                            "PRECISION": precision,
+                            "SLOTS": slots,
+                            "ADJOINTS": False,
+                        }
+                        cases.append(_case("layer_backward", bx, backward_config, dtype, arch))
+                    for rows_a in (rows, 1) if tangents else (1,):
+                        slots_a = slots if rows_a > 1 else 1
+                        wx = {"LIVE_SLOTS_A": rows_a, "HAS_BIAS": True, "PRECISION": precision, "SLOTS": slots_a}
+                        _, weight_grad_config = tuning.layer_backward_configs(arch, precision, slots, slots_a)
+                        cases.append(_case("layer_weight_grad", wx, weight_grad_config, dtype, arch))
+    return list(dict.fromkeys(cases))  # each case once (the no-tangent weight gradient recurs)
 
 
 def _compile_case(case: Case) -> CompileReport:

@@ -34,7 +34,7 @@ from .launch import (
     sm_count,
     traced,
 )
-from .plans import fused_backward_available, seeded_backward_available, slots
+from .plans import fused_backward_available, seeded_backward_available, seeds_tangents, slots
 
 __all__ = ["mlp_backward", "fused_mlp_backward", "layers_backward", "LayerLaunches", "recompute_layers", "propagate"]
 
@@ -143,7 +143,12 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     P = x2d.shape[0]
     L, k = len(weights), spec.jacobian_inputs
     jacobian = gJ is not None
-    rows, num_slots = (1 + k, slots(k, True)) if jacobian else (1, 1)
+    d_out_last = weights[-1].shape[0]
+    selected = spec.output_rows(d_out_last)
+    # with m < k the tangents are J's m rows seeded with dLoss/dJ's rows, else J's k columns
+    seeded = jacobian and seeds_tangents(spec, d_out_last)
+    tangents = selected.stop - selected.start if seeded else k
+    rows, num_slots = (1 + tangents, slots(tangents, True)) if jacobian else (1, 1)
     precision = matmul_precision(x2d.dtype)
     f32 = dict(device=x2d.device, dtype=torch.float32)
     grad_W = [torch.zeros(W.shape, **f32) for W in weights]
@@ -162,27 +167,33 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     # x's gradient straight from the first layer's propagation kernel when a0 is x and nothing
     # else reads it; otherwise dLoss/da0 is summed over the layers that read a0, then taken to x
     direct_gx = not encoded and not spec.skips
-    d_out_last = weights[-1].shape[0]
-    selected = spec.output_rows(d_out_last)
 
     with device_guard(x2d):
         for start in range(0, P, chunk):
             xc = x2d[start : start + chunk]
             C = xc.shape[0]
-            As, Zs = recompute_layers(xc, weights, biases, spec, inputs, jacobian, run)
+            gJc = gJ[start : start + chunk] if jacobian else None
+            seeds = gJc if seeded else None
+            As, Zs = recompute_layers(xc, weights, biases, spec, inputs, jacobian, run, seeds)
 
             # dLoss/d[z; U] of the last layer, from dLoss/d[y; J]
             G = torch.zeros(C, rows, d_out_last, **f32)
             if gy is not None:
                 G[:, 0] = gy[start : start + chunk]
-            if jacobian:
-                G[:, 1:, selected] = gJ[start : start + chunk].transpose(1, 2)
+            if seeded:  # the loss on the seeded tangents: tangent r of selected output r
+                r = torch.arange(tangents, device=x2d.device)
+                G[:, 1 + r, selected.start + r] = 1.0
+            elif jacobian:
+                G[:, 1:, selected] = gJc.transpose(1, 2)
             G = _last_activation_backward(spec.activations[-1], G, Zs[-1], jacobian)
 
-            a0 = D = d1 = d2 = None
+            a0 = D = d1 = d2 = V = seed_a0 = None
             if encoded:  # the features and their derivatives, in fp32 as the kernels compute them
                 a0, D, d1, d2 = inputs.map.evaluate(xc.float(), second=need_x and jacobian)
-            g_a0 = g_D = None
+            if seeded:  # the seeds as directions (tangents, C, k), and a0's tangents along them
+                V = gJc.float().transpose(0, 1)
+                seed_a0 = inputs.map.seed_tangent(V, d1) if encoded else None
+            g_a0 = g_D = g_T = None
             for l in range(L - 1, -1, -1):
                 W, scale = weights[l], spec.layer_scale(l)
                 W_hidden, W_input = inputs.parts(l, W)
@@ -198,7 +209,12 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                     if encoded:
                         g_values = G[:, 0]
                         grad_W[l][:, input_cols].addmm_(g_values.t(), a0, alpha=scale)
-                        if jacobian:
+                        if seeded:  # the encoded features' tangents along the seeds, (tangents, C, features)
+                            gU = G[:, 1:].transpose(0, 1)
+                            width = inputs.encoded_width
+                            g_seeded = torch.einsum("rpn,rpf->nf", gU, seed_a0)
+                            grad_W[l][:, input_cols][:, :width].add_(g_seeded, alpha=scale)
+                        elif jacobian:
                             gU = G[:, 1:].transpose(0, 1)
                             g_input = grad_W[l][:, input_cols]
                             partial = torch.zeros_like(g_input)
@@ -211,8 +227,12 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                         grad_W[l][:, input_cols] += gw[0] if scale == 1.0 else scale * gw[0]
                         if gw[1] is not None:
                             grad_b[l] += gw[1]
-                        if jacobian:
-                            first = input_cols.start + spec.input_start
+                        first = input_cols.start + spec.input_start
+                        if seeded:  # the tangents along the seeds: dLoss/dJ's rows in x's columns
+                            grad_W[l][:, first : first + k] += scale * torch.einsum(
+                                "prn,prj->nj", G[:, 1:], V.transpose(0, 1)
+                            )
+                        elif jacobian:  # unit vectors
                             grad_W[l][:, first : first + k] += scale * G[:, 1:].sum(0).t()
                 # propagate: to the previous layer's dLoss/d[z; U], and a0's share
                 if W_hidden is not None:
@@ -226,13 +246,22 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                         Wi = W_input.float()
                         g = G[:, 0] @ Wi
                         g_a0 = g if g_a0 is None else g_a0.add_(g)
-                        if encoded and jacobian:
+                        if encoded and seeded:  # dLoss/d(the encoded features' seeded tangents)
+                            g = G[:, 1:].transpose(0, 1) @ Wi[:, : inputs.encoded_width]
+                            g_T = g if g_T is None else g_T.add_(g)
+                        elif encoded and jacobian:
                             g = inputs.map.tangent_grad(G[:, 1:].transpose(0, 1), inputs.map.tangent_weight(Wi))
                             g_D = g if g_D is None else g_D.add_(g)
                 if W_hidden is not None:
                     G = out
             if need_x and not direct_gx:
-                gx[start : start + chunk] = inputs.map.input_grad(xc.float(), g_a0, g_D, d1, d2) if encoded else g_a0
+                if encoded:
+                    g_x = inputs.map.input_grad(xc.float(), g_a0, g_D, d1, d2)
+                    if g_T is not None:  # the seeded tangents depend on x through the encoding's derivatives
+                        inputs.map.add_seed_input_grad(g_x, g_T, V, d2)
+                    gx[start : start + chunk] = g_x
+                else:
+                    gx[start : start + chunk] = g_a0
     return gx, _fp32_sums_to(weights, grad_W), _fp32_sums_to(biases, grad_b)
 
 
@@ -247,9 +276,10 @@ class LayerLaunches:
     is_traced: bool
 
 
-def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaunches):
-    """The forward of a chunk again, keeping A_l = [h; T] (compute dtype) and Z_l = [z; U] (fp32)."""
-    k = spec.jacobian_inputs
+def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaunches, seeds=None):
+    """The forward of a chunk again, keeping A_l = [h; T] (compute dtype) and Z_l = [z; U] (fp32).
+    The tangents are J's k columns, or with `seeds` (C, m, k) m directions in x (dLoss/dJ's rows)."""
+    k = spec.jacobian_inputs if seeds is None else seeds.shape[1]
     rows = 1 + k if jacobian else 1
     C = xc.shape[0]
     As, Zs = [], []
@@ -281,7 +311,7 @@ def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaun
             constexprs = layer_constexprs(
                 act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, precision
             )
-            args |= inputs.args(xc, Wi) | constexprs
+            args |= inputs.args(xc, Wi, seeds) | constexprs
             cfg = tuning.recompute_config(constexprs, run.arch)
             grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(Av.shape[2], cfg.kwargs["BLOCK_N"]))
             run_kernel("layer_forward", grid, cfg, args | {"STORE_Z": True, **run.bf16}, run.is_traced)

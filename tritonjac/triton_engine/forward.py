@@ -240,10 +240,14 @@ class LayerInputs:
             W = W * spec.layer_scale(l)
         return (None if hidden is None else W[:, hidden]), (None if inputs is None else W[:, inputs])
 
-    def args(self, x: torch.Tensor, W_input: torch.Tensor | None) -> dict:
+    def args(self, x: torch.Tensor, W_input: torch.Tensor | None, seeds: torch.Tensor | None = None) -> dict:
         """The kernel's input-part arguments for a layer whose a0 columns are W_input (placeholders
-        when it has none). x: the points (a chunk of them in the backward)."""
+        when it has none). x: the points (a chunk of them in the backward); seeds: a0's tangents as
+        directions in x's differentiated inputs, (points, tangents, k) (reverse mode's backward:
+        dLoss/dJ), else unit vectors."""
         spec, C = self.spec, self.encoded_width
+        seeded = seeds is not None and W_input is not None
+        gj = seeds if seeded else x.unsqueeze(1)  # a placeholder: never read
         if W_input is None:
             placeholder = self.x.new_empty(1, 1)
             W_plain, W_enc, d_plain, x_col0, per_coord = placeholder, placeholder, 0, 0, 0
@@ -267,7 +271,13 @@ class LayerInputs:
             stride_win=W_plain.stride(0),
             stride_wik=W_plain.stride(1),
             stride_wen=W_enc.stride(0),
+            gj_ptr=gj,
+            stride_gjp=gj.stride(0),
+            stride_gjo=gj.stride(1),
+            stride_gjk=gj.stride(2),
             BLOCK_E=max(16, triton.next_power_of_2(max(per_coord, 1))),
+            SEEDED=seeded,
+            SEED_INPUTS=spec.jacobian_inputs if seeded else 0,
         )
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "network_fits",
     "fused_backward_available",
     "seeded_backward_available",
+    "seeds_tangents",
     "per_layer_backward",
     "unseeded_backward",
     "slots",
@@ -171,12 +172,17 @@ def unseeded_backward():
         _SEEDED_BACKWARD.pop()
 
 
+def seeds_tangents(spec: NetworkSpec, out_features: int) -> bool:
+    """Whether a backward with a loss on J carries J's m rows as tangents seeded with dLoss/dJ's
+    rows (docs/design.md section 9) rather than its k columns: when m < k, whichever mode made J."""
+    return _SEEDED_BACKWARD[-1] and spec.jacobian_outputs(out_features) < spec.jacobian_inputs
+
+
 def seeded_backward_available(x2d: torch.Tensor, weights, spec: NetworkSpec) -> bool:
-    """Whether a backward with a loss on J of fewer rows than columns (m < k: an SDF's gradient)
-    runs the fused kernel with m tangents seeded by dLoss/dJ's rows (docs/design.md section 9),
-    whichever mode computed J: plain chains of the whole-network plan whose (1 + m)-row tile fits."""
+    """Whether a backward with a loss on J runs the fused kernel with seeded tangents
+    (`seeds_tangents`): plain chains of the whole-network plan whose (1 + m)-row tile fits."""
     d_out = weights[-1].shape[0]
-    if not (_FUSED_BACKWARD[-1] and _SEEDED_BACKWARD[-1]) or not spec.is_plain or d_out >= spec.jacobian_inputs:
+    if not _FUSED_BACKWARD[-1] or not spec.is_plain or not seeds_tangents(spec, d_out):
         return False
     if planned_kind(x2d, weights, spec, False) != "network":
         return False

@@ -102,6 +102,7 @@ KERNELS: dict[str, KernelInfo] = {
                 "enc_func_ptr",
                 "enc_freq_ptr",
                 "enc_weight_ptr",
+                "gj_ptr",
             ),
             fp32_pointers=frozenset({"z_ptr", "enc_freq_ptr", "enc_weight_ptr"}),
             int32_pointers=frozenset({"enc_func_ptr"}),

@@ -402,8 +402,11 @@ def layer_backward_configs(arch: int = 90, precision: str = "tf32", slots: int =
     kw_p["BLOCK_M"] = max(kw_p["BLOCK_M"], min_rows // slots)
     kw_w = dict(weight_grad.kwargs)
     kw_w["BLOCK_P"] = max(kw_w["BLOCK_P"], 16 // weight_grad_slots)
+    warps_p = propagation.num_warps
+    if arch >= 90 and precision == "tf32x3" and slots == 2 and not interpreting():
+        warps_p = 8  # one seeded tangent (32 points x 2 rows) in 3xTF32: 24 spilled bytes with 4 warps (triton 3.9)
     return (
-        triton.Config(kw_p, num_warps=propagation.num_warps, num_stages=propagation.num_stages),
+        triton.Config(kw_p, num_warps=warps_p, num_stages=propagation.num_stages),
         triton.Config(kw_w, num_warps=weight_grad.num_warps, num_stages=weight_grad.num_stages),
     )
 
