@@ -235,8 +235,8 @@ BUGS = [
     Bug(
         "seeded-per-layer-first-columns-gradient",
         "tritonjac/triton_engine/backward.py",
-        "                            grad_W[l][:, first : first + k] += scale * torch.einsum(",
-        "                            grad_W[l][:, first : first + k] -= scale * torch.einsum(",
+        "                            grad_W[l][:, first : first + k] += scale * g_seeded",
+        "                            grad_W[l][:, first : first + k] -= scale * g_seeded",
         "the per-layer seeded backward subtracts the first layer's tangent gradient instead of adding it",
     ),
     Bug(

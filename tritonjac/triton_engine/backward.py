@@ -138,7 +138,8 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     kernels per layer (kernels/backward.py) for the part of its weight that multiplies the previous
     layer's output. The part that multiplies a0 (the first layer's, and a skip layer's) is x's
     columns through the same weight-gradient kernel, or with an encoding a few small matmuls on its
-    features (`torch_engine.InputMap`), which also carries dLoss/da0 back to x."""
+    features (`torch_engine.InputMap`), which also carries dLoss/da0 back to x. The tangents are J's
+    k columns, or with m < k m directions seeded with dLoss/dJ's rows (docs/design.md section 9)."""
     launch.check_device(x2d)
     P = x2d.shape[0]
     L, k = len(weights), spec.jacobian_inputs
@@ -222,16 +223,15 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                             g_input.add_(partial, alpha=scale)
                         if biases[l] is not None and W_hidden is None:
                             grad_b[l] += G[:, 0].sum(0)
-                    else:  # a0 = x: the weight-gradient kernel on x (value rows), tangents' unit vectors here
+                    else:  # a0 = x: the weight-gradient kernel on x (value rows), the tangent rows here
                         gw = _weight_grad(G, xc, 1, biases[l] is not None and W_hidden is None, l, x2d, run)
                         grad_W[l][:, input_cols] += gw[0] if scale == 1.0 else scale * gw[0]
                         if gw[1] is not None:
                             grad_b[l] += gw[1]
                         first = input_cols.start + spec.input_start
                         if seeded:  # the tangents along the seeds: dLoss/dJ's rows in x's columns
-                            grad_W[l][:, first : first + k] += scale * torch.einsum(
-                                "prn,prj->nj", G[:, 1:], V.transpose(0, 1)
-                            )
+                            g_seeded = torch.einsum("prn,prj->nj", G[:, 1:], gJc.float())
+                            grad_W[l][:, first : first + k] += scale * g_seeded
                         elif jacobian:  # unit vectors
                             grad_W[l][:, first : first + k] += scale * G[:, 1:].sum(0).t()
                 # propagate: to the previous layer's dLoss/d[z; U], and a0's share
