@@ -316,8 +316,12 @@ def correctness_cases(dry_run: bool) -> list[dict]:
             layout="transposed",
         ),
         dict(name="latent-k3-of-11", hidden=net, act="softplus(100)", precision="tf32", loss="both", d_in=11, k=3),
-        dict(
+        dict(  # reverse mode, whole network; the fused backward's one seeded tangent
             name="sdf-out1-no-bias", hidden=net, act="softplus(100)", precision="tf32", loss="both", d_out=1, bias=False
+        ),
+        dict(  # the same SDF's J in forward mode (the backward seeds as well)
+            name="sdf-forward-mode", hidden=net, act="softplus(100)", precision="tf32", loss="both", d_out=1,
+            mode="forward", points=n + 5,
         ),
         # real networks (per-layer kernels): NeuS's SDF (PE(6), a scaled skip, a narrowed layer,
         # output 0 of many in J) and Nerfies' warp (windowed PE(8), a code after xyz, outputs 3..5)
@@ -354,6 +358,19 @@ def make_activation(name: str, args=()):
         return nn.Softplus(beta=100)
     modules = {"softplus": nn.Softplus, "leaky_relu": nn.LeakyReLU, "sine": tritonjac.Sine}
     return modules[name](*args) if args else name
+
+
+def backward_plan(model, x2d, loss_on_jacobian: bool) -> str:
+    """The backward a call with these inputs takes: "fused" or "layers", and "seeded" where its
+    tangents are J's m rows seeded with dLoss/dJ's rows (m < k) rather than J's k columns."""
+    from tritonjac import triton_engine
+
+    spec, weights = model._spec, [m.weight for m in model.linear_layers]
+    seeded = loss_on_jacobian and triton_engine.plans.seeds_tangents(spec, weights[-1].shape[0])
+    if seeded and triton_engine.seeded_backward_available(x2d, weights, spec):
+        return "fused seeded"
+    fused = not seeded and triton_engine.fused_backward_available(x2d, weights, spec, loss_on_jacobian)
+    return ("fused" if fused else "layers") + (" seeded" if seeded else "")
 
 
 def run_correctness_case(case: dict, dry_run: bool) -> dict:
@@ -412,11 +429,16 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
     spec64 = reference._spec
     inputs = slice(spec64.input_start, spec64.input_start + spec64.jacobian_inputs)
     rows = spec64.output_rows(d_out)
-    spec, weights = ours._spec, [m.weight for m in ours.linear_layers]
+    if case.get("mode"):
+        ours.mode = case["mode"]
     x_ours = view(base.to(device=device, dtype=dtype)).reshape(-1, d_in)
-    plan = triton_engine.planned_kind(x_ours, weights, spec, jacobian)
-    with_tangents = jacobian and case["loss"] != "y"
-    backward = "fused" if triton_engine.fused_backward_available(x_ours, weights, spec, with_tangents) else "layers"
+    call = ours.plan(x_ours)  # the mode and the forward's plan
+    plan = (
+        f"{call.mode} {call.kernels}"
+        if jacobian
+        else triton_engine.planned_kind(x_ours, [m.weight for m in ours.linear_layers], ours._spec, False)
+    )
+    backward = backward_plan(ours, x_ours, jacobian and case["loss"] != "y")
 
     def loss_of(y, J):
         loss = y.new_zeros((), dtype=torch.float32)
