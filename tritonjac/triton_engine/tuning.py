@@ -349,31 +349,37 @@ def fused_backward_config(slots: int, width_pad: int, precision: str, arch: int)
 def reverse_fits_config(
     block_m: int, adj_slots: int, width_pad: int, num_warps: int, precision: str, arch: int
 ) -> bool:
-    """Whether the whole-network reverse kernel compiles without spills (ahead-of-time compilation,
-    triton 3.9, every candidate). On sm_90 its adjoint tile, slope tile and weight tiles together
-    spilled beyond these budgets, and two stages (the next layer's weights prefetched) spilled
-    where one did not: one stage there. Before sm_90 the forward kernel's budgets held."""
-    if arch < 90:
-        stages = 1 if precision == "tf32x3" and width_pad >= 128 else 2
-        return network_fits_config(block_m, adj_slots, width_pad, num_warps, precision, arch, stages)
-    if (width_pad, precision, block_m, num_warps, adj_slots) in REVERSE_SPILLS:
+    """Whether the whole-network reverse kernel compiles without spills (ahead-of-time compilation of
+    every candidate, triton 3.8 and 3.9). On sm_90 its adjoint tile, slope tile and weight tiles
+    together spilled beyond these budgets, and two stages (the next layer's weights prefetched)
+    spilled where one did not: one stage there. Before sm_90 the forward kernel's budgets held,
+    but for the cases in REVERSE_SPILLS and, with triton 3.8, every 3xTF32 one at width 128."""
+    if (arch >= 90, width_pad, precision, block_m, num_warps, adj_slots) in REVERSE_SPILLS:
         return False
+    if arch < 90:
+        if precision == "tf32x3" and width_pad >= 128:
+            return False
+        return network_fits_config(block_m, adj_slots, width_pad, num_warps, precision, arch, 2)
     threads = 32 * num_warps
     tile = block_m * adj_slots * width_pad / threads
     weight = width_pad * width_pad / threads * (2 if precision == "tf32x3" else 1)
     return block_m * adj_slots >= WGMMA_ROWS and tile <= 32 and tile + weight <= 96
 
 
-# sm_90 reverse-kernel configurations within the budget above that still spilled (ahead-of-time
-# compilation, triton 3.9): (WIDTH_PAD, PRECISION, BLOCK_M, num_warps, ADJ_SLOTS)
-REVERSE_SPILLS = {(64, "tf32x3", 64, 8, 1)}
+# Reverse-kernel configurations within the budgets above that still spilled (ahead-of-time
+# compilation): (sm_90 or later, WIDTH_PAD, PRECISION, BLOCK_M, num_warps, ADJ_SLOTS)
+REVERSE_SPILLS = {
+    (True, 64, "tf32x3", 64, 8, 1),  # triton 3.9: 255 registers and spills
+    (False, 64, "ieee", 32, 8, 2),  # triton 3.8: 24 bytes
+    (False, 128, "tf32", 32, 8, 1),  # triton 3.8: 80 bytes
+}
 
 
 def reverse_configs(named_args: dict, arch: int) -> list[triton.Config]:
     """Configurations of the whole-network reverse kernel that fit, preferred first (possibly none:
     then it runs per layer; 3xTF32 at width 128 on sm_90)."""
     slots, width, precision = named_args["ADJ_SLOTS"], named_args["WIDTH_PAD"], named_args["PRECISION"]
-    stages = 1 if arch >= 90 or (precision == "tf32x3" and width >= 128) else 2
+    stages = 1 if arch >= 90 else 2
     candidates = [
         triton.Config({"BLOCK_M": bm}, num_warps=w, num_stages=stages)
         for bm, w in ((64, 4), (64, 8), (32, 4), (32, 8), (16, 4), (16, 8), (128, 8))
@@ -440,7 +446,12 @@ def recompute_config(constexprs: dict, arch: int) -> triton.Config:
     first forward candidate that fits."""
     if interpreting():
         return INTERPRETER_CONFIGS["layer_forward"]
-    return prune_layer_configs(layer_configs(), {**constexprs, "STORE_Z": True}, arch=arch)[0]
+    named = {**constexprs, "STORE_Z": True}
+    if arch >= 90 and named["PRECISION"] == "tf32x3" and named["HAS_INPUT"] and not named["JACOBIAN"]:
+        # a layer reading x without tangents (reverse mode's way up, a loss on y alone): the first
+        # fitting tile, 64 x 32 with 4 warps, spilled 48-88 bytes with triton 3.8 (torch 2.14's)
+        return triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2)
+    return prune_layer_configs(layer_configs(), named, arch=arch)[0]
 
 
 # The per-layer backward recomputes chunks of points, keeping every layer's [h; T] and [z; U] for
