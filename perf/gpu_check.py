@@ -745,7 +745,8 @@ def step_scalar_fields(work: Path, dry_run: bool) -> None:
     spec.loader.exec_module(fields)
     torch.set_float32_matmul_precision("high")
     device = "cpu" if dry_run else "cuda"
-    # the 64-wide SDF first: its 5x target is the one forward mode on the kernels is furthest from
+    # the 64-wide SDF first: its 5x target is the hardest, and its whole-network reverse kernel and
+    # seeded fused backward have never run on a GPU (NeuS runs per layer)
     cases = sorted(fields.CASES["cuda"].items(), key=lambda item: not item[0].startswith("SDF"))
     for name, build in cases:
         start = time.perf_counter()
