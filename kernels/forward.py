@@ -500,20 +500,12 @@ def layer_forward_kernel(
 
     Z = tl.reshape(acc, (BLOCK_M, SLOTS, BLOCK_N))
     if HAS_INPUT and ENCODED:
-        if SEEDED:  # SEED_INPUTS encoded coordinates, NUM_TANGENTS seeded directions
-            Z = encoded_input(
-                Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, gj_ptr, o_p, m_p, o_n, m_n, o_s,
-                enc_per_coord, stride_xp, stride_xf, stride_wen, stride_gjp, stride_gjo, stride_gjk,
-                SEED_INPUTS, NUM_TANGENTS, SLOTS, JACOBIAN, True, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E,
-                INTERPRET_BF16,
-            )  # fmt: skip
-        else:  # one tangent per encoded coordinate
-            Z = encoded_input(
-                Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, gj_ptr, o_p, m_p, o_n, m_n, o_s,
-                enc_per_coord, stride_xp, stride_xf, stride_wen, stride_gjp, stride_gjo, stride_gjk,
-                NUM_TANGENTS, NUM_TANGENTS, SLOTS, JACOBIAN, False, PRECISION, BLOCK_M, BLOCK_N, BLOCK_E,
-                INTERPRET_BF16,
-            )  # fmt: skip
+        Z = encoded_input(
+            Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, gj_ptr, o_p, m_p, o_n, m_n, o_s,
+            enc_per_coord, stride_xp, stride_xf, stride_wen, stride_gjp, stride_gjo, stride_gjk,
+            SEED_INPUTS if SEEDED else NUM_TANGENTS, NUM_TANGENTS, SLOTS, JACOBIAN, SEEDED, PRECISION,
+            BLOCK_M, BLOCK_N, BLOCK_E, INTERPRET_BF16,
+        )  # fmt: skip
     if HAS_BIAS:
         bias_row = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
         Z += tl.where(o_s[None, :, None] == 0, bias_row[None, None, :], 0.0)

@@ -360,19 +360,6 @@ def make_activation(name: str, args=()):
     return modules[name](*args) if args else name
 
 
-def backward_plan(model, x2d, loss_on_jacobian: bool) -> str:
-    """The backward a call with these inputs takes: "fused" or "layers", and "seeded" where its
-    tangents are J's m rows seeded with dLoss/dJ's rows (m < k) rather than J's k columns."""
-    from tritonjac import triton_engine
-
-    spec, weights = model._spec, [m.weight for m in model.linear_layers]
-    seeded = loss_on_jacobian and triton_engine.plans.seeds_tangents(spec, weights[-1].shape[0])
-    if seeded and triton_engine.seeded_backward_available(x2d, weights, spec):
-        return "fused seeded"
-    fused = not seeded and triton_engine.fused_backward_available(x2d, weights, spec, loss_on_jacobian)
-    return ("fused" if fused else "layers") + (" seeded" if seeded else "")
-
-
 def run_correctness_case(case: dict, dry_run: bool) -> dict:
     """y, J and every gradient of one case against float64, within twice plain PyTorch's own error
     in the case's precision; every buffer the kernels write fenced by poisoned guard rows."""
@@ -438,7 +425,10 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
         if jacobian
         else triton_engine.planned_kind(x_ours, [m.weight for m in ours.linear_layers], ours._spec, False)
     )
-    backward = backward_plan(ours, x_ours, jacobian and case["loss"] != "y")
+    kernels, seeded = triton_engine.plans.backward_plan(
+        x_ours, [m.weight for m in ours.linear_layers], ours._spec, jacobian and case["loss"] != "y"
+    )
+    backward = kernels + (" seeded" if seeded else "")
 
     def loss_of(y, J):
         loss = y.new_zeros((), dtype=torch.float32)

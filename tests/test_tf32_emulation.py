@@ -18,9 +18,9 @@ import triton.language as tl
 
 import tritonjac
 from helpers import INTERPRETING
+from tritonjac import triton_engine
 from tritonjac.kernels import forward as kernel_forward
 from tritonjac.precision import round_to_tf32, tf32_linear
-from tritonjac.triton_engine import backward as triton_backward
 
 pytestmark = [
     pytest.mark.skipif(not INTERPRETING, reason="emulates a GPU's TF32 in Triton's interpreter"),
@@ -89,7 +89,7 @@ def emulated_tf32(monkeypatch):
     monkeypatch.setattr(kernel_forward, "ROUND_TF32_OPERANDS", tl.constexpr(True))
 
 
-def test_both_backward_plans_in_tf32(emulated_tf32, kernels_run, monkeypatch):
+def test_both_backward_plans_in_tf32(emulated_tf32, kernels_run):
     """3 -> 3x64 -> 3 (SiLU), loss on y: values and every gradient within twice PyTorch's own TF32
     error (the GPU check's criterion), from the fused backward and from the per-layer one. The
     per-layer kernels once computed x's 3 columns and the 3 outputs in TF32 too, where the fused
@@ -111,8 +111,8 @@ def test_both_backward_plans_in_tf32(emulated_tf32, kernels_run, monkeypatch):
     assert "mlp_backward" in kernels_run
     assert max(fused) > 1e-4, "the kernels' TF32 emulation rounds"
     kernels_run.clear()
-    monkeypatch.setattr(triton_backward, "fused_backward_available", lambda *args: False)
-    per_layer = _relative_errors(_y_and_gradients(lambda p: ours(p)[0], ours, x), want)
+    with triton_engine.per_layer_backward():
+        per_layer = _relative_errors(_y_and_gradients(lambda p: ours(p)[0], ours, x), want)
     assert "layer_weight_grad" in kernels_run and "mlp_backward" not in kernels_run
 
     names = ["y", "grad x"] + [f"grad {n}" for n, _ in ours.named_parameters()]

@@ -23,6 +23,7 @@ from . import forward, launch
 from .backward import mlp_backward
 from .plans import (
     Plan,
+    backward_plan,
     fused_backward_available,
     per_layer_backward,
     plan_for,
@@ -38,6 +39,7 @@ __all__ = [
     "mlp_backward",
     "plan_for",
     "planned_kind",
+    "backward_plan",
     "fused_backward_available",
     "seeded_backward_available",
     "unseeded_backward",

@@ -1,6 +1,6 @@
 """Backward launchers: dLoss/dx and every weight and bias gradient from dLoss/dy and dLoss/dJ.
 
-`mlp_backward` picks the fused whole-network kernel where it fits (`fused_backward_available`),
+`mlp_backward` picks the fused whole-network kernel where it fits (`plans.backward_plan`),
 else the per-layer kernels. Both recompute the forward from x (nothing per layer is saved) and sum
 their fp32 partial gradients in a fixed order: the same inputs give bit-identical gradients.
 """
@@ -34,7 +34,7 @@ from .launch import (
     sm_count,
     traced,
 )
-from .plans import fused_backward_available, seeded_backward_available, seeds_tangents, slots
+from .plans import backward_plan, seeds_tangents, slots
 
 __all__ = ["mlp_backward", "fused_mlp_backward", "layers_backward", "LayerLaunches", "recompute_layers", "propagate"]
 
@@ -42,12 +42,11 @@ __all__ = ["mlp_backward", "fused_mlp_backward", "layers_backward", "LayerLaunch
 def mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None):
     """dLoss/dx (None unless `need_x`), the weight gradients and the bias gradients (None where a
     layer has no bias), in the parameters' dtypes. gy (P, d_L) or gJ (P, m, k) may be None.
-    Whichever mode computed J: with a loss on J of fewer rows than columns the fused kernel seeds m
-    tangents with its rows (`seeded_backward_available`), else it carries J's k columns."""
-    if gJ is not None and seeded_backward_available(x2d, weights, spec):
-        return fused_mlp_backward(x2d, weights, biases, spec, gy, gJ, need_x, seeded=True)
-    if fused_backward_available(x2d, weights, spec, gJ is not None):
-        return fused_mlp_backward(x2d, weights, biases, spec, gy, gJ, need_x)
+    Whichever mode computed J: with a loss on J of fewer rows than columns both plans seed m tangents
+    with its rows, else they carry J's k columns (`plans.backward_plan`)."""
+    kernels, seeded = backward_plan(x2d, weights, spec, gJ is not None)
+    if kernels == "fused":
+        return fused_mlp_backward(x2d, weights, biases, spec, gy, gJ, need_x, seeded=seeded)
     return layers_backward(x2d, weights, biases, spec, gy, gJ, need_x, band_weights)
 
 
@@ -57,8 +56,8 @@ def _fp32_sums_to(params, sums):
 
 # ---- the fused backward of the whole-network plan --------------------------------------------------
 def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, seeded: bool = False):
-    """`mlp_backward` by the fused kernel (the caller checked `fused_backward_available`, or with
-    `seeded` (m tangents seeded with gJ's rows) `seeded_backward_available`)."""
+    """`mlp_backward` by the fused kernel (the caller checked `plans.backward_plan`); `seeded`: m
+    tangents seeded with gJ's rows."""
     launch.check_device(x2d)
     P, d_in = x2d.shape
     L, width, d_out = len(weights), weights[0].shape[0], weights[-1].shape[0]
@@ -70,7 +69,7 @@ def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: 
         constexprs |= {"NUM_TANGENTS": d_out, "SLOTS": slots(d_out, True)}
     config = tuning.fused_backward_config(constexprs["SLOTS"], constexprs["WIDTH_PAD"], precision, device_arch(x2d))
     if config is None:
-        raise ValueError("no fused-backward configuration fits these shapes (see fused_backward_available)")
+        raise ValueError("no fused-backward configuration fits these shapes (see plans.backward_plan)")
     block_m = config.kwargs["BLOCK_M"]
     num_programs = tuning.fused_backward_programs(triton.cdiv(P, block_m), sm_count(x2d.device.index or 0))
     shapes = dict(
@@ -230,7 +229,7 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                             grad_b[l] += gw[1]
                         first = input_cols.start + spec.input_start
                         if seeded:  # the tangents along the seeds: dLoss/dJ's rows in x's columns
-                            g_seeded = torch.einsum("prn,prj->nj", G[:, 1:], gJc.float())
+                            g_seeded = torch.einsum("prn,rpj->nj", G[:, 1:], V)
                             grad_W[l][:, first : first + k] += scale * g_seeded
                         elif jacobian:  # unit vectors
                             grad_W[l][:, first : first + k] += scale * G[:, 1:].sum(0).t()
@@ -279,8 +278,8 @@ class LayerLaunches:
 def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaunches, seeds=None):
     """The forward of a chunk again, keeping A_l = [h; T] (compute dtype) and Z_l = [z; U] (fp32).
     The tangents are J's k columns, or with `seeds` (C, m, k) m directions in x (dLoss/dJ's rows)."""
-    k = spec.jacobian_inputs if seeds is None else seeds.shape[1]
-    rows = 1 + k if jacobian else 1
+    num_tangents = spec.jacobian_inputs if seeds is None else seeds.shape[1]
+    rows = 1 + num_tangents if jacobian else 1
     C = xc.shape[0]
     As, Zs = [], []
     a, a_strides = None, (0, 0, 0)
@@ -309,7 +308,14 @@ def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaun
             )
             precision = layer_precision(run.precision, *part_features(Wh, Wi))
             constexprs = layer_constexprs(
-                act, k, Wh is not None, Wi is not None, inputs.encoded_width > 0, b is not None, tangents, precision
+                act,
+                num_tangents,
+                Wh is not None,
+                Wi is not None,
+                inputs.encoded_width > 0,
+                b is not None,
+                tangents,
+                precision,
             )
             args |= inputs.args(xc, Wi, seeds) | constexprs
             cfg = tuning.recompute_config(constexprs, run.arch)

@@ -32,6 +32,7 @@ __all__ = [
     "plan_for",
     "planned_kind",
     "network_fits",
+    "backward_plan",
     "fused_backward_available",
     "seeded_backward_available",
     "seeds_tangents",
@@ -189,6 +190,17 @@ def seeded_backward_available(x2d: torch.Tensor, weights, spec: NetworkSpec) -> 
     precision = matmul_precision(x2d.dtype)
     width_pad = pad_width(weights[0].shape[0])
     return tuning.fused_backward_config(slots(d_out, True), width_pad, precision, device_arch(x2d)) is not None
+
+
+def backward_plan(x2d: torch.Tensor, weights, spec: NetworkSpec, loss_on_jacobian: bool) -> tuple[str, bool]:
+    """(kernels, seeded) of a backward: "fused" or "layers", and whether its tangents are J's m rows
+    seeded with dLoss/dJ's rows (`seeds_tangents`) rather than J's k columns."""
+    seeded = loss_on_jacobian and seeds_tangents(spec, weights[-1].shape[0])
+    if seeded:
+        fused = seeded_backward_available(x2d, weights, spec)
+    else:
+        fused = fused_backward_available(x2d, weights, spec, loss_on_jacobian)
+    return ("fused" if fused else "layers"), seeded
 
 
 def fused_backward_available(x2d: torch.Tensor, weights, spec: NetworkSpec, jacobian: bool) -> bool:
