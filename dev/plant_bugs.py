@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = [
+    "tests/test_second_order.py",
     "tests/test_triton_reverse.py",
     "tests/test_triton_backward.py",
     "tests/test_reverse_mode.py",
@@ -273,6 +274,34 @@ BUGS = [
         "        if not was_flushing:\n            torch.set_flush_denormal(False)",
         "        pass",
         "the calling thread is left flushing denormals after a call",
+    ),
+    Bug(
+        "second-order-third-derivative",
+        "tritonjac/torch_engine/second_order.py",
+        "curvature.mul_(r2).addcmul_(r3, (GQ * _quadratic(U, order)).sum(0))",
+        "curvature.mul_(r2)",
+        "the second-order backward drops the third-derivative term of dLoss/dz",
+    ),
+    Bug(
+        "second-order-off-diagonal",
+        "tritonjac/torch_engine/second_order.py",
+        "                gD[b].addcmul_(r2, GQ[r] * U[a])",
+        "                pass",
+        "the second-order backward takes a Hessian row's quadratic term through U_a only",
+    ),
+    Bug(
+        "second-order-encoding-third",
+        "tritonjac/torch_engine/second_order.py",
+        "        per_feature += gA0[1 + k, :, :C] * d3",
+        "        pass",
+        "dLoss/dx forgets that the encoding's Laplacian row depends on x",
+    ),
+    Bug(
+        "second-order-forward-curvature",
+        "tritonjac/torch_engine/second_order.py",
+        "        out[1 + k :].addcmul_(s2, _quadratic(D[:k], order))",
+        "        pass",
+        "the second-order rows miss s''(z) times the tangents' products",
     ),
 ]
 

@@ -43,6 +43,8 @@ class Sine(nn.Module):
 
 # (s'(z), s''(z) or None) from (activation, z, whether s'' is wanted)
 Derivatives = Callable[["Activation", torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
+# (s'(z), s''(z), s'''(z)) from (activation, z): what the backward of second derivatives needs
+ThirdDerivatives = Callable[["Activation", torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ActivationKind:
     kernel_id: int  # the kernels' constexpr selector (its position in the registry)
     value: Callable[["Activation", torch.Tensor], torch.Tensor]  # s(z)
     derivatives: Derivatives  # (s', s'' if asked); s'' only in the backward pass
+    third_derivatives: ThirdDerivatives | None  # (s', s'', s'''); None when piecewise linear
     to_module: Callable[["Activation"], nn.Module]
     modules: tuple[type, ...] = ()  # exact torch module types parsed into this kind
     from_module: Callable[[nn.Module], "Activation"] | None = None
@@ -64,13 +67,25 @@ REGISTRY: dict[str, ActivationKind] = {}
 
 
 def _register(
-    name, value, derivatives, to_module, *, modules=(), from_module=None, default_param=None, piecewise_linear=False
+    name,
+    value,
+    derivatives,
+    to_module,
+    *,
+    third=None,
+    modules=(),
+    from_module=None,
+    default_param=None,
+    piecewise_linear=False,
 ) -> None:
+    if (third is None) != piecewise_linear:
+        raise ValueError(f"activation {name!r}: give s''' (third=) exactly when it is not piecewise linear")
     REGISTRY[name] = ActivationKind(
         name,
         len(REGISTRY),
         value,
         derivatives,
+        third,
         to_module,
         tuple(modules),
         from_module,
@@ -120,6 +135,13 @@ class Activation:
         s = self.value(z) if value else None
         slope, second = self.kind.derivatives(self, z, curvature and self.has_curvature)
         return s, slope, second
+
+    def evaluate_third(self, z: torch.Tensor):
+        """(s', s'', s''') at z, with None for the last two where they are zero (piecewise linear)."""
+        third = self.kind.third_derivatives
+        if third is None:
+            return self.kind.derivatives(self, z, False)[0], None, None
+        return third(self, z)
 
     def to_module(self) -> nn.Module:
         """The torch module computing this activation (used to build and to export nn.Sequential)."""
@@ -237,6 +259,63 @@ def _sine(a, z, curvature):
     return slope, (-(a.param**2) * torch.sin(wz) if curvature else None)
 
 
+# ---- (s', s'', s''') for the backward of second derivatives ------------------------------------------
+def _softplus_third(a, z):
+    slope, second = _softplus(a, z, True)  # s'' = beta s' (1 - s'), so s''' = beta s'' (1 - 2 s')
+    return slope, second, second * (1.0 - 2.0 * slope) * a.param
+
+
+def _tanh_third(a, z):
+    t = torch.tanh(z)
+    slope = 1.0 - t * t
+    second = -2.0 * t * slope
+    return slope, second, -2.0 * (slope * slope + t * second)
+
+
+def _sigmoid_third(a, z):
+    q = torch.sigmoid(z)
+    slope = q * torch.sigmoid(-z)
+    second = slope * (1.0 - 2.0 * q)
+    return slope, second, second * (1.0 - 2.0 * q) - 2.0 * slope * slope
+
+
+def _silu_third(a, z):
+    # s = z q with q = sigmoid(z); p = q' = q (1 - q), p' = p (1 - 2q), p'' = p' (1 - 2q) - 2 p^2
+    q, one_minus_q = torch.sigmoid(z), torch.sigmoid(-z)
+    p = q * one_minus_q
+    dp = p * (one_minus_q - q)
+    d2p = dp * (one_minus_q - q) - 2.0 * p * p
+    return q + z * p, 2.0 * p + z * dp, 3.0 * dp + z * d2p
+
+
+def _gelu_third(a, z):
+    slope, second = _gelu(a, z, True)
+    pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return slope, second, pdf * z * (z * z - 4.0)
+
+
+def _gelu_tanh_third(a, z):
+    # s = z g / 2 with g = 1 + tanh(u), u = c (z + A z^3):
+    # s' = g/2 + z g'/2, s'' = g' + z g''/2, s''' = 3 g''/2 + z g'''/2
+    z2 = z * z
+    t = torch.tanh(_GELU_TANH_C * z * (1.0 + _GELU_TANH_A * z2))
+    sech2 = 1.0 - t * t
+    du = _GELU_TANH_C * (1.0 + 3.0 * _GELU_TANH_A * z2)
+    d2u = _GELU_TANH_C * 6.0 * _GELU_TANH_A * z
+    d3u = _GELU_TANH_C * 6.0 * _GELU_TANH_A
+    dg = sech2 * du  # g' = tanh(u)'
+    d2g = sech2 * (d2u - 2.0 * t * du * du)
+    # g''' = sech2' (u'' - 2 t u'^2) + sech2 (u''' - 2 t' u'^2 - 4 t u' u''), sech2' = -2 t g', t' = g'
+    d3g = -2.0 * t * dg * (d2u - 2.0 * t * du * du) + sech2 * (d3u - 2.0 * dg * du * du - 4.0 * t * du * d2u)
+    return 0.5 * (1.0 + t) + 0.5 * z * dg, dg + 0.5 * z * d2g, 1.5 * d2g + 0.5 * z * d3g
+
+
+def _sine_third(a, z):
+    w = a.param
+    s, c = torch.sin(w * z), torch.cos(w * z)
+    return w * c, -(w**2) * s, -(w**3) * c
+
+
 # The order fixes the kernels' ids: append new activations at the end.
 _register("identity", lambda a, z: z, _identity, lambda a: nn.Identity(), modules=[nn.Identity], piecewise_linear=True)
 _register("relu", lambda a, z: torch.relu(z), _relu, lambda a: nn.ReLU(), modules=[nn.ReLU], piecewise_linear=True)
@@ -255,27 +334,43 @@ _register(
     lambda a, z: F.softplus(z, a.param, a.threshold),
     _softplus,
     lambda a: nn.Softplus(beta=a.param, threshold=a.threshold),
+    third=_softplus_third,
     modules=[nn.Softplus],
     from_module=lambda m: Activation("softplus", float(m.beta), float(m.threshold)),
     default_param=1.0,  # nn.Softplus's default beta
 )
-_register("tanh", lambda a, z: torch.tanh(z), _tanh, lambda a: nn.Tanh(), modules=[nn.Tanh])
-_register("sigmoid", lambda a, z: torch.sigmoid(z), _sigmoid, lambda a: nn.Sigmoid(), modules=[nn.Sigmoid])
-_register("silu", lambda a, z: F.silu(z), _silu, lambda a: nn.SiLU(), modules=[nn.SiLU])
+_register("tanh", lambda a, z: torch.tanh(z), _tanh, lambda a: nn.Tanh(), third=_tanh_third, modules=[nn.Tanh])
+_register(
+    "sigmoid",
+    lambda a, z: torch.sigmoid(z),
+    _sigmoid,
+    lambda a: nn.Sigmoid(),
+    third=_sigmoid_third,
+    modules=[nn.Sigmoid],
+)
+_register("silu", lambda a, z: F.silu(z), _silu, lambda a: nn.SiLU(), third=_silu_third, modules=[nn.SiLU])
 _register(
     "gelu",
     lambda a, z: F.gelu(z),
     _gelu,
     lambda a: nn.GELU(),
+    third=_gelu_third,
     modules=[nn.GELU],
     from_module=lambda m: Activation("gelu_tanh" if m.approximate == "tanh" else "gelu"),
 )
-_register("gelu_tanh", lambda a, z: F.gelu(z, approximate="tanh"), _gelu_tanh, lambda a: nn.GELU(approximate="tanh"))
+_register(
+    "gelu_tanh",
+    lambda a, z: F.gelu(z, approximate="tanh"),
+    _gelu_tanh,
+    lambda a: nn.GELU(approximate="tanh"),
+    third=_gelu_tanh_third,
+)
 _register(
     "sine",
     lambda a, z: torch.sin(a.param * z),
     _sine,
     lambda a: Sine(a.param),
+    third=_sine_third,
     modules=[Sine],
     from_module=lambda m: Activation("sine", m.w0),
     default_param=30.0,

@@ -22,6 +22,7 @@ from .ops.opaque import mlp_jacobian_op
 __all__ = [
     "mlp_jacobian",
     "apply_spec",
+    "apply_second_order",
     "resolve_backend",
     "choose_mode",
     "plan_call",
@@ -44,6 +45,8 @@ def mlp_jacobian(
     skip_input_first: bool = False,
     mode: str = "auto",
     backend: str = "auto",
+    hessian: bool = False,
+    laplacian: bool = False,
 ):
     """Outputs and per-point Jacobians of a point-wise MLP, the functional form of `JacobianMLP`.
 
@@ -69,11 +72,15 @@ def mlp_jacobian(
             m < k, see `choose_mode`).
         backend: "auto" (Triton kernels for CUDA tensors in their dtypes, else PyTorch), "torch"
             or "triton".
+        hessian: also return H (..., m, k, k), H[..., i, a, b] = d2 y_(o+i) / d x_(s+a) d x_(s+b).
+        laplacian: also return the Laplacian (..., m), the trace of H over the k inputs.
+            Second derivatives run in forward mode on the PyTorch engine (any device): "auto"
+            takes it; mode="reverse" and backend="triton" are refused.
 
     Returns:
         (y, J): y (..., out_features) and J (..., m, k) with J[..., i, j] = d y_(o+i) / d x_(s+j)
-        (o, s: the first selected output and input), both differentiable with respect to x, the weights and the
-        biases (first order).
+        (o, s: the first selected output and input), then H if `hessian`, then the Laplacian if
+        `laplacian`; all differentiable with respect to x, the weights and the biases (first order).
 
     Example:
         >>> W1, W2 = torch.randn(64, 3), torch.randn(3, 64)
@@ -99,6 +106,8 @@ def mlp_jacobian(
     )
     check_tensors(x, weights, biases, spec)
     band_weights = encoding.band_weights(x) if encoding is not None else None
+    if hessian or laplacian:
+        return apply_second_order(x, weights, biases, spec, backend, hessian, laplacian, band_weights)
     return apply_spec(x, weights, biases, spec, backend, band_weights=band_weights)
 
 
@@ -154,6 +163,39 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
     if not jacobian:
         return y, None
     return y, J.view(*lead, spec.jacobian_outputs(d_out), spec.jacobian_inputs)
+
+
+def apply_second_order(
+    x, weights, biases, spec: NetworkSpec, backend: str, hessian: bool, laplacian: bool, band_weights=None
+):
+    """(y, J, [H], [Laplacian]) after validation: `apply_spec` with second derivatives, which run
+    in forward mode on the PyTorch engine (docs/design.md, section 11)."""
+    check_backend(backend)
+    if backend == "triton":
+        raise ValueError(
+            "second derivatives (hessian=True or laplacian=True) have no Triton kernels yet: "
+            "use backend='auto' or 'torch' (the PyTorch engine runs on any device)"
+        )
+    if spec.mode == "reverse":
+        raise ValueError(
+            "second derivatives are carried up the layers in forward mode; mode='reverse' cannot give them: "
+            "use mode='auto' or 'forward'"
+        )
+    if torch.compiler.is_compiling():
+        raise NotImplementedError(
+            "second derivatives (hessian=True or laplacian=True) are not supported under torch.compile yet; "
+            "call the model outside the compiled region"
+        )
+    spec = dataclasses.replace(spec, mode="forward")
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, d_in)
+    half = _autocast_dtype(x)
+    if half is not None:
+        x2d = x2d.to(half)
+        weights = [w.to(half) for w in weights]
+        biases = [None if b is None else b.to(half) for b in biases]
+    outputs = torch_engine.second_order_jacobian(x2d, weights, biases, spec, hessian, laplacian, band_weights)
+    return tuple(t.view(*lead, *t.shape[1:]) for t in outputs)
 
 
 def choose_mode(spec: NetworkSpec, out_features: int) -> tuple[str, str]:

@@ -19,5 +19,6 @@ def refuse_double_backward() -> None:
     if torch.is_grad_enabled():
         raise RuntimeError(
             "tritonjac's backward is first-order: differentiating its gradients (create_graph=True, "
-            "double backward) is not supported. J is already an output: put the loss on J instead."
+            "double backward) is not supported. J is already an output, and so are second derivatives "
+            "(model(x, hessian=True) or laplacian=True): put the loss on them instead."
         )

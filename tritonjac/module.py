@@ -12,7 +12,7 @@ from torch import nn
 
 from .activations import Activation, as_activation, supported_modules
 from .encoding import PositionalEncoding
-from .functional import CallPlan, apply_spec, plan_call, resolve_backend
+from .functional import CallPlan, apply_second_order, apply_spec, plan_call, resolve_backend
 from .network import SUPPORTED_DTYPES, check_backend, check_mode, check_tensors, make_spec
 
 __all__ = ["JacobianMLP", "jacobian"]
@@ -57,7 +57,11 @@ class JacobianMLP(nn.Module):
 
     Returns:
         `model(x)` returns (y, J), both differentiable with respect to x and every parameter
-        (first order); `model(x, jacobian=False)` returns y alone.
+        (first order); `model(x, jacobian=False)` returns y alone. Second derivatives:
+        `model(x, hessian=True)` returns (y, J, H) with H (..., m, k, k) symmetric,
+        H[..., i, a, b] = d2 y_(o+i) / d x_(s+a) d x_(s+b), and `laplacian=True` appends the
+        Laplacian (..., m), the trace of H (y, J, H, lap with both), carried up the layers in the
+        same pass (forward mode, PyTorch engine) and differentiable to first order.
 
     Without skips or an encoding the layers are registered under the names they have in the
     equivalent `nn.Sequential` (Linear, activation, Linear, ...), so `state_dict()` loads into that
@@ -409,7 +413,12 @@ class JacobianMLP(nn.Module):
         return [W.squeeze(-1) for W in weights] if self.channels_first else weights
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, jacobian: bool = True):
+    def forward(self, x: torch.Tensor, jacobian: bool = True, hessian: bool = False, laplacian: bool = False):
+        """(y, J), then H (..., m, k, k) if `hessian`, then the Laplacian (..., m) if `laplacian`;
+        y alone with jacobian=False."""
+        second_order = hessian or laplacian
+        if second_order and not jacobian:
+            raise ValueError("hessian=True and laplacian=True return J as well: they need jacobian=True")
         if not jacobian and not (isinstance(x, torch.Tensor) and self._fused_without_jacobian(x)):
             return self._plain_forward(x)
         weights = self._weights()
@@ -417,10 +426,14 @@ class JacobianMLP(nn.Module):
         x = self._points_last(x)
         check_tensors(x, weights, biases, self._spec)
         bands = self.encoding.band_weights(x) if self.encoding is not None else None
-        y, J = apply_spec(x, weights, biases, self._spec, self.backend, jacobian, bands)
+        if second_order:
+            y, *rest = apply_second_order(x, weights, biases, self._spec, self.backend, hessian, laplacian, bands)
+        else:
+            y, J = apply_spec(x, weights, biases, self._spec, self.backend, jacobian, bands)
+            rest = [J]
         if self.channels_first:
             y = y.transpose(-1, -2).contiguous()
-        return (y, J) if jacobian else y
+        return (y, *rest) if jacobian else y
 
     def _points_last(self, x):
         """x with its features last: a Conv1d stack's (B, C_in, N) transposed, checked."""
@@ -557,7 +570,14 @@ def _check_pointwise_conv(m: nn.Conv1d, where: str):
 _converted: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def jacobian(module: nn.Module, x: torch.Tensor, *, jacobian_inputs: int | None = None):
+def jacobian(
+    module: nn.Module,
+    x: torch.Tensor,
+    *,
+    jacobian_inputs: int | None = None,
+    hessian: bool = False,
+    laplacian: bool = False,
+):
     """(y, J) of a supported `nn.Sequential` (or a JacobianMLP) at x, converting it once and caching.
 
     Args:
@@ -567,22 +587,25 @@ def jacobian(module: nn.Module, x: torch.Tensor, *, jacobian_inputs: int | None 
             encodings: convert them once with `JacobianMLP.from_module`.
         x: (..., in_features) points.
         jacobian_inputs: k, as in `JacobianMLP`.
+        hessian, laplacian: also return H, then the Laplacian, as `JacobianMLP.forward` does.
 
     Returns:
-        y (..., out_features) and J (..., out_features, k), differentiable as the module's forward.
+        y (..., out_features) and J (..., out_features, k) (then H and the Laplacian if asked),
+        differentiable as the module's forward.
 
     Example:
         >>> seq = nn.Sequential(nn.Linear(3, 64), nn.Tanh(), nn.Linear(64, 1))
         >>> d, grad = jacobian(seq, torch.randn(100, 3))  # grad: (100, 1, 3)
     """
+    orders = {"hessian": hessian, "laplacian": laplacian}
     if isinstance(module, JacobianMLP) and jacobian_inputs in (None, module.jacobian_inputs):
-        return module(x)
+        return module(x, **orders)
     if isinstance(module, (list, tuple)):  # not weak-referenceable: converted at each call
-        return JacobianMLP.from_module(module, jacobian_inputs=jacobian_inputs)(x)
+        return JacobianMLP.from_module(module, jacobian_inputs=jacobian_inputs)(x, **orders)
     per_module = _converted.setdefault(module, {})
     layers = tuple(module.children())
     entry = per_module.get(jacobian_inputs)
     if entry is None or entry[0] != tuple(map(id, layers)):
         entry = (tuple(map(id, layers)), JacobianMLP.from_module(module, jacobian_inputs=jacobian_inputs))
         per_module[jacobian_inputs] = entry
-    return entry[1](x)
+    return entry[1](x, **orders)

@@ -7,7 +7,8 @@ spec (`NetworkSpec.uses_reverse_mode`; `tritonjac.functional.choose_mode` says w
 - `forward_mode`: the k tangents of J's columns carried up with the values, 1 + k stacked rows per
   layer, one GEMM each;
 - `reverse_mode`: the values up, then the adjoints of J's m rows down, 1 + m rows per layer: for
-  fewer outputs than inputs (an SDF's gradient).
+  fewer outputs than inputs (an SDF's gradient);
+- `second_order`: forward mode with the Hessian's or the Laplacian's rows carried as well.
 
 Both share `common`: the input a0 (x, or its encoding and a latent code) with its sparse tangent,
 skip layers' split weights, selected outputs, and chunks of points of about 1.5 MB each (256 MB on
@@ -18,8 +19,9 @@ chunks run on worker threads of one intra-op thread each (`run_chunks`, docs/des
 from __future__ import annotations
 
 from ..network import NetworkSpec
-from . import common, forward_mode, reverse_mode
+from . import common, forward_mode, reverse_mode, second_order
 from .common import InputMap, chunk_points
+from .second_order import second_order_jacobian
 
 __all__ = [
     "mlp_jacobian",
@@ -30,6 +32,8 @@ __all__ = [
     "common",
     "forward_mode",
     "reverse_mode",
+    "second_order",
+    "second_order_jacobian",
 ]
 
 

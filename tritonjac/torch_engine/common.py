@@ -127,11 +127,12 @@ def denormals_flushed():
             torch.set_flush_denormal(False)
 
 
-def chunked_gradients(x2d, weights, spec: NetworkSpec, need_x, need_W, need_b, chunk_backward):
+def chunked_gradients(x2d, weights, spec: NetworkSpec, need_x, need_W, need_b, chunk_backward, step=None):
     """The chunked backward both modes share: gradients of x, the weights and the biases (None where
     not needed). `chunk_backward(c, start, stop, grad_W, grad_b, scratch)` adds chunk c's weight and
     bias gradients into the lists it is given (one pair per worker, summed in worker order at the
-    end: deterministic) and returns the chunk's gradient of x (None without need_x)."""
+    end: deterministic) and returns the chunk's gradient of x (None without need_x). `step`: the
+    points per chunk, when the forward's chunks were not `chunk_points`'s."""
     P = x2d.shape[0]
 
     def zeros():
@@ -142,7 +143,8 @@ def chunked_gradients(x2d, weights, spec: NetworkSpec, need_x, need_W, need_b, c
 
     per_worker = {}
     gx = torch.empty_like(x2d) if need_x else None
-    step = chunk_points(P, weights, spec, x2d) if P else 1
+    if step is None:
+        step = chunk_points(P, weights, spec, x2d) if P else 1
 
     def work(start, stop, worker, scratch):
         if worker not in per_worker:
