@@ -12,7 +12,7 @@ import tritonjac
 from helpers import assert_close, make_mlp
 from tritonjac import JacobianMLP, PositionalEncoding
 from tritonjac.activations import REGISTRY
-from tritonjac.torch_engine import common
+from tritonjac.torch_engine import second_order
 
 
 def func_second_order(model, x):
@@ -179,13 +179,15 @@ def test_conv1d_stack():
 
 
 def test_many_chunks_on_workers_are_deterministic(monkeypatch):
-    monkeypatch.setattr(common, "CHUNK_BYTES", 8 * 16 * 8 * 3)  # 3 points per chunk
+    monkeypatch.setattr(second_order, "SECOND_ORDER_CHUNK_BYTES", 8 * 16 * 8 * 3)
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
         torch.manual_seed(7)
         model = make_mlp(3, [16, 16], 2, "sine")
         x = torch.randn(31, 3, dtype=torch.float64)
+        order = second_order.SecondOrder(3, True, True)
+        assert second_order.chunk_points(31, model._weights(), order, x) == 2  # 16 chunks on 3 workers
         check(model, x, "chunks")
         runs = []
         for _ in range(2):

@@ -43,8 +43,8 @@ class Sine(nn.Module):
 
 # (s'(z), s''(z) or None) from (activation, z, whether s'' is wanted)
 Derivatives = Callable[["Activation", torch.Tensor, bool], "tuple[torch.Tensor, torch.Tensor | None]"]
-# (s'(z), s''(z), s'''(z)) from (activation, z): what the backward of second derivatives needs
-ThirdDerivatives = Callable[["Activation", torch.Tensor], "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"]
+# (s(z), s'(z), s''(z), s'''(z)) from (activation, z): what the backward of second derivatives needs
+ThirdDerivatives = Callable[["Activation", torch.Tensor], "tuple[torch.Tensor, ...]"]
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,14 @@ class ActivationKind:
     kernel_id: int  # the kernels' constexpr selector (its position in the registry)
     value: Callable[["Activation", torch.Tensor], torch.Tensor]  # s(z)
     derivatives: Derivatives  # (s', s'' if asked); s'' only in the backward pass
-    third_derivatives: ThirdDerivatives | None  # (s', s'', s'''); None when piecewise linear
+    third_derivatives: ThirdDerivatives | None  # (s, s', s'', s'''); None when piecewise linear
     to_module: Callable[["Activation"], nn.Module]
     modules: tuple[type, ...] = ()  # exact torch module types parsed into this kind
     from_module: Callable[[nn.Module], "Activation"] | None = None
     default_param: float | None = None  # None: the activation has no parameter
     piecewise_linear: bool = False  # s'' is zero wherever it is defined
+    # (s, s', s'' if asked) in one go, sharing work (sin and cos of one product), or None
+    joint: Callable[["Activation", torch.Tensor, bool], tuple] | None = None
 
 
 REGISTRY: dict[str, ActivationKind] = {}
@@ -77,6 +79,7 @@ def _register(
     from_module=None,
     default_param=None,
     piecewise_linear=False,
+    joint=None,
 ) -> None:
     if (third is None) != piecewise_linear:
         raise ValueError(f"activation {name!r}: give s''' (third=) exactly when it is not piecewise linear")
@@ -91,6 +94,7 @@ def _register(
         from_module,
         default_param,
         piecewise_linear,
+        joint,
     )
 
 
@@ -132,15 +136,18 @@ class Activation:
 
         s'' is also None for piecewise-linear activations, whose s'' is zero.
         """
+        curvature = curvature and self.has_curvature
+        if value and self.kind.joint is not None:
+            return self.kind.joint(self, z, curvature)
         s = self.value(z) if value else None
-        slope, second = self.kind.derivatives(self, z, curvature and self.has_curvature)
+        slope, second = self.kind.derivatives(self, z, curvature)
         return s, slope, second
 
     def evaluate_third(self, z: torch.Tensor):
-        """(s', s'', s''') at z, with None for the last two where they are zero (piecewise linear)."""
+        """(s, s', s'', s''') at z, with None for the last two where they are zero (piecewise linear)."""
         third = self.kind.third_derivatives
         if third is None:
-            return self.kind.derivatives(self, z, False)[0], None, None
+            return self.value(z), self.kind.derivatives(self, z, False)[0], None, None
         return third(self, z)
 
     def to_module(self) -> nn.Module:
@@ -253,30 +260,43 @@ def _gelu_tanh(a, z, curvature):
     return slope, sech2 * (du + 0.5 * z * (d2u - 2.0 * t * du * du))
 
 
+def _tanh_joint(a, z, curvature):
+    t = torch.tanh(z)
+    slope = 1.0 - t * t
+    return t, slope, (-2.0 * t * slope if curvature else None)
+
+
+def _sine_joint(a, z, curvature):
+    wz = z * a.param
+    s = torch.sin(wz)
+    slope = torch.cos(wz, out=wz).mul_(a.param)
+    return s, slope, (s * -(a.param**2) if curvature else None)
+
+
 def _sine(a, z, curvature):
     wz = a.param * z
     slope = a.param * torch.cos(wz)
     return slope, (-(a.param**2) * torch.sin(wz) if curvature else None)
 
 
-# ---- (s', s'', s''') for the backward of second derivatives ------------------------------------------
+# ---- (s, s', s'', s''') for the backward of second derivatives ------------------------------------------
 def _softplus_third(a, z):
     slope, second = _softplus(a, z, True)  # s'' = beta s' (1 - s'), so s''' = beta s'' (1 - 2 s')
-    return slope, second, second * (1.0 - 2.0 * slope) * a.param
+    return F.softplus(z, a.param, a.threshold), slope, second, second * (1.0 - 2.0 * slope) * a.param
 
 
 def _tanh_third(a, z):
     t = torch.tanh(z)
     slope = 1.0 - t * t
     second = -2.0 * t * slope
-    return slope, second, -2.0 * (slope * slope + t * second)
+    return t, slope, second, -2.0 * (slope * slope + t * second)
 
 
 def _sigmoid_third(a, z):
     q = torch.sigmoid(z)
     slope = q * torch.sigmoid(-z)
     second = slope * (1.0 - 2.0 * q)
-    return slope, second, second * (1.0 - 2.0 * q) - 2.0 * slope * slope
+    return q, slope, second, second * (1.0 - 2.0 * q) - 2.0 * slope * slope
 
 
 def _silu_third(a, z):
@@ -285,13 +305,13 @@ def _silu_third(a, z):
     p = q * one_minus_q
     dp = p * (one_minus_q - q)
     d2p = dp * (one_minus_q - q) - 2.0 * p * p
-    return q + z * p, 2.0 * p + z * dp, 3.0 * dp + z * d2p
+    return z * q, q + z * p, 2.0 * p + z * dp, 3.0 * dp + z * d2p
 
 
 def _gelu_third(a, z):
     slope, second = _gelu(a, z, True)
     pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-    return slope, second, pdf * z * (z * z - 4.0)
+    return F.gelu(z), slope, second, pdf * z * (z * z - 4.0)
 
 
 def _gelu_tanh_third(a, z):
@@ -307,13 +327,15 @@ def _gelu_tanh_third(a, z):
     d2g = sech2 * (d2u - 2.0 * t * du * du)
     # g''' = sech2' (u'' - 2 t u'^2) + sech2 (u''' - 2 t' u'^2 - 4 t u' u''), sech2' = -2 t g', t' = g'
     d3g = -2.0 * t * dg * (d2u - 2.0 * t * du * du) + sech2 * (d3u - 2.0 * dg * du * du - 4.0 * t * du * d2u)
-    return 0.5 * (1.0 + t) + 0.5 * z * dg, dg + 0.5 * z * d2g, 1.5 * d2g + 0.5 * z * d3g
+    slope, second, third = 0.5 * (1.0 + t) + 0.5 * z * dg, dg + 0.5 * z * d2g, 1.5 * d2g + 0.5 * z * d3g
+    return 0.5 * z * (1.0 + t), slope, second, third
 
 
 def _sine_third(a, z):
     w = a.param
-    s, c = torch.sin(w * z), torch.cos(w * z)
-    return w * c, -(w**2) * s, -(w**3) * c
+    wz = z * w
+    s, c = torch.sin(wz), torch.cos(wz)
+    return s, c * w, s * -(w**2), c * -(w**3)
 
 
 # The order fixes the kernels' ids: append new activations at the end.
@@ -339,7 +361,15 @@ _register(
     from_module=lambda m: Activation("softplus", float(m.beta), float(m.threshold)),
     default_param=1.0,  # nn.Softplus's default beta
 )
-_register("tanh", lambda a, z: torch.tanh(z), _tanh, lambda a: nn.Tanh(), third=_tanh_third, modules=[nn.Tanh])
+_register(
+    "tanh",
+    lambda a, z: torch.tanh(z),
+    _tanh,
+    lambda a: nn.Tanh(),
+    third=_tanh_third,
+    modules=[nn.Tanh],
+    joint=_tanh_joint,
+)
 _register(
     "sigmoid",
     lambda a, z: torch.sigmoid(z),
@@ -371,6 +401,7 @@ _register(
     _sine,
     lambda a: Sine(a.param),
     third=_sine_third,
+    joint=_sine_joint,
     modules=[Sine],
     from_module=lambda m: Activation("sine", m.w0),
     default_param=30.0,
