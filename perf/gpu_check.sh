@@ -12,6 +12,9 @@
 #                                              # their per-layer kernels outlast --quick's 35 s; then the
 #                                              # scalar fields (50 s): a 64-wide SDF at N = 2^20 and NeuS,
 #                                              # y + gradient and an eikonal step, both modes vs autograd
+#   OUT=dir bash perf/gpu_check.sh --second    # second derivatives (150 s): SIREN at N = 2^18 and a 64-wide
+#                                              # softplus MLP at N = 2^20, y + J + Laplacian and a Poisson
+#                                              # step against nested autograd and vmap(hessian)
 # Several modes fit one call when each gets its own OUT (each keeps its own 235 s budget), e.g.
 #   mkdir -p $OUT/q $OUT/t; OUT=$OUT/q bash perf/gpu_check.sh --quick; OUT=$OUT/t bash perf/gpu_check.sh --tune --budget 150
 #   OUT=dir bash perf/gpu_check.sh --dry-run   # the --quick steps on CPU under the Triton interpreter at

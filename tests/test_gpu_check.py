@@ -232,3 +232,27 @@ def test_scalar_fields_step_reports_both_modes_and_the_targets(tmp_path, monkeyp
     assert targets[("SDF 3 -> 4x64 -> 1", "eikonal step: autograd time / ours")]["required"] == 5.0
     assert targets[("NeuS SDF", "y and gradient: autograd peak memory / ours")]["required"] == 3.0
     assert "== NeuS SDF" in gpu_check.format_summary(summary)
+
+
+def test_second_order_step_reports_the_laplacian_against_its_peers(tmp_path, monkeypatch):
+    """--second's step (dry: on CPU, 1/1024 of the points): both cases time tritonjac's Laplacian
+    against nested autograd and vmap(hessian), and the summary turns them into the issue's targets."""
+    gpu_check = load_gpu_check()
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    precision = torch.get_float32_matmul_precision()
+    try:
+        gpu_check.step_second_order(tmp_path, dry_run=True)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    summary = gpu_check.collect(tmp_path, "second", {})
+    records = summary["second_order"]
+    assert [r["label"].split(",")[0] for r in records] == ["SIREN 3 -> 3x256 -> 1", "3 -> 4x64 -> 1"]
+    for record in records:
+        methods = {(row["mode"], row["method"]) for row in record["rows"] if row["median_ms"] is not None}
+        for mode in ("y, J and Laplacian", "Poisson step"):
+            assert {(mode, "tritonjac (laplacian=True)"), (mode, "nested autograd")} <= methods
+    targets = {(t["run"], t["target"]): t for t in summary["targets"]}
+    assert targets[("3 -> 4x64 -> 1", "Poisson step: nested autograd time / ours")]["required"] == 5.0
+    siren_forward = "y, J and Laplacian: torch.func vmap(hessian), trace time / ours"
+    assert targets[("SIREN 3 -> 3x256 -> 1", siren_forward)]["required"] == 3.0
+    assert "== SIREN 3 -> 3x256 -> 1" in gpu_check.format_summary(summary)

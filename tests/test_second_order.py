@@ -228,3 +228,30 @@ def test_refusals_name_the_problem():
     xg = x.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="first-order.*laplacian=True"):
         torch.autograd.grad(model(xg, laplacian=True)[2].sum(), xg, create_graph=True)
+
+
+def test_plan_names_the_second_order_rows():
+    model = make_mlp(3, [8], 1, "tanh")
+    x = torch.randn(4, 3, dtype=torch.float64)
+    plan = model.plan(x, laplacian=True)
+    assert (plan.engine, plan.mode) == ("torch", "forward")
+    assert "1 + 3 + 1 Laplacian row per point and layer" in str(plan)
+    assert "1 + 3 + 6 Hessian rows" in str(model.plan(x, hessian=True, laplacian=True))
+    assert model.plan(x).mode == "reverse"  # J alone: one output of three inputs
+    with pytest.raises(ValueError, match="no Triton kernels yet"):
+        make_mlp(3, [8], 1, "tanh", backend="triton").plan(x, hessian=True)
+
+
+def test_autocast_computes_in_bfloat16_and_trains_the_float32_parameters():
+    torch.manual_seed(9)
+    model = make_mlp(3, [32, 32], 2, "tanh", dtype=torch.float32)
+    x = torch.randn(50, 3)
+    expected = model(x, hessian=True, laplacian=True)
+    xg = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(xg, hessian=True, laplacian=True)
+    for name, g, e in zip(("y", "J", "H", "lap"), got, expected):
+        assert g.dtype == torch.bfloat16
+        assert_close(g, e, "bfloat16", f"autocast {name}")
+    got[3].float().square().sum().backward()
+    assert xg.grad.dtype == torch.float32 and model.linear_layers[0].weight.grad.dtype == torch.float32

@@ -23,6 +23,7 @@ __all__ = [
     "mlp_jacobian",
     "apply_spec",
     "apply_second_order",
+    "second_order_plan",
     "resolve_backend",
     "choose_mode",
     "plan_call",
@@ -165,11 +166,7 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
     return y, J.view(*lead, spec.jacobian_outputs(d_out), spec.jacobian_inputs)
 
 
-def apply_second_order(
-    x, weights, biases, spec: NetworkSpec, backend: str, hessian: bool, laplacian: bool, band_weights=None
-):
-    """(y, J, [H], [Laplacian]) after validation: `apply_spec` with second derivatives, which run
-    in forward mode on the PyTorch engine (docs/design.md, section 11)."""
+def _check_second_order(spec: NetworkSpec, backend: str) -> None:
     check_backend(backend)
     if backend == "triton":
         raise ValueError(
@@ -181,6 +178,26 @@ def apply_second_order(
             "second derivatives are carried up the layers in forward mode; mode='reverse' cannot give them: "
             "use mode='auto' or 'forward'"
         )
+
+
+def second_order_plan(spec: NetworkSpec, backend: str, hessian: bool, laplacian: bool) -> CallPlan:
+    """The `CallPlan` of a call with second derivatives (refusing what `apply_second_order` refuses)."""
+    _check_second_order(spec, backend)
+    k = spec.jacobian_inputs
+    what = f"{k * (k + 1) // 2} Hessian rows" if hessian else "1 Laplacian row"
+    why = (
+        f"second derivatives: 1 + {k} + {what} per point and layer (values, tangents, second order); "
+        "the Triton kernels have no second derivatives yet"
+    )
+    return CallPlan("torch", "forward", why)
+
+
+def apply_second_order(
+    x, weights, biases, spec: NetworkSpec, backend: str, hessian: bool, laplacian: bool, band_weights=None
+):
+    """(y, J, [H], [Laplacian]) after validation: `apply_spec` with second derivatives, which run
+    in forward mode on the PyTorch engine (docs/design.md, section 11)."""
+    _check_second_order(spec, backend)
     if torch.compiler.is_compiling():
         raise NotImplementedError(
             "second derivatives (hessian=True or laplacian=True) are not supported under torch.compile yet; "

@@ -12,8 +12,8 @@ from torch import nn
 
 from .activations import Activation, as_activation, supported_modules
 from .encoding import PositionalEncoding
-from .functional import CallPlan, apply_second_order, apply_spec, plan_call, resolve_backend
-from .network import SUPPORTED_DTYPES, check_backend, check_mode, check_tensors, make_spec
+from .functional import CallPlan, apply_second_order, apply_spec, plan_call, resolve_backend, second_order_plan
+from .network import SUPPORTED_DTYPES, check_backend, check_input, check_mode, check_tensors, make_spec
 
 __all__ = ["JacobianMLP", "jacobian"]
 
@@ -343,10 +343,14 @@ class JacobianMLP(nn.Module):
     def mode(self, value: str):
         self._spec = dataclasses.replace(self._spec, mode=check_mode(value))
 
-    def plan(self, x: torch.Tensor) -> CallPlan:
-        """What a call `self(x)` runs, and why: the engine, the mode, and for the Triton kernels
-        whether the whole network runs in one launch (a `CallPlan`; printing it reads as a sentence)."""
+    def plan(self, x: torch.Tensor, hessian: bool = False, laplacian: bool = False) -> CallPlan:
+        """What a call `self(x, hessian=..., laplacian=...)` runs, and why: the engine, the mode,
+        and for the Triton kernels whether the whole network runs in one launch (a `CallPlan`;
+        printing it reads as a sentence)."""
         x = self._points_last(x)
+        if hessian or laplacian:
+            check_input(x, self._weights())
+            return second_order_plan(self._spec, self.backend, hessian, laplacian)
         return plan_call(x, self._weights(), self._spec, self.backend)
 
     @property
