@@ -255,3 +255,54 @@ def test_autocast_computes_in_bfloat16_and_trains_the_float32_parameters():
         assert_close(g, e, "bfloat16", f"autocast {name}")
     got[3].float().square().sum().backward()
     assert xg.grad.dtype == torch.float32 and model.linear_layers[0].weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("hessian, laplacian", [(True, True), (False, True), (True, False)])
+def test_opcheck(hessian, laplacian):
+    from tritonjac.ops.common import band_weights_argument, bias_arguments
+    from tritonjac.ops.second_order import mlp_second_order_backward_op, mlp_second_order_op
+
+    encoding = PositionalEncoding(2, alpha=1.5)
+    model = JacobianMLP(
+        3 + 1, [8, 6, 8], 4, "tanh", jacobian_inputs=3, jacobian_outputs=slice(1, 3), encoding=encoding,
+        skips=(2,), skip_scale=0.5, dtype=torch.float64,
+    )  # fmt: skip
+    weights = [m.weight for m in model.linear_layers]
+    biases = [m.bias for m in model.linear_layers]
+    biases[1] = None  # a layer without bias
+    x = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    biases = bias_arguments(biases, x)
+    bands = band_weights_argument(model.encoding.band_weights(x), x)
+    spec_args = model._spec.to_op_args()
+    args = (x, weights, biases, bands, *spec_args, hessian, laplacian)
+    torch.library.opcheck(mlp_second_order_op, args)
+    with torch.no_grad():
+        y, J, S = mlp_second_order_op(*args)
+    detached = [t.detach() for t in weights], [t.detach() for t in biases]
+    ones = [torch.ones_like(t) for t in (y, J, S)]
+    torch.library.opcheck(
+        mlp_second_order_backward_op, (x.detach(), *detached, bands, *ones, *spec_args, hessian, laplacian)
+    )
+
+
+def test_poisson_step_compiles_fullgraph_and_matches_eager():
+    """SIREN-like training on a Poisson residual and a Hessian term, compiled with fullgraph=True:
+    the custom op's backward recomputes the forward and gives eager's gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(10)
+    model = make_mlp(3, [16, 16], 1, "sine", dtype=torch.float32)
+    x = torch.rand(64, 3) * 2 - 1
+
+    def loss(x):
+        y, J, H, lap = model(x, hessian=True, laplacian=True)
+        return (lap[:, 0] - x.sin().sum(-1)).square().mean() + H.square().mean() + y.square().mean()
+
+    xg = x.clone().requires_grad_()
+    torch.compile(loss, fullgraph=True)(xg).backward()
+    compiled = [xg.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+    model.zero_grad()
+    xe = x.clone().requires_grad_()
+    loss(xe).backward()
+    eager = [xe.grad, *(p.grad for p in model.parameters())]
+    for i, (got, want) in enumerate(zip(compiled, eager, strict=True)):
+        assert_close(got, want, "float32", f"compiled gradient {i}")

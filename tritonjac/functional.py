@@ -198,11 +198,6 @@ def apply_second_order(
     """(y, J, [H], [Laplacian]) after validation: `apply_spec` with second derivatives, which run
     in forward mode on the PyTorch engine (docs/design.md, section 11)."""
     _check_second_order(spec, backend)
-    if torch.compiler.is_compiling():
-        raise NotImplementedError(
-            "second derivatives (hessian=True or laplacian=True) are not supported under torch.compile yet; "
-            "call the model outside the compiled region"
-        )
     spec = dataclasses.replace(spec, mode="forward")
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, d_in)
@@ -211,7 +206,16 @@ def apply_second_order(
         x2d = x2d.to(half)
         weights = [w.to(half) for w in weights]
         biases = [None if b is None else b.to(half) for b in biases]
-    outputs = torch_engine.second_order_jacobian(x2d, weights, biases, spec, hessian, laplacian, band_weights)
+    if torch.compiler.is_compiling():  # the custom op: opaque, its backward recomputes the forward
+        from .ops.second_order import mlp_second_order_op
+
+        bands = band_weights_argument(band_weights, x2d)
+        args = (x2d, weights, bias_arguments(biases, x2d), bands, *spec.to_op_args(), hessian, laplacian)
+        y, J, S = mlp_second_order_op(*args)
+        order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, hessian, laplacian)
+        outputs = (y, J, *torch_engine.second_order.assemble(order, S))
+    else:
+        outputs = torch_engine.second_order_jacobian(x2d, weights, biases, spec, hessian, laplacian, band_weights)
     return tuple(t.view(*lead, *t.shape[1:]) for t in outputs)
 
 

@@ -43,7 +43,7 @@ from .common import (
     run_chunks,
 )
 
-__all__ = ["SecondOrder", "second_order_jacobian"]
+__all__ = ["SecondOrder", "second_order_jacobian", "assemble", "forward_points", "backward_by_recompute"]
 
 
 @dataclass(frozen=True)
@@ -372,6 +372,22 @@ def chunk_step(x2d, weights, order: SecondOrder) -> int:
     return chunk_points(x2d.shape[0], weights, order, x2d) if x2d.shape[0] else 1
 
 
+def backward_by_recompute(
+    x2d, weights, biases, spec: NetworkSpec, order: SecondOrder, gy, gJ, gS, need_x, need_W, need_b, band_weights=None
+):
+    """The analytic backward for a forward that kept nothing but its inputs (the torch.compile op):
+    each chunk's forward is recomputed before its backward."""
+    net = Network(x2d, weights, biases, spec, band_weights)
+
+    def recompute(c, start, stop, scratch):
+        saved = []
+        _forward_chunk(x2d[start:stop], net, order, saved, scratch)
+        return saved
+
+    with torch.no_grad():
+        return _backward(x2d, weights, net, order, gy, gJ, gS, need_x, need_W, need_b, recompute)
+
+
 class _SecondOrderJacobian(torch.autograd.Function):
     """(y, J, S) with an analytic first-order backward that saves x and, per layer, z_l and D_l."""
 
@@ -414,10 +430,14 @@ def second_order_jacobian(x2d, weights, biases, spec: NetworkSpec, hessian: bool
     else:
         with torch.no_grad():
             y, J, S = forward_points(x2d, weights, biases, spec, order, None, band_weights)
-    out = [y, J]
-    if hessian:
-        index = torch.tensor(order.hessian_index(), device=x2d.device)
-        out.append(S[:, :, index])
-    if laplacian:
-        out.append(S[:, :, order.diagonal_rows()].sum(-1) if hessian else S[:, :, 0])
-    return tuple(out)
+    return (y, J, *assemble(order, S))
+
+
+def assemble(order: SecondOrder, S):
+    """[H (P, m, k, k)] and/or [the Laplacian (P, m)] from the second-order rows S (P, m, q)."""
+    out = []
+    if order.hessian:
+        out.append(S[:, :, torch.tensor(order.hessian_index(), device=S.device)])
+    if order.laplacian:
+        out.append(S[:, :, order.diagonal_rows()].sum(-1) if order.hessian else S[:, :, 0])
+    return out
