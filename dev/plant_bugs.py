@@ -278,8 +278,8 @@ BUGS = [
     Bug(
         "second-order-third-derivative",
         "tritonjac/torch_engine/second_order.py",
-        "curvature.mul_(r2).addcmul_(r3, (GQ * _quadratic(U, order)).sum(0))",
-        "curvature.mul_(r2)",
+        "        curvature.addcmul_(r3, _row_products(GQ, _quadratic(U, order)))",
+        "        pass",
         "the second-order backward drops the third-derivative term of dLoss/dz",
     ),
     Bug(
@@ -299,7 +299,7 @@ BUGS = [
     Bug(
         "second-order-forward-curvature",
         "tritonjac/torch_engine/second_order.py",
-        "        out[1 + k :].addcmul_(s2, _quadratic(D[:k], order))",
+        "        out[1 + order.k :].addcmul_(s2, _quadratic(D[: order.k], order))",
         "        pass",
         "the second-order rows miss s''(z) times the tangents' products",
     ),
