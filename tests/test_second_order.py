@@ -306,3 +306,21 @@ def test_poisson_step_compiles_fullgraph_and_matches_eager():
     eager = [xe.grad, *(p.grad for p in model.parameters())]
     for i, (got, want) in enumerate(zip(compiled, eager, strict=True)):
         assert_close(got, want, "float32", f"compiled gradient {i}")
+
+
+def test_inference_mode_and_frozen_parameters():
+    torch.manual_seed(11)
+    model = make_mlp(3, [16, 16], 2, "tanh")
+    x = torch.randn(40, 3, dtype=torch.float64)
+    expected = model(x, hessian=True, laplacian=True)
+    with torch.inference_mode():
+        got = model(x, hessian=True, laplacian=True)
+    for g, e in zip(got, expected):
+        assert g.is_inference() and torch.equal(g, e)
+    model.requires_grad_(False)  # a fitted field: only x is differentiated
+    xg = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(model(xg, laplacian=True)[2].square().sum(), xg)
+    xr = x.clone().requires_grad_()
+    lap_ref = func_second_order(model, xr)[2].diagonal(dim1=-2, dim2=-1).sum(-1)
+    (want,) = torch.autograd.grad(lap_ref.square().sum(), xr)
+    assert_close(g, want, 1e-8, "x gradient with frozen parameters")
