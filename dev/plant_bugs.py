@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_TESTS = [
+    "tests/test_triton_second_order.py",
     "tests/test_second_order.py",
     "tests/test_triton_reverse.py",
     "tests/test_triton_backward.py",
@@ -302,6 +303,29 @@ BUGS = [
         "        out[1 + order.k :].addcmul_(s2, _quadratic(D[: order.k], order))",
         "        pass",
         "the second-order rows miss s''(z) times the tangents' products",
+    ),
+    Bug(
+        "laplacian-kernel-curvature",
+        "kernels/forward.py",
+        "out + (d2s * squares)[:, None, :], out)",
+        "out, out)",
+        "the kernels' Laplacian row misses s''(z) times the tangents' squares",
+    ),
+    Bug(
+        "laplacian-kernel-unit-tangent",
+        "kernels/forward.py",
+        "unit = (column[None, None, :] == input_start + o_s[None, :, None] - 1) & (\n"
+        "                    o_s[None, :, None] <= NUM_TANGENTS\n"
+        "                )",
+        "unit = column[None, None, :] == input_start + o_s[None, :, None] - 1",
+        "x's unit tangents reach the Laplacian slot (a latent column becomes part of a0's Laplacian)",
+    ),
+    Bug(
+        "laplacian-kernel-slot-mask",
+        "kernels/forward.py",
+        "m_s = o_s < (1 + NUM_TANGENTS + LAPLACIAN if JACOBIAN else 1)",
+        "m_s = o_s < (1 + NUM_TANGENTS if JACOBIAN else 1)",
+        "the per-layer kernel neither reads nor stores the Laplacian slot",
     ),
 ]
 

@@ -22,7 +22,7 @@ import os
 import triton
 import triton.language as tl
 
-from .activations import IDENTITY, activation_and_slope, activation_value
+from .activations import IDENTITY, activation_and_slope, activation_slope_and_curvature, activation_value
 
 
 # INTERPRET_BF16 is for Triton's CPU interpreter only (the tests' bf16 runs), which gets bf16 wrong
@@ -102,6 +102,23 @@ def activate_stacked(Z, o_slot, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: t
     z = tl.sum(tl.where(is_value, Z, 0.0), axis=1)
     s, ds = activation_and_slope(z, ACT, PARAM, THRESHOLD)
     return tl.where(is_value, s[:, None, :], ds[:, None, :] * Z)
+
+
+@triton.jit
+def activate_laplacian(Z, o_slot, NUM_TANGENTS: tl.constexpr, ACT: tl.constexpr, PARAM: tl.constexpr,
+                       THRESHOLD: tl.constexpr):  # fmt: skip
+    """[s(z); s'(z) U; s'(z) L + s''(z) sum_j U_j^2] from Z = [z; U; L] stacked on axis 1 (the
+    forward Laplacian: slot 1 + NUM_TANGENTS carries the Laplacian row; later slots are padding)."""
+    if ACT == IDENTITY:
+        return Z
+    is_value = o_slot[None, :, None] == 0
+    z = tl.sum(tl.where(is_value, Z, 0.0), axis=1)
+    s, ds = activation_and_slope(z, ACT, PARAM, THRESHOLD)
+    _, d2s = activation_slope_and_curvature(z, ACT, PARAM, THRESHOLD)
+    is_tangent = (o_slot[None, :, None] >= 1) & (o_slot[None, :, None] <= NUM_TANGENTS)
+    squares = tl.sum(tl.where(is_tangent, Z * Z, 0.0), axis=1)
+    out = tl.where(is_value, s[:, None, :], ds[:, None, :] * Z)
+    return tl.where(o_slot[None, :, None] == 1 + NUM_TANGENTS, out + (d2s * squares)[:, None, :], out)
 
 
 @triton.jit
@@ -423,6 +440,7 @@ def layer_forward_kernel(
     SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, STORE_Z: tl.constexpr = False,
     SEEDED: tl.constexpr = False, SEED_INPUTS: tl.constexpr = 0, INTERPRET_BF16: tl.constexpr = False,
+    LAPLACIAN: tl.constexpr = False,
 ):  # fmt: skip
     """One layer for BLOCK_M points and BLOCK_N output features: [a] -> [s(z); s'(z) U].
 
@@ -438,8 +456,11 @@ def layer_forward_kernel(
     backward's recompute) the stacked pre-activation Z is also written, in fp32, to z[p, slot, n].
     With SEEDED (reverse mode's backward) a0's tangents are NUM_TANGENTS directions per point in x's
     SEED_INPUTS differentiated inputs, gj[p, r, j] (dLoss/dJ's rows), not unit vectors.
+    With LAPLACIAN, slot 1 + NUM_TANGENTS carries the Laplacian row as well (`activate_laplacian`;
+    a0's is zero: plain inputs only), stored with the tangents.
     """
-    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS or not JACOBIAN, "SLOTS must hold the value and the tangents")
+    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS + LAPLACIAN or not JACOBIAN, "SLOTS must hold every row")
+    tl.static_assert(not (LAPLACIAN and (ENCODED or SEEDED or STORE_Z)), "the Laplacian row: plain inputs only")
     i_m = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -447,7 +468,7 @@ def layer_forward_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < d_out
     o_s = tl.arange(0, SLOTS)
-    m_s = o_s < (1 + NUM_TANGENTS if JACOBIAN else 1)
+    m_s = o_s < (1 + NUM_TANGENTS + LAPLACIAN if JACOBIAN else 1)
     operand_ty = w_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M * SLOTS, BLOCK_N), tl.float32)
@@ -487,8 +508,11 @@ def layer_forward_kernel(
                 m_seed = (o_s[None, :, None] >= 1) & (o_s[None, :, None] <= NUM_TANGENTS) & m_p[:, None, None]
                 m_seed = m_seed & (seed_col >= 0) & (seed_col < SEED_INPUTS)
                 tangent = tl.load(p_seed, mask=m_seed, other=0.0).to(tl.float32)
-            else:  # unit vectors for x's differentiated columns
-                tangent = tl.where(column[None, None, :] == input_start + o_s[None, :, None] - 1, 1.0, 0.0)
+            else:  # unit vectors for x's differentiated columns (the Laplacian and padding slots: zero)
+                unit = (column[None, None, :] == input_start + o_s[None, :, None] - 1) & (
+                    o_s[None, :, None] <= NUM_TANGENTS
+                )
+                tangent = tl.where(unit, 1.0, 0.0)
             b_a = tl.where(o_s[None, :, None] == 0, b_x.to(tl.float32)[:, None, :], tangent)
             b_wt = tl.load(
                 w_in_ptr + o_n[None, :] * stride_win + o_k[:, None] * stride_wik,
@@ -513,7 +537,10 @@ def layer_forward_kernel(
     if STORE_Z:
         p_z = z_ptr + o_p[:, None, None] * stride_zp + o_s[None, :, None] * stride_zs + o_n[None, None, :]
         tl.store(p_z, Z, mask=m_pn & m_s[None, :, None])
-    A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+    if LAPLACIAN:
+        A = activate_laplacian(Z, o_s, NUM_TANGENTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+    else:
+        A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
 
     p_h = h_ptr + o_p[:, None, None] * stride_hp + o_n[None, None, :] * stride_hf + o_s[None, :, None] * 0
     tl.store(p_h, to_storage(A, h_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_pn & (o_s[None, :, None] == 0))

@@ -131,3 +131,18 @@ def make_mlp(d_in, hidden, d_out, activation="softplus", **kw):
             for layer in model.linear_layers:
                 layer.weight.mul_(1.0 / 30.0)
     return model
+
+
+def func_second_order(model, x):
+    """torch.func's y, J, H of the model's plain forward at the rows of x (P, d_in), J and H
+    restricted to the model's jacobian inputs and outputs; differentiable in the parameters."""
+    start = model._spec.input_start
+    k, rows = model.jacobian_inputs, model._spec.output_rows(model.out_features)
+
+    def f(p):
+        return model(p.unsqueeze(0), jacobian=False)[0]
+
+    y = model(x, jacobian=False)
+    J = torch.func.vmap(torch.func.jacfwd(f))(x)[:, rows, start : start + k]
+    H = torch.func.vmap(torch.func.hessian(f))(x)[:, rows, start : start + k, start : start + k]
+    return y, J, H

@@ -35,6 +35,7 @@ LAYERS = [
         "tritonjac.triton_engine.forward",
         "tritonjac.triton_engine.backward",
         "tritonjac.triton_engine.reverse",
+        "tritonjac.triton_engine.second_order",
     },
     {
         "tritonjac.ops",

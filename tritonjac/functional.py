@@ -166,39 +166,50 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
     return y, J.view(*lead, spec.jacobian_outputs(d_out), spec.jacobian_inputs)
 
 
-def _check_second_order(spec: NetworkSpec, backend: str) -> None:
+def _second_order_engine(x, spec: NetworkSpec, backend: str, hessian: bool) -> tuple[str, str]:
+    """("torch" or "triton", why) for a call with second derivatives, refusing what cannot run:
+    mode="reverse", and backend="triton" where the kernels lack what the call needs."""
     check_backend(backend)
-    if backend == "triton":
-        raise ValueError(
-            "second derivatives (hessian=True or laplacian=True) have no Triton kernels yet: "
-            "use backend='auto' or 'torch' (the PyTorch engine runs on any device)"
-        )
     if spec.mode == "reverse":
         raise ValueError(
             "second derivatives are carried up the layers in forward mode; mode='reverse' cannot give them: "
             "use mode='auto' or 'forward'"
         )
+    if backend == "torch" or resolve_backend(backend, x) != "triton":
+        return "torch", ""
+    from . import triton_engine
+
+    unsupported = triton_engine.second_order.second_order_unsupported(spec, hessian)
+    if unsupported is None:
+        return "triton", "the Laplacian row on the per-layer kernels (backward: recomputed on the PyTorch engine)"
+    if backend == "triton":
+        raise ValueError(
+            f"backend='triton' cannot compute these second derivatives: {unsupported}; use backend='auto' or "
+            "'torch' (the PyTorch engine runs on any device)"
+        )
+    return "torch", f"; not on the Triton kernels: {unsupported}"
 
 
-def second_order_plan(spec: NetworkSpec, backend: str, hessian: bool, laplacian: bool) -> CallPlan:
+def second_order_plan(x, spec: NetworkSpec, backend: str, hessian: bool, laplacian: bool) -> CallPlan:
     """The `CallPlan` of a call with second derivatives (refusing what `apply_second_order` refuses)."""
-    _check_second_order(spec, backend)
+    engine, engine_why = _second_order_engine(x, spec, backend, hessian)
     k = spec.jacobian_inputs
     what = f"{k * (k + 1) // 2} Hessian rows" if hessian else "1 Laplacian row"
-    why = (
-        f"second derivatives: 1 + {k} + {what} per point and layer (values, tangents, second order); "
-        "the Triton kernels have no second derivatives yet"
-    )
-    return CallPlan("torch", "forward", why)
+    why = f"second derivatives: 1 + {k} + {what} per point and layer (values, tangents, second order)"
+    if engine == "triton":
+        return CallPlan(engine, "forward", why, "layers", engine_why)
+    return CallPlan(engine, "forward", why + engine_why)
 
 
 def apply_second_order(
     x, weights, biases, spec: NetworkSpec, backend: str, hessian: bool, laplacian: bool, band_weights=None
 ):
     """(y, J, [H], [Laplacian]) after validation: `apply_spec` with second derivatives, which run
-    in forward mode on the PyTorch engine (docs/design.md, section 11)."""
-    _check_second_order(spec, backend)
+    in forward mode (docs/design.md, section 11): the Laplacian of plain inputs on the per-layer
+    Triton kernels, everything else (and every call under torch.compile) on the PyTorch engine."""
+    engine, _ = _second_order_engine(x, spec, backend, hessian)
     spec = dataclasses.replace(spec, mode="forward")
+    order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, hessian, laplacian)
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, d_in)
     half = _autocast_dtype(x)
@@ -212,7 +223,11 @@ def apply_second_order(
         bands = band_weights_argument(band_weights, x2d)
         args = (x2d, weights, bias_arguments(biases, x2d), bands, *spec.to_op_args(), hessian, laplacian)
         y, J, S = mlp_second_order_op(*args)
-        order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, hessian, laplacian)
+        outputs = (y, J, *torch_engine.second_order.assemble(order, S))
+    elif engine == "triton":
+        from . import triton_engine
+
+        y, J, S = triton_engine.second_order.mlp_laplacian(x2d, weights, biases, spec)
         outputs = (y, J, *torch_engine.second_order.assemble(order, S))
     else:
         outputs = torch_engine.second_order_jacobian(x2d, weights, biases, spec, hessian, laplacian, band_weights)

@@ -350,7 +350,7 @@ class JacobianMLP(nn.Module):
         x = self._points_last(x)
         if hessian or laplacian:
             check_input(x, self._weights())
-            return second_order_plan(self._spec, self.backend, hessian, laplacian)
+            return second_order_plan(x, self._spec, self.backend, hessian, laplacian)
         return plan_call(x, self._weights(), self._spec, self.backend)
 
     @property

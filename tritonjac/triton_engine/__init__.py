@@ -8,6 +8,7 @@ Files, in the order a call meets them:
     forward.py    y and J
     reverse.py    y and J in reverse mode (fewer outputs than inputs)
     backward.py   the gradients: fused whole-network kernel or per-layer kernels
+    second_order.py  the Laplacian row on the per-layer forward kernels
 
 Importing this package imports triton; `tritonjac.functional` imports it only when the Triton
 backend is asked for.
@@ -19,7 +20,7 @@ import torch
 
 from ..grad_mode import records_autograd, refuse_double_backward
 from ..network import NetworkSpec
-from . import forward, launch
+from . import forward, launch, second_order
 from .backward import mlp_backward
 from .plans import (
     Plan,
@@ -46,6 +47,7 @@ __all__ = [
     "per_layer_backward",
     "Plan",
     "launch",
+    "second_order",
 ]
 
 

@@ -320,7 +320,8 @@ def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaun
             args |= inputs.args(xc, Wi, seeds) | constexprs
             cfg = tuning.recompute_config(constexprs, run.arch)
             grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(Av.shape[2], cfg.kwargs["BLOCK_N"]))
-            run_kernel("layer_forward", grid, cfg, args | {"STORE_Z": True, **run.bf16}, run.is_traced)
+            recompute = args | {"STORE_Z": True, "LAPLACIAN": False, **run.bf16}
+            run_kernel("layer_forward", grid, cfg, recompute, run.is_traced)
         As.append(A)
         Zs.append(Z)
         a, a_strides = A, (A.stride(0), A.stride(1), A.stride(2))

@@ -372,9 +372,10 @@ def part_features(W_hidden, W_input) -> tuple[int, int]:
     return sum(W.shape[1] for W in parts), parts[0].shape[0]
 
 
-def _launch_layer(x, inputs: LayerInputs, previous, parts, act, h_out, t_out, tangents, precision):
+def _launch_layer(x, inputs: LayerInputs, previous, parts, act, h_out, t_out, tangents, precision, laplacian=False):
     """One autotuned launch of `layer_forward_kernel`: previous = ([h; T] or None, its strides),
-    parts = (W's columns for it, W's a0 columns, bias), each None where absent."""
+    parts = (W's columns for it, W's a0 columns, bias), each None where absent. With `laplacian`
+    the stacked rows carry the Laplacian row after the tangents (`second_order.py`)."""
     (a, a_strides), (Wh, Wi, bias) = previous, parts
     P, k = x.shape[0], inputs.spec.jacobian_inputs
     encoded = inputs.encoded_width > 0
@@ -383,8 +384,10 @@ def _launch_layer(x, inputs: LayerInputs, previous, parts, act, h_out, t_out, ta
     constexprs = layer_constexprs(
         act, k, Wh is not None, Wi is not None, encoded, bias is not None, tangents, precision
     )
+    if laplacian:  # in the tuning key only then: the tables' keys of other launches stay as they were
+        constexprs |= {"LAPLACIAN": True, "SLOTS": slots(k + 1, True)}
     args = layer_args(a, a_strides, Wh, bias, P, d_rows, h_out, t_out)
-    args |= inputs.args(x, Wi) | constexprs | {"STORE_Z": False, **interpret_bf16(x.dtype)}
+    args |= inputs.args(x, Wi) | {"LAPLACIAN": False} | constexprs | {"STORE_Z": False, **interpret_bf16(x.dtype)}
     key = tuning_key(x.dtype, constexprs, d_in=d_in, d_out=d_rows, bucket=args["points_bucket"])
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(d_rows, meta["BLOCK_N"]))  # noqa: E731
     launch_autotuned("layer_forward", grid, args, key, x.device, traced(x))

@@ -1,0 +1,134 @@
+"""The Laplacian row on the per-layer Triton kernels (`layer_forward_kernel` with LAPLACIAN,
+tritonjac/triton_engine/second_order.py) against torch.func's Hessian trace in float64, and its
+backward (recomputed on the PyTorch engine). Every buffer the launchers allocate is fenced by
+guard rows (conftest)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import tritonjac
+from helpers import TRITON_DEVICE, assert_close, func_second_order
+from tritonjac import JacobianMLP, PositionalEncoding
+from tritonjac.activations import ACTIVATION_NAMES
+from tritonjac.triton_engine import launch
+
+
+@pytest.fixture(autouse=True)
+def highest_precision():
+    """fp32-accurate dots (3xTF32 on a GPU): the fp32 figures of `helpers.TOLERANCE` apply."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def launched(fn):
+    """fn()'s result and the names of the kernels it launched."""
+    names = []
+    remove = launch.add_launch_observer(lambda name, *args, **kwargs: names.append(name))
+    try:
+        return fn(), names
+    finally:
+        remove()
+
+
+def check(model, x, what, tolerance="float32", gradient_tolerance="float32-gradient"):
+    """y, J and the Laplacian on the kernels, and the gradients of a loss on all three, against
+    float64 torch.func on a copy of the model."""
+    model = model.to(TRITON_DEVICE)
+    model.backend = "triton"
+    x = x.to(TRITON_DEVICE)
+    oracle = copy.deepcopy(model).double().cpu()
+    oracle.backend = "torch"
+    y_ref, J_ref, H_ref = func_second_order(oracle, x.double().cpu())
+    lap_ref = H_ref.diagonal(dim1=-2, dim2=-1).sum(-1)
+    (y, J, lap), names = launched(lambda: model(x, laplacian=True))
+    assert set(names) == {"layer_forward"}, names
+    for name, got, want in (("y", y, y_ref), ("J", J, J_ref), ("lap", lap, lap_ref)):
+        assert_close(got, want, tolerance, f"{what} {name}")
+
+    def loss(y, J, lap):
+        return y.sin().sum() + J.square().sum() + lap.cos().sum() + (lap * lap).sum()
+
+    xg = x.clone().requires_grad_()
+    params = list(model.parameters())
+    got = torch.autograd.grad(
+        loss(*model(xg, laplacian=True)), [xg, *params], allow_unused=True, materialize_grads=True
+    )
+    xr = x.double().cpu().requires_grad_()
+    y_r, J_r, H_r = func_second_order(oracle, xr)
+    want = torch.autograd.grad(
+        loss(y_r, J_r, H_r.diagonal(dim1=-2, dim2=-1).sum(-1)),
+        [xr, *oracle.parameters()],
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(g, w, gradient_tolerance, f"{what} gradient {i}")
+
+
+@pytest.mark.parametrize("activation", [a for a in ACTIVATION_NAMES if a != "identity"])
+def test_every_activation(activation):
+    torch.manual_seed(0)
+    model = JacobianMLP(3, [16, 24], 2, activation, output_activation="tanh")
+    if activation == "sine":
+        with torch.no_grad():
+            for layer in model.linear_layers:
+                layer.weight.mul_(1 / 30)
+    check(model, torch.randn(37, 3), activation)
+
+
+def test_softplus_100_and_many_blocks():
+    torch.manual_seed(1)
+    model = JacobianMLP(3, [64, 64, 64], 1, nn.Softplus(beta=100))
+    check(model, torch.rand(300, 3) * 0.2 - 0.1, "softplus(100)")
+
+
+def test_skips_latent_code_and_selected_outputs():
+    """A skip layer reads both inputs (the previous layer's rows and x's, whose Laplacian row is
+    zero: the unit tangents must stay off it and off the latent columns), a latent code after the
+    differentiated inputs, and J and the Laplacian of some outputs only."""
+    torch.manual_seed(2)
+    model = JacobianMLP(
+        3 + 4, [16, 16, 16], 5, "tanh", jacobian_inputs=slice(2, 5), jacobian_outputs=slice(1, 3), skips=(2,),
+        skip_scale=0.5,
+    )  # fmt: skip
+    check(model, torch.randn(21, 7), "skips")
+
+
+def test_half_precision():
+    torch.manual_seed(3)
+    model = JacobianMLP(3, [32, 32], 2, "tanh").to(torch.bfloat16)
+    model = model.to(TRITON_DEVICE)
+    model.backend = "triton"
+    x = torch.randn(40, 3, device=TRITON_DEVICE, dtype=torch.bfloat16)
+    y, J, lap = model(x, laplacian=True)
+    reference = copy.deepcopy(model).float()
+    reference.backend = "torch"
+    lap_ref = reference(x.float(), laplacian=True)[2]
+    assert lap.dtype == torch.bfloat16
+    assert_close(lap, lap_ref, "bfloat16", "bf16 Laplacian")
+
+
+def test_what_the_kernels_leave_to_the_pytorch_engine():
+    torch.manual_seed(4)
+    x = torch.randn(8, 3, device=TRITON_DEVICE)
+    model = JacobianMLP(3, [16], 1, "tanh", device=TRITON_DEVICE, backend="triton")
+    with pytest.raises(ValueError, match="not the Hessian"):
+        model(x, hessian=True)
+    encoded = JacobianMLP(3, [16], 1, "tanh", encoding=PositionalEncoding(2), device=TRITON_DEVICE, backend="triton")
+    with pytest.raises(ValueError, match="no encodings yet"):
+        encoded(x, laplacian=True)
+    encoded.backend = "auto"  # on a GPU: the PyTorch engine, saying why
+    if TRITON_DEVICE == "cuda":
+        plan = encoded.plan(x, laplacian=True)
+        assert plan.engine == "torch" and "no encodings yet" in str(plan)
+    plan = model.plan(x, laplacian=True)
+    assert (plan.engine, plan.kernels) == ("triton", "layers")
+    empty = model(torch.empty(0, 3, device=TRITON_DEVICE), laplacian=True)
+    assert [t.shape for t in empty] == [(0, 1), (0, 1, 3), (0, 1)]
+    weights = [m.weight for m in model.linear_layers]
+    assert tritonjac.mlp_jacobian(x, weights, None, ["tanh", None], laplacian=True, backend="triton")[2].shape == (8, 1)

@@ -1,0 +1,98 @@
+"""The forward Laplacian on the per-layer kernels: `layer_forward_kernel` with LAPLACIAN, which
+carries one more stacked row after the k tangents (docs/design.md, section 11).
+
+Coverage: the Laplacian (not the Hessian, whose k (k + 1) / 2 rows make 16 slots for k = 3, a
+tile that spills), plain inputs (no encoding), skips, latent codes, selected inputs and outputs.
+The backward recomputes the forward chunk by chunk on the PyTorch engine, on the same device
+(`torch_engine.second_order.backward_by_recompute`): the kernels have no second-order backward yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import torch_engine
+from ..grad_mode import records_autograd, refuse_double_backward
+from ..network import NetworkSpec
+from ..precision import matmul_precision
+from .forward import LayerInputs, _launch_layer
+from .launch import allocate, device_guard
+
+__all__ = ["second_order_unsupported", "mlp_laplacian"]
+
+
+def second_order_unsupported(spec: NetworkSpec, hessian: bool) -> str | None:
+    """Why the kernels cannot run this call with second derivatives, or None when they can."""
+    if hessian:
+        return "the kernels carry the Laplacian row, not the Hessian's"
+    if spec.encoding is not None:
+        return "the kernels' Laplacian has no encodings yet"
+    return None
+
+
+def laplacian_forward(x2d, weights, biases, spec: NetworkSpec):
+    """y (P, d_L), J (P, m, k) and the Laplacian row S (P, m, 1), nothing recorded."""
+    P, k, L = x2d.shape[0], spec.jacobian_inputs, len(weights)
+    precision = matmul_precision(x2d.dtype)
+    inputs = LayerInputs(x2d, spec)
+    a, a_strides = None, (0, 0, 0)
+    for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
+        d_out = W.shape[0]
+        W_hidden, W_input = inputs.parts(l, W)
+        if l == L - 1:  # y, and J's k columns with the Laplacian after them: (P, d_out, k + 1)
+            y = allocate("y", x2d, P, d_out)
+            out = allocate("J and the Laplacian", x2d, P, d_out, k + 1)
+            h_out = (y, y.stride(0), y.stride(1))
+            t_out = (out, out.stride(0), out.stride(2), out.stride(1))
+        else:  # [h; T; L] as (P, 1 + k + 1, d_out)
+            buf = allocate(f"[h; T; L] of layer {l}", x2d, P, k + 2, d_out)
+            h_out = (buf, buf.stride(0), buf.stride(2))
+            t_out = (buf[:, 1:], buf.stride(0), buf.stride(1), buf.stride(2))
+        _launch_layer(x2d, inputs, (a, a_strides), (W_hidden, W_input, b), act, h_out, t_out, True, precision, True)
+        if l < L - 1:
+            a, a_strides = buf, (buf.stride(0), buf.stride(1), buf.stride(2))
+    rows = spec.output_rows(weights[-1].shape[0])
+    return y, out[:, rows, :k].contiguous(), out[:, rows, k:].contiguous()
+
+
+class _LaplacianOnKernels(torch.autograd.Function):
+    """(y, J, S) from the kernels; the backward recomputes on the PyTorch engine (saves the inputs)."""
+
+    @staticmethod
+    def forward(ctx, spec, band_weights, x2d, *params):
+        L = len(spec.activations)
+        weights, biases = list(params[:L]), list(params[L:])
+        with device_guard(x2d):
+            y, J, S = laplacian_forward(x2d, weights, biases, spec)
+        ctx.spec = spec
+        ctx.has_bias = [b is not None for b in biases]
+        ctx.save_for_backward(x2d, *weights, *(b for b in biases if b is not None))
+        ctx.set_materialize_grads(False)
+        return y, J, S
+
+    @staticmethod
+    def backward(ctx, gy, gJ, gS):
+        refuse_double_backward()
+        spec = ctx.spec
+        L = spec.num_layers
+        x2d, *rest = ctx.saved_tensors
+        weights, given = rest[:L], iter(rest[L:])
+        biases = [next(given) if has else None for has in ctx.has_bias]
+        needs = ctx.needs_input_grad
+        need_W = list(needs[3 : 3 + L])
+        need_b = [has and need for has, need in zip(ctx.has_bias, needs[3 + L :])]
+        order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, False, True)
+        gx, grad_W, grad_b = torch_engine.second_order.backward_by_recompute(
+            x2d, weights, biases, spec, order, gy, gJ, gS, needs[2], need_W, need_b
+        )
+        return (None, None, gx, *grad_W, *grad_b)
+
+
+def mlp_laplacian(x2d, weights, biases, spec: NetworkSpec):
+    """y (P, d_L), J (P, m, k) and the Laplacian row (P, m, 1) on the kernels, differentiable to
+    first order (see the module's docstring)."""
+    params = [*weights, *[b for b in biases if b is not None]]
+    if records_autograd(x2d, *params):
+        return _LaplacianOnKernels.apply(spec, None, x2d, *weights, *biases)
+    with torch.no_grad(), device_guard(x2d):
+        return laplacian_forward(x2d, weights, biases, spec)
