@@ -48,6 +48,7 @@ class Case:
         if self.kernel == "layer_forward":
             parts = "h" * c["HAS_HIDDEN"] + ("+x" if c["HAS_INPUT"] else "") + ("+enc" if c["ENCODED"] else "")
             shape = f"in={parts}" + (" +Z" if c.get("STORE_Z") else "") + (" seeded" if c.get("SEEDED") else "")
+            shape += " laplacian" if c.get("LAPLACIAN") else ""
         elif self.kernel.startswith("layer_"):
             shape = f"rows={c.get('LIVE_SLOTS', c.get('LIVE_SLOTS_A'))}" + (" last" if c.get("LAST_STEP") else "")
             shape += " adjoints" if c.get("ADJOINTS") else ""
@@ -246,6 +247,10 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                 if jacobian or (hidden and not has_input):
                     for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
                         cases.append(_case("layer_forward", cx, config, dtype, arch))
+                if jacobian and not encoded:  # the Laplacian row after the tangents (second order)
+                    lx = cx | {"LAPLACIAN": True, "SLOTS": plans.slots(3 + 1, True)}
+                    for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(lx), arch=arch):
+                        cases.append(_case("layer_forward", lx, config, dtype, arch))
                 # the per-layer backward's recompute (storing Z), also reverse mode's way up
                 recompute = tuning.recompute_config(cx, arch)
                 cases.append(_case("layer_forward", cx | {"STORE_Z": True}, recompute, dtype, arch))

@@ -220,7 +220,9 @@ def _no_known_spill(config: triton.Config, arch: int, named: dict) -> bool:
       32x32 tile and 8 warps: 128 registers and 16 spilled bytes (triton 3.9);
     - triton 3.8, 8 spilled bytes each: a skip layer's recompute (storing Z) in TF32 with the 16x32
       tile, 4 warps, 2 stages (the operands rounded to nearest); an encoded first layer in 3xTF32
-      with the 16x16 tile and 4 warps."""
+      with the 16x16 tile and 4 warps;
+    - a skip layer carrying the Laplacian row (8 slots) in TF32 with the 16x16 tile, 4 warps and 3
+      stages: 24 spilled bytes (triton 3.9)."""
     if arch >= 90:
         return True
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
@@ -229,6 +231,8 @@ def _no_known_spill(config: triton.Config, arch: int, named: dict) -> bool:
     precision = named.get("PRECISION")
     skip_layer = named.get("HAS_HIDDEN") and named.get("HAS_INPUT")
     if skip_layer and named.get("STORE_Z") and precision == "tf32" and tile == (16, 32, 4, 2):
+        return False
+    if skip_layer and named.get("LAPLACIAN") and precision == "tf32" and tile == (16, 16, 4, 3):
         return False
     encoded_first = named.get("ENCODED") and not named.get("HAS_HIDDEN")
     if encoded_first and precision == "tf32x3" and tile[:3] == (16, 16, 4):
