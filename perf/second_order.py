@@ -10,7 +10,8 @@ Cases (float32):
 
 Modes: "y, J and Laplacian" (nothing recorded) and "Poisson step" (loss mean((lap - f)^2) with a
 fixed f, backward to every parameter). Methods: tritonjac (`model(x, laplacian=True)`: one forward
-pass carrying 1 + 3 + 1 stacked rows), nested autograd (the gradient with create_graph, then one
+pass carrying 1 + 3 + 1 stacked rows; on a GPU the per-layer Triton kernels, and the same on the
+PyTorch engine as a row of its own), nested autograd (the gradient with create_graph, then one
 backward per coordinate, create_graph again to train: a third-order backward), torch.func
 `vmap(hessian)` (its trace; not timed for the step), and on CPU the "limit" row: the forward's
 matmuls over 5 stacked rows per point (a step adds the weight-gradient and propagation matmuls over
@@ -124,6 +125,19 @@ def methods(model, x):
             step(lambda: func_laplacian(forward, x)),
         ),
     }
+    if x.device.type == "cuda":  # the same on the PyTorch engine: what the kernels' forward saves
+
+        def on_engine(fn):
+            def run():
+                backend, model.backend = model.backend, "torch"
+                try:
+                    return fn()
+                finally:
+                    model.backend = backend
+
+            return run
+
+        table["tritonjac (PyTorch engine)"] = (on_engine(ours_no_grad), on_engine(step(ours)))
     if x.device.type == "cpu":
         n = x.shape[0]
         table[LIMIT] = (
@@ -139,6 +153,12 @@ def run(name, build, device, dtype, scale, rounds, max_seconds):
     n = max(1, int(n * scale))
     x = torch.rand(n, 3, device=device, dtype=dtype) * 2 - 1
     table = methods(model, x)
+    # ours against nested autograd's Laplacian (max |difference| / max |autograd's|), one call each
+    with torch.no_grad():
+        ours = model(x, laplacian=True)[2][..., 0].double()
+    reference = nested_laplacian(model._plain_forward, x, False)[1].detach().double()
+    agreement = ((ours - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
+    print(f"{name}: {model.plan(x, laplacian=True)}; Laplacian vs nested autograd: {agreement:.2e}", flush=True)
     rows = []
     for mode, index in (("y, J and Laplacian", 0), ("Poisson step", 1)):
         fns = {m: fns[index] for m, fns in table.items() if fns[index] is not None}
@@ -159,7 +179,8 @@ def run(name, build, device, dtype, scale, rounds, max_seconds):
                     relative_to_tritonjac=(median / ours_ms) if median and ours_ms else None,
                     peak_mem_mb=memory,
                     memory_relative_to_tritonjac=(memory / ours_mb) if memory and ours_mb else None,
-                    plan="forward mode, 1 + 3 + 1 stacked rows per point and layer",
+                    plan=str(model.plan(x, laplacian=True)),
+                    laplacian_vs_autograd=agreement,
                     status=r.status,
                 )
             )
