@@ -250,7 +250,7 @@ def step_environment(work: Path, dry_run: bool) -> None:
 # measurement: in TF32, bf16 and fp16 at most twice what plain PyTorch errs in that precision on the
 # same inputs and parameters (measured in each case), never required below the fp32 figure; in 3xTF32
 # the interpreter's fp32 figures (tests/helpers.py: "float32" for y and J, "float32-gradient").
-FP32_TOLERANCE = {"y": 2e-5, "J": 2e-5, "grads": 5e-5}
+FP32_TOLERANCE = {"y": 2e-5, "J": 2e-5, "lap": 2e-5, "grads": 5e-5}
 MEASURED = ("tf32", "bfloat16", "float16")
 
 # x as the kernels see it: (base shape, view of the base) for N points of d_in features
@@ -324,6 +324,13 @@ def correctness_cases(dry_run: bool) -> list[dict]:
         dict(  # the same SDF's J in forward mode (the backward seeds as well)
             name="sdf-forward-mode", hidden=net, act="softplus(100)", precision="tf32", loss="both", d_out=1,
             mode="forward", points=n + 5,
+        ),
+        # the Laplacian row on the per-layer kernels (SIREN-like and a softplus SDF with a latent code
+        # and a skip); the backward recomputes on the PyTorch engine
+        dict(name="laplacian-sine", hidden=[w, w], act="sine", precision="tf32", loss="both", d_out=1, laplacian=True),
+        dict(
+            name="laplacian-skip-latent", hidden=[w, w, w], act="softplus(100)", precision="tf32", loss="both",
+            d_in=5, k=3, d_out=2, skips=(2,), laplacian=True,
         ),
         # real networks (per-layer kernels): NeuS's SDF (PE(6), a scaled skip, a narrowed layer,
         # output 0 of many in J) and Nerfies' warp (windowed PE(8), a code after xyz, outputs 3..5)
@@ -421,7 +428,7 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
     if case.get("mode"):
         ours.mode = case["mode"]
     x_ours = view(base.to(device=device, dtype=dtype)).reshape(-1, d_in)
-    call = ours.plan(x_ours)  # the mode and the forward's plan
+    call = ours.plan(x_ours, laplacian=case.get("laplacian", False))  # the mode and the forward's plan
     plan = (
         f"{call.mode} {call.kernels}"
         if jacobian
@@ -431,9 +438,15 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
         x_ours, [m.weight for m in ours.linear_layers], ours._spec, jacobian and case["loss"] != "y"
     )
     backward = kernels + (" seeded" if seeded else "")
+    if case.get("laplacian"):
+        plan, backward = f"laplacian {call.kernels}", "PyTorch engine (recomputed)"
 
-    def loss_of(y, J):
+    laplacian = case.get("laplacian", False)
+
+    def loss_of(y, J, lap=None):
         loss = y.new_zeros((), dtype=torch.float32)
+        if lap is not None:
+            loss = loss + lap.float().square().sum() + lap.float().sum()
         if case["loss"] in ("y", "both"):
             weights_y = torch.linspace(-1, 2, y.shape[-1], device=y.device)
             loss = loss + (y.float() * weights_y).sum() + 0.5 * y.float().square().sum()
@@ -444,11 +457,13 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
     def run(forward, params, on):
         """y, J and the gradients w.r.t. the base of x and params, for x = view(base) on device `on`."""
         b = base.to(device=on, dtype=params[0].dtype).requires_grad_()
-        y, J = forward(view(b))
-        grads = torch.autograd.grad(loss_of(y, J), [b, *params], allow_unused=True, materialize_grads=True)
-        return [y, J, *grads]
+        outputs = forward(view(b))
+        grads = torch.autograd.grad(loss_of(*outputs), [b, *params], allow_unused=True, materialize_grads=True)
+        return [*outputs, *grads]
 
     def ours_forward(x):
+        if laplacian:
+            return ours(x, laplacian=True)
         return ours(x) if jacobian else (ours(x, jacobian=False), None)
 
     def torch_forward(model):
@@ -460,7 +475,11 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
             x2d = x.contiguous().reshape(-1, d_in)  # torch.func needs memory of its own
             y = plain(x2d)
             J = torch.func.vmap(torch.func.jacfwd(plain))(x2d)[..., rows, inputs] if jacobian else None
-            return y.reshape(*x.shape[:-1], -1), None if J is None else J.reshape(*x.shape[:-1], *J.shape[-2:])
+            y, J = y.reshape(*x.shape[:-1], -1), None if J is None else J.reshape(*x.shape[:-1], *J.shape[-2:])
+            if not laplacian:
+                return y, J
+            H = torch.func.vmap(torch.func.hessian(plain))(x2d)[..., rows, inputs, inputs]
+            return y, J, H.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(*x.shape[:-1], -1)
 
         return forward, list(model.parameters())
 
@@ -498,13 +517,14 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
             return float("inf")
         return ((a - b.detach()).abs().max() / b.detach().abs().max().clamp_min(1e-300)).item()
 
-    names = ["y", "J"] + [f"grad {n}" for n in ["x", *(name for name, _ in ours.named_parameters())]]
+    names = ["y", "J", *(["lap"] if laplacian else [])]
+    names += [f"grad {n}" for n in ["x", *(name for name, _ in ours.named_parameters())]]
     measured = case["precision"] in MEASURED
     errors, tolerances, torch_errors, tf32_errors = {}, {}, {}, {}
     for name, g, w, t, e in zip(names, got, want, torch_own, emulated):
         if name == "J" and not jacobian:
             continue
-        floor = FP32_TOLERANCE[name if name in ("y", "J") else "grads"]
+        floor = FP32_TOLERANCE[name if name in ("y", "J", "lap") else "grads"]
         errors[name], torch_errors[name] = rel(g, w), rel(t, w)
         if e is not None:
             tf32_errors[name] = rel(e, w)
@@ -520,7 +540,12 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
         **case,
         "plan": plan,
         "backward": backward,
-        "errors": {"y": errors["y"], "J": errors.get("J"), "grads": max(v for n, v in errors.items() if "grad" in n)},
+        "errors": {
+            "y": errors["y"],
+            "J": errors.get("J"),
+            **({"lap": errors["lap"]} if laplacian else {}),
+            "grads": max(v for n, v in errors.items() if "grad" in n),
+        },
         "worst_ratio": max(errors[n] / tolerances[n] for n in errors),
         "failures": [why(n) for n in failures],
         "torch_errors": torch_errors,
