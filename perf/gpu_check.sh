@@ -28,7 +28,7 @@
 # step's limit to what is left; a step that no longer fits is skipped and reported as such).
 #   --quick step         limit  kernel variants compiled cold (counted by the dry run's launches)
 #   environment            30   0
-#   correctness            75   ~140 over 30 cases, spread over 14 processes (~10 each, 2-6 s each)
+#   correctness            75   ~140 over 31 cases, spread over 14 processes (~10 each, 2-6 s each)
 #   main-tf32              75   4: 3 forward candidates (compiled by 12 processes at once) + fused backward,
 #                               + ~10 per-layer backward variants (its training step is timed too)
 #   profile                25   0: device time per kernel of our main case (torch.profiler)
