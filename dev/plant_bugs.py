@@ -327,6 +327,13 @@ BUGS = [
         "m_s = o_s < (1 + NUM_TANGENTS if JACOBIAN else 1)",
         "the per-layer kernel neither reads nor stores the Laplacian slot",
     ),
+    Bug(
+        "laplacian-kernel-encoding",
+        "kernels/forward.py",
+        "acc3 += tl.where(o_s[None, :, None] == 1 + NUM_TANGENTS, c[:, None, :], 0.0)",
+        "acc3 += tl.where(o_s[None, :, None] == 1 + NUM_TANGENTS, 0.0 * c[:, None, :], 0.0)",
+        "the kernels' encoded input leaves its second derivatives out of the Laplacian row",
+    ),
 ]
 
 

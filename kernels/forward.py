@@ -237,7 +237,7 @@ def network_input(
             Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, x_ptr, o_p, m_p, o_w, m_w, o_s,
             enc_per_coord, stride_xp, stride_xf, enc_per_coord * NUM_TANGENTS, 0, 0, 0,
             NUM_TANGENTS, NUM_TANGENTS, SLOTS, JACOBIAN, False, PRECISION, BLOCK_M, WIDTH_PAD, BLOCK_E,
-            INTERPRET_BF16,
+            INTERPRET_BF16, False,
         )  # fmt: skip
     return Z
 
@@ -372,7 +372,7 @@ def encoded_input(
     enc_per_coord, stride_xp, stride_xf, stride_wen, stride_gjp, stride_gjo, stride_gjk,
     COORDINATES: tl.constexpr, NUM_TANGENTS: tl.constexpr, SLOTS: tl.constexpr, JACOBIAN: tl.constexpr,
     SEEDED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_E: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+    BLOCK_E: tl.constexpr, INTERPRET_BF16: tl.constexpr, LAPLACIAN: tl.constexpr,
 ):  # fmt: skip
     """acc3 (BLOCK_M, SLOTS, BLOCK_N) plus the encoded features' share of [z; U], computed from x.
 
@@ -382,7 +382,8 @@ def encoded_input(
     per feature: the values take one dot per coordinate over its features, and tangent slot j + 1
     another over their derivatives; no product with the zeros of the other coordinates. With
     SEEDED (reverse mode's backward) tangent slot r + 1 is the direction gj[p, r] in x instead, and
-    gets the derivatives' dot of coordinate j times gj[p, r, j].
+    gets the derivatives' dot of coordinate j times gj[p, r, j]. With LAPLACIAN, slot
+    1 + NUM_TANGENTS gets each coordinate's second derivatives' dot (the encoding's Laplacian).
     """
     operand_ty = w_enc_ptr.dtype.element_ty
     o_e = tl.arange(0, BLOCK_E)
@@ -412,6 +413,12 @@ def encoded_input(
                 acc3 += seed[:, :, None] * u[:, None, :]
             else:
                 acc3 += tl.where(o_s[None, :, None] == j + 1, u[:, None, :], 0.0)
+        if LAPLACIAN:
+            curvature = (
+                tl.where(is_sin, -sin_t, tl.where(is_cos, -cos_t, 0.0)) * (weight * frequency * frequency)[None, :]
+            )
+            c = dot_f32(to_operand(curvature, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
+            acc3 += tl.where(o_s[None, :, None] == 1 + NUM_TANGENTS, c[:, None, :], 0.0)
     return acc3
 
 
@@ -457,10 +464,11 @@ def layer_forward_kernel(
     With SEEDED (reverse mode's backward) a0's tangents are NUM_TANGENTS directions per point in x's
     SEED_INPUTS differentiated inputs, gj[p, r, j] (dLoss/dJ's rows), not unit vectors.
     With LAPLACIAN, slot 1 + NUM_TANGENTS carries the Laplacian row as well (`activate_laplacian`;
-    a0's is zero: plain inputs only), stored with the tangents.
+    a0's is zero for x's columns, the encoding's second derivatives for encoded ones), stored with
+    the tangents.
     """
     tl.static_assert(SLOTS >= 1 + NUM_TANGENTS + LAPLACIAN or not JACOBIAN, "SLOTS must hold every row")
-    tl.static_assert(not (LAPLACIAN and (ENCODED or SEEDED or STORE_Z)), "the Laplacian row: plain inputs only")
+    tl.static_assert(not (LAPLACIAN and (SEEDED or STORE_Z)), "the Laplacian row: a forward of its own")
     i_m = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -528,7 +536,7 @@ def layer_forward_kernel(
             Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, gj_ptr, o_p, m_p, o_n, m_n, o_s,
             enc_per_coord, stride_xp, stride_xf, stride_wen, stride_gjp, stride_gjo, stride_gjk,
             SEED_INPUTS if SEEDED else NUM_TANGENTS, NUM_TANGENTS, SLOTS, JACOBIAN, SEEDED, PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_E, INTERPRET_BF16,
+            BLOCK_M, BLOCK_N, BLOCK_E, INTERPRET_BF16, LAPLACIAN,
         )  # fmt: skip
     if HAS_BIAS:
         bias_row = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)

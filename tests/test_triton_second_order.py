@@ -99,6 +99,23 @@ def test_skips_latent_code_and_selected_outputs():
     check(model, torch.randn(21, 7), "skips")
 
 
+def test_encodings():
+    """The encoding's second derivatives in the kernels (`encoded_input` with LAPLACIAN): NeuS's
+    layout (an encoding, a latent code, a scaled skip, one output of several), and a windowed
+    encoding with sine activations."""
+    torch.manual_seed(5)
+    neus = JacobianMLP(
+        3 + 2, [16, 16, 16, 16], 4, nn.Softplus(beta=5.0), jacobian_inputs=3, jacobian_outputs=1,
+        encoding=PositionalEncoding(3), skips=(2,), skip_scale=2**-0.5,
+    )  # fmt: skip
+    check(neus, torch.randn(19, 5) * 0.5, "neus-like")
+    windowed = JacobianMLP(3, [16, 16], 3, "sine", encoding=PositionalEncoding(2, alpha=1.5), skips=(1,))
+    with torch.no_grad():
+        for layer in windowed.linear_layers:
+            layer.weight.mul_(1 / 30)
+    check(windowed, torch.randn(9, 3), "windowed encoding")
+
+
 def test_half_precision():
     torch.manual_seed(3)
     model = JacobianMLP(3, [32, 32], 2, "tanh").to(torch.bfloat16)
@@ -113,19 +130,17 @@ def test_half_precision():
     assert_close(lap, lap_ref, "bfloat16", "bf16 Laplacian")
 
 
-def test_what_the_kernels_leave_to_the_pytorch_engine():
+def test_the_hessian_stays_on_the_pytorch_engine():
     torch.manual_seed(4)
     x = torch.randn(8, 3, device=TRITON_DEVICE)
     model = JacobianMLP(3, [16], 1, "tanh", device=TRITON_DEVICE, backend="triton")
     with pytest.raises(ValueError, match="not the Hessian"):
         model(x, hessian=True)
-    encoded = JacobianMLP(3, [16], 1, "tanh", encoding=PositionalEncoding(2), device=TRITON_DEVICE, backend="triton")
-    with pytest.raises(ValueError, match="no encodings yet"):
-        encoded(x, laplacian=True)
-    encoded.backend = "auto"  # on a GPU: the PyTorch engine, saying why
+    model.backend = "auto"  # on a GPU: the Hessian on the PyTorch engine, saying why
     if TRITON_DEVICE == "cuda":
-        plan = encoded.plan(x, laplacian=True)
-        assert plan.engine == "torch" and "no encodings yet" in str(plan)
+        plan = model.plan(x, hessian=True)
+        assert plan.engine == "torch" and "not the Hessian" in str(plan)
+    model.backend = "triton"
     plan = model.plan(x, laplacian=True)
     assert (plan.engine, plan.kernels) == ("triton", "layers")
     empty = model(torch.empty(0, 3, device=TRITON_DEVICE), laplacian=True)

@@ -247,7 +247,7 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                 if jacobian or (hidden and not has_input):
                     for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
                         cases.append(_case("layer_forward", cx, config, dtype, arch))
-                if jacobian and not encoded:  # the Laplacian row after the tangents (second order)
+                if jacobian:  # the Laplacian row after the tangents (second order)
                     lx = cx | {"LAPLACIAN": True, "SLOTS": plans.slots(3 + 1, True)}
                     for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(lx), arch=arch):
                         cases.append(_case("layer_forward", lx, config, dtype, arch))

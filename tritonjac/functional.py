@@ -227,7 +227,7 @@ def apply_second_order(
     elif engine == "triton":
         from . import triton_engine
 
-        y, J, S = triton_engine.second_order.mlp_laplacian(x2d, weights, biases, spec)
+        y, J, S = triton_engine.second_order.mlp_laplacian(x2d, weights, biases, spec, band_weights)
         outputs = (y, J, *torch_engine.second_order.assemble(order, S))
     else:
         outputs = torch_engine.second_order_jacobian(x2d, weights, biases, spec, hessian, laplacian, band_weights)

@@ -2,7 +2,8 @@
 carries one more stacked row after the k tangents (docs/design.md, section 11).
 
 Coverage: the Laplacian (not the Hessian, whose k (k + 1) / 2 rows make 16 slots for k = 3, a
-tile that spills), plain inputs (no encoding), skips, latent codes, selected inputs and outputs.
+tile that spills), encodings (their second derivatives in the kernels' `encoded_input`), skips,
+latent codes, selected inputs and outputs.
 The backward recomputes the forward chunk by chunk on the PyTorch engine, on the same device
 (`torch_engine.second_order.backward_by_recompute`): the kernels have no second-order backward yet.
 """
@@ -25,16 +26,14 @@ def second_order_unsupported(spec: NetworkSpec, hessian: bool) -> str | None:
     """Why the kernels cannot run this call with second derivatives, or None when they can."""
     if hessian:
         return "the kernels carry the Laplacian row, not the Hessian's"
-    if spec.encoding is not None:
-        return "the kernels' Laplacian has no encodings yet"
     return None
 
 
-def laplacian_forward(x2d, weights, biases, spec: NetworkSpec):
+def laplacian_forward(x2d, weights, biases, spec: NetworkSpec, band_weights=None):
     """y (P, d_L), J (P, m, k) and the Laplacian row S (P, m, 1), nothing recorded."""
     P, k, L = x2d.shape[0], spec.jacobian_inputs, len(weights)
     precision = matmul_precision(x2d.dtype)
-    inputs = LayerInputs(x2d, spec)
+    inputs = LayerInputs(x2d, spec, band_weights)
     a, a_strides = None, (0, 0, 0)
     for l, (W, b, act) in enumerate(zip(weights, biases, spec.activations)):
         d_out = W.shape[0]
@@ -63,8 +62,8 @@ class _LaplacianOnKernels(torch.autograd.Function):
         L = len(spec.activations)
         weights, biases = list(params[:L]), list(params[L:])
         with device_guard(x2d):
-            y, J, S = laplacian_forward(x2d, weights, biases, spec)
-        ctx.spec = spec
+            y, J, S = laplacian_forward(x2d, weights, biases, spec, band_weights)
+        ctx.spec, ctx.band_weights = spec, band_weights
         ctx.has_bias = [b is not None for b in biases]
         ctx.save_for_backward(x2d, *weights, *(b for b in biases if b is not None))
         ctx.set_materialize_grads(False)
@@ -83,16 +82,16 @@ class _LaplacianOnKernels(torch.autograd.Function):
         need_b = [has and need for has, need in zip(ctx.has_bias, needs[3 + L :])]
         order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, False, True)
         gx, grad_W, grad_b = torch_engine.second_order.backward_by_recompute(
-            x2d, weights, biases, spec, order, gy, gJ, gS, needs[2], need_W, need_b
+            x2d, weights, biases, spec, order, gy, gJ, gS, needs[2], need_W, need_b, ctx.band_weights
         )
         return (None, None, gx, *grad_W, *grad_b)
 
 
-def mlp_laplacian(x2d, weights, biases, spec: NetworkSpec):
+def mlp_laplacian(x2d, weights, biases, spec: NetworkSpec, band_weights=None):
     """y (P, d_L), J (P, m, k) and the Laplacian row (P, m, 1) on the kernels, differentiable to
-    first order (see the module's docstring)."""
+    first order (see the module's docstring); `band_weights`: the encoding's window, if any."""
     params = [*weights, *[b for b in biases if b is not None]]
     if records_autograd(x2d, *params):
-        return _LaplacianOnKernels.apply(spec, None, x2d, *weights, *biases)
+        return _LaplacianOnKernels.apply(spec, band_weights, x2d, *weights, *biases)
     with torch.no_grad(), device_guard(x2d):
-        return laplacian_forward(x2d, weights, biases, spec)
+        return laplacian_forward(x2d, weights, biases, spec, band_weights)

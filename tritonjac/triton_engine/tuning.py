@@ -221,8 +221,8 @@ def _no_known_spill(config: triton.Config, arch: int, named: dict) -> bool:
     - triton 3.8, 8 spilled bytes each: a skip layer's recompute (storing Z) in TF32 with the 16x32
       tile, 4 warps, 2 stages (the operands rounded to nearest); an encoded first layer in 3xTF32
       with the 16x16 tile and 4 warps;
-    - a skip layer carrying the Laplacian row (8 slots) in TF32 with the 16x16 tile, 4 warps and 3
-      stages: 24 spilled bytes (triton 3.9)."""
+    - a skip layer carrying the Laplacian row (8 slots) with the 16x16 tile, 4 warps and 3 stages:
+      24 spilled bytes in TF32, and 16 in 3xTF32 with an encoding (triton 3.9)."""
     if arch >= 90:
         return True
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
@@ -232,7 +232,8 @@ def _no_known_spill(config: triton.Config, arch: int, named: dict) -> bool:
     skip_layer = named.get("HAS_HIDDEN") and named.get("HAS_INPUT")
     if skip_layer and named.get("STORE_Z") and precision == "tf32" and tile == (16, 32, 4, 2):
         return False
-    if skip_layer and named.get("LAPLACIAN") and precision == "tf32" and tile == (16, 16, 4, 3):
+    laplacian_skip = skip_layer and named.get("LAPLACIAN") and tile == (16, 16, 4, 3)
+    if laplacian_skip and (precision == "tf32" or (precision == "tf32x3" and named.get("ENCODED"))):
         return False
     encoded_first = named.get("ENCODED") and not named.get("HAS_HIDDEN")
     if encoded_first and precision == "tf32x3" and tile[:3] == (16, 16, 4):
