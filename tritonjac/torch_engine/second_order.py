@@ -79,27 +79,19 @@ class SecondOrder:
 
 
 # ---- the input rows --------------------------------------------------------------------------------
-def _encoding_derivatives(net: Network, x: torch.Tensor, order: int):
-    """The encoded features' derivatives along their own coordinate: [d1, d2, d3][:order], each
-    (P, C): feature c is w_c f_c(freq_c x_j) with f in (sin, cos, identity)."""
+def _encoding_third_derivative(net: Network, x: torch.Tensor):
+    """The encoded features' third derivatives along their own coordinate, (P, C) (the first and
+    second come from `InputMap.evaluate`): feature c is w_c f_c(freq_c x_j), f in (sin, cos, identity)."""
     m = net.input_map
     t = x[:, m.coordinate] * m.frequency
-    s, c = torch.sin(t), torch.cos(t)
-    scale = m.weight * m.frequency
-    d1 = torch.where(m.is_sin, c, torch.where(m.is_cos, -s, 1.0)) * scale
-    out = [d1]
-    if order >= 2:
-        out.append(torch.where(m.is_sin, -s, torch.where(m.is_cos, -c, 0.0)) * (scale * m.frequency))
-    if order >= 3:
-        out.append(torch.where(m.is_sin, -c, torch.where(m.is_cos, s, 0.0)) * (scale * m.frequency**2))
-    return out
+    return torch.where(m.is_sin, -torch.cos(t), torch.where(m.is_cos, torch.sin(t), 0.0)) * (m.weight * m.frequency**3)
 
 
 def _input_rows(net: Network, x: torch.Tensor, order: SecondOrder, scratch: Scratch):
     """a0's stacked rows (1 + k + q, P, len(a0)): its values, its tangents along the k inputs and
     its second derivatives, for one chunk x (P, d_in)."""
     input_map, k = net.input_map, order.k
-    a0 = input_map.evaluate(x)[0]
+    a0, _, d1, d2 = input_map.evaluate(x, second=True)
     P, d0 = a0.shape
     A0 = scratch.get("A0", 1 + k + order.num_rows, P, d0)
     A0.zero_()
@@ -108,7 +100,6 @@ def _input_rows(net: Network, x: torch.Tensor, order: SecondOrder, scratch: Scra
         for j in range(k):
             A0[1 + j, :, input_map.start + j] = 1.0
         return A0
-    d1, d2 = _encoding_derivatives(net, x, 2)
     C = input_map.width
     on_coordinate = input_map.coordinate.unsqueeze(0) == torch.arange(k, device=x.device).unsqueeze(1)  # (k, C)
     A0[1 : 1 + k, :, :C] = torch.where(on_coordinate.unsqueeze(1), d1, 0.0)
@@ -125,7 +116,8 @@ def _input_grad(net: Network, x, gA0, order: SecondOrder):
     input_map, k = net.input_map, order.k
     if input_map.encoding is None:
         return gA0[0].clone()  # the tangent and curvature rows do not depend on x
-    d1, d2, d3 = _encoding_derivatives(net, x, 3)
+    _, _, d1, d2 = input_map.evaluate(x, second=True)
+    d3 = _encoding_third_derivative(net, x)
     C, coordinate = input_map.width, input_map.coordinate
     columns = torch.arange(C, device=x.device)
     g_x = torch.zeros_like(x)
@@ -183,7 +175,9 @@ def _quadratic(U, order: SecondOrder):
 
 def _stack_rows(h, s1, s2, D, order: SecondOrder):
     """[h; s1 U; s1 V + s2 quad(U)], (1 + k + q, P, d): a layer's output rows from its activation's
-    value and derivatives at z (s2 None: piecewise linear)."""
+    value and derivatives at z (s2 None: piecewise linear; s1 None too: the identity)."""
+    if s1 is None:
+        return torch.cat([h.unsqueeze(0), D])
     out = h.new_empty(1 + D.shape[0], *h.shape)
     out[0] = h
     torch.mul(s1, D, out=out[1:])
@@ -194,10 +188,7 @@ def _stack_rows(h, s1, s2, D, order: SecondOrder):
 
 def _activate(act, z, D, order: SecondOrder):
     """The next layer's input rows [s(z); s'(z) U; s'(z) V + s''(z) quad(U)], (1 + k + q, P, d)."""
-    if act.is_identity:
-        return torch.cat([z.unsqueeze(0), D])
-    h, s1, s2 = evaluate_activation(act, z, curvature=True)
-    return _stack_rows(h, s1, s2, D, order)
+    return _stack_rows(*evaluate_activation(act, z, curvature=True), D, order)
 
 
 # ---- forward ---------------------------------------------------------------------------------------
@@ -318,11 +309,7 @@ def _backward_chunk(x, layer_saved, net: Network, order: SecondOrder, g0, GD, gr
         if layer.hidden is not None:  # this layer's input: the previous layer's output rows
             z_prev, D_prev = layer_saved[l - 1]
             derivatives = _derivatives(layers[l - 1].act, z_prev)
-            A = (
-                torch.cat([z_prev.unsqueeze(0), D_prev])
-                if derivatives[1] is None
-                else _stack_rows(*derivatives[:3], D_prev, order)
-            )
+            A = _stack_rows(*derivatives[:3], D_prev, order)
         for rows_in, W, cols in ((A, layer.hidden, layer.hidden_cols), (A0, layer.inputs, layer.input_cols)):
             if W is None or grad_W[l] is None:
                 continue
