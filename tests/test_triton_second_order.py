@@ -83,8 +83,8 @@ def test_every_activation(activation):
 
 def test_softplus_100_and_many_blocks():
     torch.manual_seed(1)
-    model = JacobianMLP(3, [64, 64, 64], 1, nn.Softplus(beta=100))
-    check(model, torch.rand(300, 3) * 0.2 - 0.1, "softplus(100)")
+    model = JacobianMLP(3, [64, 48], 1, nn.Softplus(beta=100))
+    check(model, torch.rand(100, 3) * 0.2 - 0.1, "softplus(100)")
 
 
 def test_skips_latent_code_and_selected_outputs():
