@@ -153,29 +153,35 @@ def run(name, build, device, dtype, scale, rounds, include_compile, max_seconds)
     model, n = build(device, dtype)
     n = max(1, int(n * scale))
     x = torch.rand(n, model.in_features, device=device, dtype=dtype) * 2 - 1
-    plan = str(model.plan(x))
     table = methods(model, x, include_compile)
+    modes = ("y and gradient", "eikonal step")
+    fields = dict(case=name, n_points=n, plan=str(model.plan(x)))
+    return timed_rows(table, modes, OURS, LIMIT, device, rounds, max_seconds, **fields)
+
+
+def timed_rows(table, modes, ours, limit, device, rounds, max_seconds, **fields) -> list[dict]:
+    """Time `table` (method -> one callable or None per mode) in interleaved rounds, mode by mode:
+    one row per method and mode with its median, times and peak memory relative to `ours`'s (none
+    for the `limit` row), and `fields` in every row."""
     rows = []
-    for mode, index in (("y and gradient", 0), ("eikonal step", 1)):
+    for index, mode in enumerate(modes):
         fns = {m: fns[index] for m, fns in table.items() if fns[index] is not None}
         results = benchmark.time_interleaved(fns, device, rounds, max_seconds=max_seconds, label=f"{mode}: ")
-        ours_ms = median_of(results[OURS].times_ms)
-        ours_mb = results[OURS].peak_mem_mb
+        ours_ms = median_of(results[ours].times_ms)
+        ours_mb = results[ours].peak_mem_mb
         for method, r in results.items():
             median = median_of(r.times_ms)
-            memory = r.peak_mem_mb if method != LIMIT else None
+            memory = r.peak_mem_mb if method != limit else None
             rows.append(
                 dict(
-                    case=name,
+                    **fields,
                     mode=mode,
-                    n_points=n,
                     method=method,
                     median_ms=median,
                     times_ms=r.times_ms,
                     relative_to_tritonjac=(median / ours_ms) if median and ours_ms else None,
                     peak_mem_mb=memory,
                     memory_relative_to_tritonjac=(memory / ours_mb) if memory and ours_mb else None,
-                    plan=plan,
                     status=r.status,
                 )
             )

@@ -33,8 +33,8 @@ from torch import nn
 from tritonjac import JacobianMLP, Sine, benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from real_networks import matmuls_alone, median_of  # noqa: E402
-from scalar_fields import format_rows  # noqa: E402
+from real_networks import matmuls_alone  # noqa: E402
+from scalar_fields import format_rows, timed_rows  # noqa: E402
 
 LIMIT = "limit: the matmuls alone (5 rows)"
 OURS = "tritonjac (laplacian=True)"
@@ -159,32 +159,10 @@ def run(name, build, device, dtype, scale, rounds, max_seconds):
     reference = nested_laplacian(model._plain_forward, x, False)[1].detach().double()
     agreement = ((ours - reference).abs().max() / reference.abs().max().clamp_min(1e-30)).item()
     print(f"{name}: {model.plan(x, laplacian=True)}; Laplacian vs nested autograd: {agreement:.2e}", flush=True)
-    rows = []
-    for mode, index in (("y, J and Laplacian", 0), ("Poisson step", 1)):
-        fns = {m: fns[index] for m, fns in table.items() if fns[index] is not None}
-        results = benchmark.time_interleaved(fns, device, rounds, max_seconds=max_seconds, label=f"{mode}: ")
-        ours_ms = median_of(results[OURS].times_ms)
-        ours_mb = results[OURS].peak_mem_mb
-        for method, r in results.items():
-            median = median_of(r.times_ms)
-            memory = r.peak_mem_mb if method != LIMIT else None
-            rows.append(
-                dict(
-                    case=name,
-                    mode=mode,
-                    n_points=n,
-                    method=method,
-                    median_ms=median,
-                    times_ms=r.times_ms,
-                    relative_to_tritonjac=(median / ours_ms) if median and ours_ms else None,
-                    peak_mem_mb=memory,
-                    memory_relative_to_tritonjac=(memory / ours_mb) if memory and ours_mb else None,
-                    plan=str(model.plan(x, laplacian=True)),
-                    laplacian_vs_autograd=agreement,
-                    status=r.status,
-                )
-            )
-    return rows
+    plan = str(model.plan(x, laplacian=True))
+    modes = ("y, J and Laplacian", "Poisson step")
+    fields = dict(case=name, n_points=n, plan=plan, laplacian_vs_autograd=agreement)
+    return timed_rows(table, modes, OURS, LIMIT, device, rounds, max_seconds, **fields)
 
 
 def main(argv=None):

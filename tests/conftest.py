@@ -46,6 +46,15 @@ def tf32():
 
 
 @pytest.fixture
+def highest_precision():
+    """fp32-accurate dots (3xTF32 on a GPU) for one test: the fp32 figures of `helpers.TOLERANCE` apply."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+@pytest.fixture
 def fresh_dynamo():
     """torch.compile's caches emptied before and after a test, so each test compiles its own graphs."""
     torch._dynamo.reset()

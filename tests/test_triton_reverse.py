@@ -27,13 +27,7 @@ PLAN_KERNELS = {"network": {"mlp_reverse"}, "layers": {"layer_forward", "layer_b
 HIDDEN = {"network": [32, 32], "layers": [40, 24]}
 
 
-@pytest.fixture(autouse=True)
-def highest_precision():
-    """fp32-accurate dots (3xTF32 on a GPU): the fp32 figures of `helpers.TOLERANCE` apply."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
+pytestmark = pytest.mark.usefixtures("highest_precision")  # conftest: fp32-accurate dots
 
 
 def random_weights(dims, scale=1.0, bias=True):

@@ -15,14 +15,7 @@ from tritonjac import JacobianMLP, PositionalEncoding
 from tritonjac.activations import ACTIVATION_NAMES
 from tritonjac.triton_engine import launch
 
-
-@pytest.fixture(autouse=True)
-def highest_precision():
-    """fp32-accurate dots (3xTF32 on a GPU): the fp32 figures of `helpers.TOLERANCE` apply."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
+pytestmark = pytest.mark.usefixtures("highest_precision")  # conftest: fp32-accurate dots
 
 
 def launched(fn):

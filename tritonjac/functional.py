@@ -140,11 +140,7 @@ def apply_spec(x, weights, biases, spec: NetworkSpec, backend: str, jacobian: bo
         mode, _ = choose_mode(spec, d_out)
         if spec.mode != mode:
             spec = dataclasses.replace(spec, mode=mode)
-    half = _autocast_dtype(x)
-    if half is not None:  # what a built-in layer does under autocast: compute and return in half
-        x2d = x2d.to(half)
-        weights = [w.to(half) for w in weights]
-        biases = [None if b is None else b.to(half) for b in biases]
+    x2d, weights, biases = _autocast_operands(x, x2d, weights, biases)
     if torch.compiler.is_compiling():
         bands = band_weights_argument(band_weights, x2d)
         args = (x2d, weights, bias_arguments(biases, x2d), bands, *spec.to_op_args(), jacobian)
@@ -212,11 +208,7 @@ def apply_second_order(
     order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, hessian, laplacian)
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, d_in)
-    half = _autocast_dtype(x)
-    if half is not None:
-        x2d = x2d.to(half)
-        weights = [w.to(half) for w in weights]
-        biases = [None if b is None else b.to(half) for b in biases]
+    x2d, weights, biases = _autocast_operands(x, x2d, weights, biases)
     if torch.compiler.is_compiling():  # the custom op: opaque, its backward recomputes the forward
         from .ops.second_order import mlp_second_order_op
 
@@ -291,6 +283,15 @@ def compiler_sees_kernels(engine: str, x: torch.Tensor) -> bool:
     them as an opaque op: on CUDA, unless TRITONJAC_OPAQUE_COMPILE=1 (inductor lowers Triton
     kernels for GPUs only; the interpreter's kernels cannot be traced)."""
     return engine == "triton" and x.device.type == "cuda" and os.environ.get("TRITONJAC_OPAQUE_COMPILE", "0") == "0"
+
+
+def _autocast_operands(x, x2d, weights, biases):
+    """(x2d, weights, biases) in the half dtype autocast asks for (what a built-in layer does under
+    autocast: compute and return in half), unchanged without one."""
+    half = _autocast_dtype(x)
+    if half is None:
+        return x2d, weights, biases
+    return x2d.to(half), [w.to(half) for w in weights], [None if b is None else b.to(half) for b in biases]
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

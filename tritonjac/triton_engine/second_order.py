@@ -72,17 +72,12 @@ class _LaplacianOnKernels(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, gJ, gS):
         refuse_double_backward()
-        spec = ctx.spec
-        L = spec.num_layers
-        x2d, *rest = ctx.saved_tensors
-        weights, given = rest[:L], iter(rest[L:])
+        x2d, weights, saved_biases, _, need_x, need_W, need_b = torch_engine.common.saved_call(ctx)
+        given = iter(saved_biases)
         biases = [next(given) if has else None for has in ctx.has_bias]
-        needs = ctx.needs_input_grad
-        need_W = list(needs[3 : 3 + L])
-        need_b = [has and need for has, need in zip(ctx.has_bias, needs[3 + L :])]
-        order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, False, True)
+        order = torch_engine.second_order.SecondOrder(ctx.spec.jacobian_inputs, False, True)
         gx, grad_W, grad_b = torch_engine.second_order.backward_by_recompute(
-            x2d, weights, biases, spec, order, gy, gJ, gS, needs[2], need_W, need_b, ctx.band_weights
+            x2d, weights, biases, ctx.spec, order, gy, gJ, gS, need_x, need_W, need_b, ctx.band_weights
         )
         return (None, None, gx, *grad_W, *grad_b)
 
