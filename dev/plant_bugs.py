@@ -334,6 +334,34 @@ BUGS = [
         "acc3 += tl.where(o_s[None, :, None] == 1 + NUM_TANGENTS, 0.0 * c[:, None, :], 0.0)",
         "the kernels' encoded input leaves its second derivatives out of the Laplacian row",
     ),
+    Bug(
+        "laplacian-backward-third",
+        "kernels/backward.py",
+        "g_z = ds * g_h + d2s * curvature + d3s * g_s * squares",
+        "g_z = ds * g_h + d2s * curvature",
+        "the kernels' Laplacian backward drops the third-derivative term of dLoss/dz",
+    ),
+    Bug(
+        "laplacian-backward-tangents",
+        "kernels/backward.py",
+        "G_Z + (2.0 * d2s * g_s)[:, None, :] * Z",
+        "G_Z + (d2s * g_s)[:, None, :] * Z",
+        "the kernels' Laplacian backward halves the squares' derivative in dLoss/dU",
+    ),
+    Bug(
+        "laplacian-backward-encoding-weight",
+        "tritonjac/triton_engine/backward.py",
+        "partial[:, : inputs.encoded_width].addmm_(G[:, 1 + k].t(), d2)",
+        "pass",
+        "the encoded columns' weight gradient misses the Laplacian row (the features' second derivatives)",
+    ),
+    Bug(
+        "laplacian-backward-encoding-input",
+        "tritonjac/triton_engine/backward.py",
+        "g_lap * inputs.map.third_derivative(xc.float())",
+        "0.0 * g_lap",
+        "the kernels' dLoss/dx forgets that the encoding's Laplacian row depends on x",
+    ),
 ]
 
 

@@ -1,9 +1,10 @@
 """Triton kernels of tritonjac, installed as `tritonjac.kernels`: only `@triton.jit` code lives here.
 
-    activations.py   s, s', s'' of every activation, selected by the registry's constexpr id
+    activations.py   s, s', s'' (and s''') of every activation, selected by the registry's constexpr
+                     id, and sin_cos (no libdevice slow path)
     forward.py       mlp_forward_kernel (whole network), layer_forward_kernel (one layer), and the
                      input helpers: encoded_input (an encoding's features and tangents from x),
-                     network_input, sin_cos
+                     network_input
     backward.py      mlp_backward_kernel (fused, whole network), layer_backward_kernel and
                      layer_weight_grad_kernel (the per-layer plan)
     reverse.py       mlp_reverse_kernel: y and J in reverse mode for the whole network (values up,

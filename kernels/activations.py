@@ -1,4 +1,5 @@
-"""s, s' and s'' of every activation as @triton.jit helpers, selected by a constexpr id.
+"""s, s', s'' (and s''' for the Laplacian's backward) of every activation as @triton.jit
+helpers, selected by a constexpr id.
 
 The ids come from the activation registry (`tritonjac/activations.py`, `KERNEL_IDS`). Each helper takes the
 activation's parameter (softplus beta, leaky_relu slope, sine w0) and softplus's threshold as
@@ -49,6 +50,32 @@ def _tanh(u):
     return tl.where(u < 0, -t, t)
 
 
+# sin and cos by a three-part Cody-Waite reduction to [-pi/4, pi/4] and Cephes' single-precision
+# polynomials: accurate to a few ulp for |t| < 2^16 (the encodings' arguments reach 2^9 * pi),
+# and unlike tl.sin / tl.cos (libdevice) without the slow path for huge arguments, whose 32-byte
+# local array counted as spills in every kernel using it (the encodings' and the sine activation's).
+_TWO_OVER_PI = tl.constexpr(0.6366197723675814)
+_PIO2_1 = tl.constexpr(1.5703125)  # 8 significant bits: q * _PIO2_1 is exact for |q| < 2^16
+_PIO2_2 = tl.constexpr(4.837512969970703125e-4)
+_PIO2_3 = tl.constexpr(7.54978995489188216e-8)
+
+
+@triton.jit
+def sin_cos(t):
+    """(sin t, cos t) for fp32 t."""
+    q = tl.floor(t * _TWO_OVER_PI + 0.5)
+    r = t - q * _PIO2_1
+    r = r - q * _PIO2_2
+    r = r - q * _PIO2_3
+    r2 = r * r
+    sin_r = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
+    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
+    quadrant = q.to(tl.int32) & 3
+    sin_t = tl.where(quadrant == 0, sin_r, tl.where(quadrant == 1, cos_r, tl.where(quadrant == 2, -sin_r, -cos_r)))
+    cos_t = tl.where(quadrant == 0, cos_r, tl.where(quadrant == 1, -sin_r, tl.where(quadrant == 2, -cos_r, sin_r)))
+    return sin_t, cos_t
+
+
 @triton.jit
 def activation_value(z, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: tl.constexpr):
     """s(z), for the forward pass without tangents."""
@@ -74,7 +101,7 @@ def activation_value(z, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: tl.co
         s = 0.5 * z * (1.0 + _tanh(z * (1.0 + z * z * _GELU_TANH_A) * _GELU_TANH_C))
     else:
         tl.static_assert(ACT == SINE, "unknown activation id")
-        s = tl.sin(z * PARAM)
+        s, _ = sin_cos(z * PARAM)
     return s
 
 
@@ -121,9 +148,8 @@ def activation_and_slope(z, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: t
         ds = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * ((1.0 + z2 * (3.0 * _GELU_TANH_A)) * _GELU_TANH_C)
     else:
         tl.static_assert(ACT == SINE, "unknown activation id")
-        wz = z * PARAM
-        s = tl.sin(wz)
-        ds = PARAM * tl.cos(wz)
+        s, c = sin_cos(z * PARAM)
+        ds = PARAM * c
     return s, ds
 
 
@@ -170,7 +196,67 @@ def activation_slope_and_curvature(z, ACT: tl.constexpr, PARAM: tl.constexpr, TH
         d2s = sech2 * (du + 0.5 * z * (z * (6.0 * _GELU_TANH_A * _GELU_TANH_C) - 2.0 * t * du * du))
     else:
         tl.static_assert(ACT == SINE, "unknown activation id")
-        wz = z * PARAM
-        ds = PARAM * tl.cos(wz)
-        d2s = -(PARAM * PARAM) * tl.sin(wz)
+        s, c = sin_cos(z * PARAM)
+        ds = PARAM * c
+        d2s = -(PARAM * PARAM) * s
     return ds, d2s
+
+
+@triton.jit
+def activation_derivatives_to_third(z, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: tl.constexpr):
+    """(s'(z), s''(z), s'''(z)) for the Laplacian's backward (s'' and s''' are 0 for piecewise-linear
+    activations); the same transcendental work as `activation_slope_and_curvature`."""
+    if ACT == IDENTITY or ACT == RELU or ACT == LEAKY_RELU:
+        ds, d2s = activation_slope_and_curvature(z, ACT, PARAM, THRESHOLD)
+        d3s = tl.zeros(z.shape, z.dtype)
+    elif ACT == SOFTPLUS:  # s'' = beta q (1 - q), s''' = beta s'' (1 - 2q) with q = sigmoid(beta z)
+        u = z * PARAM
+        q, q_neg = _sigmoid_pair(u)
+        linear = u > THRESHOLD
+        ds = tl.where(linear, 1.0, q)
+        d2s = tl.where(linear, 0.0, PARAM * q * q_neg)
+        d3s = d2s * (q_neg - q) * PARAM
+    elif ACT == TANH:
+        t = _tanh(z)
+        ds = 1.0 - t * t
+        d2s = -2.0 * t * ds
+        d3s = -2.0 * (ds * ds + t * d2s)
+    elif ACT == SIGMOID:
+        q, q_neg = _sigmoid_pair(z)
+        ds = q * q_neg
+        d2s = ds * (q_neg - q)
+        d3s = d2s * (q_neg - q) - 2.0 * ds * ds
+    elif ACT == SILU:  # s = z q: s' = q + z p, s'' = 2 p + z p', s''' = 3 p' + z p'' with p = q (1 - q)
+        q, q_neg = _sigmoid_pair(z)
+        p = q * q_neg
+        dp = p * (q_neg - q)
+        d2p = dp * (q_neg - q) - 2.0 * p * p
+        ds = q + z * p
+        d2s = 2.0 * p + z * dp
+        d3s = 3.0 * dp + z * d2p
+    elif ACT == GELU:
+        pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        ds = 0.5 * (1.0 + tl.erf(z * _SQRT_HALF)) + z * pdf
+        d2s = pdf * (2.0 - z * z)
+        d3s = pdf * z * (z * z - 4.0)
+    elif ACT == GELU_TANH:  # s = z g / 2, g = 1 + tanh(u), u = c (z + a z^3)
+        z2 = z * z
+        t = _tanh(z * (1.0 + z2 * _GELU_TANH_A) * _GELU_TANH_C)
+        sech2 = 1.0 - t * t
+        du = (1.0 + z2 * (3.0 * _GELU_TANH_A)) * _GELU_TANH_C
+        d2u = z * (6.0 * _GELU_TANH_A * _GELU_TANH_C)
+        dg = sech2 * du
+        inner = d2u - 2.0 * t * du * du
+        d2g = sech2 * inner
+        d3u = (6.0 * _GELU_TANH_A) * _GELU_TANH_C
+        d3g = -2.0 * t * dg * inner + sech2 * ((-2.0 * dg * du - 4.0 * t * d2u) * du + d3u)
+        ds = 0.5 * (1.0 + t) + 0.5 * z * dg
+        d2s = dg + 0.5 * z * d2g
+        d3s = 1.5 * d2g + 0.5 * z * d3g
+    else:
+        tl.static_assert(ACT == SINE, "unknown activation id")
+        s, c = sin_cos(z * PARAM)
+        ds = PARAM * c
+        d2s = -(PARAM * PARAM) * s
+        d3s = -(PARAM * PARAM * PARAM) * c
+    return ds, d2s, d3s

@@ -28,7 +28,12 @@ G_T), and their gradient lands in W_1's columns weighted by the seeds: m + 1 row
 import triton
 import triton.language as tl
 
-from .activations import IDENTITY, activation_and_slope, activation_slope_and_curvature
+from .activations import (
+    IDENTITY,
+    activation_and_slope,
+    activation_derivatives_to_third,
+    activation_slope_and_curvature,
+)
 from .forward import activate_stacked, dot_f32, first_layer, hidden_layer, last_layer_output, to_operand
 
 
@@ -47,6 +52,33 @@ def _activation_backward(G, Z, SLOTS: tl.constexpr, ACT: tl.constexpr, PARAM: tl
     ds, d2s = activation_slope_and_curvature(z, ACT, PARAM, THRESHOLD)
     g_z = ds * g_h + d2s * curvature
     return tl.where(is_value, g_z[:, None, :], ds[:, None, :] * G)
+
+
+@triton.jit
+def _laplacian_activation_backward(G, Z, o_s, NUM_TANGENTS: tl.constexpr, ACT: tl.constexpr, PARAM: tl.constexpr,
+                                   THRESHOLD: tl.constexpr):  # fmt: skip
+    """G_Z = dLoss/d[z; U; Q] from G = dLoss/d[h; T; S] through the forward Laplacian's activation
+    (`forward.activate_laplacian`), slot 1 + NUM_TANGENTS the Laplacian row:
+
+        g_z = s' g_h + s'' (sum_j g_T,j U_j + g_S Q) + s''' g_S sum_j U_j^2
+        g_U,j = s' g_T,j + 2 s'' g_S U_j,      g_Q = s' g_S
+    """
+    if ACT == IDENTITY:
+        return G
+    is_value = o_s[None, :, None] == 0
+    is_tangent = (o_s[None, :, None] >= 1) & (o_s[None, :, None] <= NUM_TANGENTS)
+    is_laplacian = o_s[None, :, None] == 1 + NUM_TANGENTS
+    z = tl.sum(tl.where(is_value, Z, 0.0), axis=1)
+    g_h = tl.sum(tl.where(is_value, G, 0.0), axis=1)
+    g_s = tl.sum(tl.where(is_laplacian, G, 0.0), axis=1)
+    squares = tl.sum(tl.where(is_tangent, Z * Z, 0.0), axis=1)
+    # sum_j g_T,j U_j + g_S Q: every derivative row's adjoint times its pre-activation
+    curvature = tl.sum(tl.where(is_value, 0.0, G * Z), axis=1)
+    ds, d2s, d3s = activation_derivatives_to_third(z, ACT, PARAM, THRESHOLD)
+    g_z = ds * g_h + d2s * curvature + d3s * g_s * squares
+    G_Z = ds[:, None, :] * G
+    G_Z = tl.where(is_tangent, G_Z + (2.0 * d2s * g_s)[:, None, :] * Z, G_Z)
+    return tl.where(is_value, g_z[:, None, :], G_Z)
 
 
 @triton.jit
@@ -236,7 +268,7 @@ def layer_backward_kernel(
     ACT: tl.constexpr, ACT_PARAM: tl.constexpr, ACT_THRESHOLD: tl.constexpr,
     PRECISION: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ADJOINTS: tl.constexpr = False, INTERPRET_BF16: tl.constexpr = False,
+    ADJOINTS: tl.constexpr = False, INTERPRET_BF16: tl.constexpr = False, LAPLACIAN: tl.constexpr = False,
 ):  # fmt: skip
     """G = G_Z W for BLOCK_M points and BLOCK_K input features (LIVE_SLOTS live slots of SLOTS), then
     the previous layer's activation backward with its Z (ACT), written to out[p, slot, k]; with
@@ -244,7 +276,11 @@ def layer_backward_kernel(
 
     With ADJOINTS (reverse mode's forward, kernels/reverse.py) the slots are the adjoints of J's rows,
     not [value; tangents]: each is scaled by the slope s'(z) alone (z_prev holds z once per point: the
-    caller passes stride_zs = 0), and LAST_STEP writes every live slot to out[p, slot, k]."""
+    caller passes stride_zs = 0), and LAST_STEP writes every live slot to out[p, slot, k].
+
+    With LAPLACIAN the live slots are [value; LIVE_SLOTS - 2 tangents; the Laplacian row], taken
+    back through the forward Laplacian's activation (`_laplacian_activation_backward`)."""
+    tl.static_assert(not (LAPLACIAN and ADJOINTS), "the Laplacian row is a forward-mode row")
     i_m = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -277,6 +313,8 @@ def layer_backward_kernel(
         Z = tl.load(p_z, mask=m_pk & m_s[None, :, None], other=0.0)
         if ADJOINTS:  # every slot times s'(z): no value row, no curvature term
             G_Z = _activation_backward(G, Z, 1, ACT, ACT_PARAM, ACT_THRESHOLD)
+        elif LAPLACIAN:
+            G_Z = _laplacian_activation_backward(G, Z, o_s, LIVE_SLOTS - 2, ACT, ACT_PARAM, ACT_THRESHOLD)
         else:
             G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         tl.store(p_out, G_Z, mask=m_pk & m_s[None, :, None])

@@ -22,7 +22,7 @@ import os
 import triton
 import triton.language as tl
 
-from .activations import IDENTITY, activation_and_slope, activation_slope_and_curvature, activation_value
+from .activations import IDENTITY, activation_and_slope, activation_slope_and_curvature, activation_value, sin_cos
 
 
 # INTERPRET_BF16 is for Triton's CPU interpreter only (the tests' bf16 runs), which gets bf16 wrong
@@ -340,32 +340,6 @@ def mlp_forward_kernel(
             tl.store(p_j, to_storage(r, j_ptr.dtype.element_ty, INTERPRET_BF16), mask=m_j)
 
 
-# sin and cos by a three-part Cody-Waite reduction to [-pi/4, pi/4] and Cephes' single-precision
-# polynomials: accurate to a few ulp for |t| < 2^16 (the encodings' arguments reach 2^9 * pi),
-# and unlike tl.sin / tl.cos (libdevice) without the slow path for huge arguments, whose 32-byte
-# local array counted as spills in every kernel using it.
-_TWO_OVER_PI = tl.constexpr(0.6366197723675814)
-_PIO2_1 = tl.constexpr(1.5703125)  # 8 significant bits: q * _PIO2_1 is exact for |q| < 2^16
-_PIO2_2 = tl.constexpr(4.837512969970703125e-4)
-_PIO2_3 = tl.constexpr(7.54978995489188216e-8)
-
-
-@triton.jit
-def sin_cos(t):
-    """(sin t, cos t) for fp32 t."""
-    q = tl.floor(t * _TWO_OVER_PI + 0.5)
-    r = t - q * _PIO2_1
-    r = r - q * _PIO2_2
-    r = r - q * _PIO2_3
-    r2 = r * r
-    sin_r = r + r * r2 * (-1.6666654611e-1 + r2 * (8.3321608736e-3 + r2 * -1.9515295891e-4))
-    cos_r = 1.0 - 0.5 * r2 + r2 * r2 * (4.166664568298827e-2 + r2 * (-1.388731625493765e-3 + r2 * 2.443315711809948e-5))
-    quadrant = q.to(tl.int32) & 3
-    sin_t = tl.where(quadrant == 0, sin_r, tl.where(quadrant == 1, cos_r, tl.where(quadrant == 2, -sin_r, -cos_r)))
-    cos_t = tl.where(quadrant == 0, cos_r, tl.where(quadrant == 1, -sin_r, tl.where(quadrant == 2, -cos_r, sin_r)))
-    return sin_t, cos_t
-
-
 @triton.jit
 def encoded_input(
     acc3, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, gj_ptr, o_p, m_p, o_n, m_n, o_s,
@@ -468,7 +442,7 @@ def layer_forward_kernel(
     the tangents.
     """
     tl.static_assert(SLOTS >= 1 + NUM_TANGENTS + LAPLACIAN or not JACOBIAN, "SLOTS must hold every row")
-    tl.static_assert(not (LAPLACIAN and (SEEDED or STORE_Z)), "the Laplacian row: a forward of its own")
+    tl.static_assert(not (LAPLACIAN and SEEDED), "the Laplacian row needs the k unit tangents")
     i_m = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -18,7 +18,7 @@ from helpers import TOLERANCE as TABLE
 from helpers import TRITON_DEVICE, assert_close, kernel_tolerances, model_gradients, rel_err
 from tritonjac import triton_engine
 from tritonjac.activations import ACTIVATION_NAMES, as_activation
-from tritonjac.kernels.forward import sin_cos
+from tritonjac.kernels.activations import sin_cos
 from tritonjac.network import make_spec
 from tritonjac.precision import matmul_precision
 from tritonjac.triton_engine import launch

@@ -1,7 +1,7 @@
 """The Laplacian row on the per-layer Triton kernels (`layer_forward_kernel` with LAPLACIAN,
 tritonjac/triton_engine/second_order.py) against torch.func's Hessian trace in float64, and its
-backward (recomputed on the PyTorch engine). Every buffer the launchers allocate is fenced by
-guard rows (conftest)."""
+backward on the per-layer kernels (`layer_backward_kernel` with LAPLACIAN). Every buffer the
+launchers allocate is fenced by guard rows (conftest)."""
 
 import copy
 
@@ -18,10 +18,15 @@ from tritonjac.triton_engine import launch
 pytestmark = pytest.mark.usefixtures("highest_precision")  # conftest: fp32-accurate dots
 
 
-def launched(fn):
-    """fn()'s result and the names of the kernels it launched."""
+def launched(fn, laplacian_only=False):
+    """fn()'s result and the names of the kernels it launched (those launched with LAPLACIAN only)."""
     names = []
-    remove = launch.add_launch_observer(lambda name, *args, **kwargs: names.append(name))
+
+    def observe(name, args, config):
+        if args.get("LAPLACIAN", False) or not laplacian_only:
+            names.append(name)
+
+    remove = launch.add_launch_observer(observe)
     try:
         return fn(), names
     finally:
@@ -48,9 +53,9 @@ def check(model, x, what, tolerance="float32", gradient_tolerance="float32-gradi
 
     xg = x.clone().requires_grad_()
     params = list(model.parameters())
-    got = torch.autograd.grad(
-        loss(*model(xg, laplacian=True)), [xg, *params], allow_unused=True, materialize_grads=True
-    )
+    total = loss(*model(xg, laplacian=True))
+    got, names = launched(lambda: torch.autograd.grad(total, [xg, *params], allow_unused=True, materialize_grads=True))
+    assert set(names) == {"layer_forward", "layer_backward", "layer_weight_grad"}, names
     xr = x.double().cpu().requires_grad_()
     y_r, J_r, H_r = func_second_order(oracle, xr)
     want = torch.autograd.grad(
@@ -140,3 +145,43 @@ def test_the_hessian_stays_on_the_pytorch_engine():
     assert [t.shape for t in empty] == [(0, 1), (0, 1, 3), (0, 1)]
     weights = [m.weight for m in model.linear_layers]
     assert tritonjac.mlp_jacobian(x, weights, None, ["tanh", None], laplacian=True, backend="triton")[2].shape == (8, 1)
+
+
+def test_losses_on_some_outputs():
+    """A loss on the Laplacian alone takes it back through the kernels' Laplacian backward; a loss on
+    y and J alone needs no Laplacian row (the first-order backward, fused where it fits). Both
+    against the PyTorch engine's analytic backward in float64."""
+    torch.manual_seed(6)
+    model = JacobianMLP(3, [16, 16], 2, "silu", device=TRITON_DEVICE, backend="triton")
+    oracle = copy.deepcopy(model).double().cpu()
+    oracle.backend = "torch"
+    x = torch.randn(23, 3, device=TRITON_DEVICE)
+    for what, loss, with_laplacian in (
+        ("lap", lambda y, J, lap: lap.square().sum(), {"layer_forward", "layer_backward"}),
+        ("y and J", lambda y, J, lap: y.sum() + J.square().sum(), set()),
+    ):
+        xg = x.clone().requires_grad_()
+        total = loss(*model(xg, laplacian=True))
+        inputs = [xg, *model.parameters()]
+        got, names = launched(lambda: torch.autograd.grad(total, inputs), laplacian_only=True)  # noqa: B023
+        assert set(names) == with_laplacian, (what, names)
+        xr = x.double().cpu().requires_grad_()
+        want = torch.autograd.grad(loss(*oracle(xr, laplacian=True)), [xr, *oracle.parameters()])
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, "float32-gradient", f"{what} gradient {i}")
+
+
+def test_half_precision_gradients():
+    """bf16 operands through the Laplacian's backward, against the same model in float32."""
+    torch.manual_seed(7)
+    model = JacobianMLP(3, [32, 32], 1, "softplus", device=TRITON_DEVICE, backend="triton").to(torch.bfloat16)
+    reference = copy.deepcopy(model).float()
+    reference.backend = "torch"
+    x = torch.randn(40, 3, device=TRITON_DEVICE, dtype=torch.bfloat16)
+    grads = []
+    for net, inputs in ((model, x), (reference, x.float())):
+        y, J, lap = net(inputs, laplacian=True)
+        grads.append(torch.autograd.grad(lap.square().sum() + y.sum(), list(net.parameters())))
+    for i, (g, w) in enumerate(zip(*grads)):
+        assert g.dtype == torch.bfloat16
+        assert_close(g, w, "bfloat16", f"bf16 weight gradient {i}")

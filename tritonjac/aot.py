@@ -52,6 +52,7 @@ class Case:
         elif self.kernel.startswith("layer_"):
             shape = f"rows={c.get('LIVE_SLOTS', c.get('LIVE_SLOTS_A'))}" + (" last" if c.get("LAST_STEP") else "")
             shape += " adjoints" if c.get("ADJOINTS") else ""
+            shape += " laplacian" if c.get("LAPLACIAN") else ""
         elif self.kernel == "mlp_reverse":
             shape = f"W{c['WIDTH']} adjoints={c['ADJOINTS']}"
         else:
@@ -184,7 +185,8 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
     The whole-network kernel at widths 64 and 128 (3 -> W -> 3, softplus, K = 3), with and without
     tangents, TF32 / 3xTF32 / bf16, and its fused backward (with and without a loss on J) wherever
     that plan is taken; the per-layer kernel (first and later layers, with and without
-    tangents) in the same precisions: each candidate configuration the pruning keeps for the arch.
+    tangents) in the same precisions: each candidate configuration the pruning keeps for the arch;
+    the Laplacian row's forward, recompute and propagation (`layer_backward` with LAPLACIAN).
     """
     import torch
 
@@ -195,6 +197,7 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
 
     cases = []
     softplus = as_activation(torch.nn.Softplus(beta=100.0))
+    sine = as_activation("sine")
     for arch in archs:
         for width in (64, 128):
             W = [torch.empty(width, 3), torch.empty(width, width), torch.empty(3, width)]
@@ -247,10 +250,12 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                 if jacobian or (hidden and not has_input):
                     for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
                         cases.append(_case("layer_forward", cx, config, dtype, arch))
-                if jacobian:  # the Laplacian row after the tangents (second order)
+                if jacobian:  # the Laplacian row after the tangents (second order), and its backward's recompute
                     lx = cx | {"LAPLACIAN": True, "SLOTS": plans.slots(3 + 1, True)}
                     for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(lx), arch=arch):
                         cases.append(_case("layer_forward", lx, config, dtype, arch))
+                    lz = lx | {"STORE_Z": True}
+                    cases.append(_case("layer_forward", lz, tuning.recompute_config(lx, arch), dtype, arch))
                 # the per-layer backward's recompute (storing Z), also reverse mode's way up
                 recompute = tuning.recompute_config(cx, arch)
                 cases.append(_case("layer_forward", cx | {"STORE_Z": True}, recompute, dtype, arch))
@@ -272,19 +277,25 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                             "ADJOINTS": True,
                         }
                         cases.append(_case("layer_backward", ax, adjoint_config, dtype, arch))
-                # the backward's two kernels: J's 3 columns as tangents, one seeded tangent, or none
-                for tangents in (3, 1) if jacobian else (0,):
-                    rows, slots = 1 + tangents, plans.slots(tangents, tangents > 0)
+                # the backward's two kernels: J's 3 columns as tangents, one seeded tangent, or none;
+                # and the 3 tangents with the Laplacian row (softplus, and SIREN's sine)
+                rows_and_activations = [(1 + t, False, softplus) for t in ((3, 1) if jacobian else (0,))]
+                if jacobian:
+                    rows_and_activations += [(1 + 3 + 1, True, act) for act in (softplus, sine)]
+                for rows, laplacian, act in rows_and_activations:
+                    tangents = rows - 1
+                    slots = plans.slots(tangents, tangents > 0)
                     backward_config, _ = tuning.layer_backward_configs(arch, precision, slots)
                     for last_step in (False, True):
                         bx = {
                             "LIVE_SLOTS": rows,
                             "LAST_STEP": last_step,
-                            **launch.activation_constexprs(softplus, "ACT"),
+                            **launch.activation_constexprs(act, "ACT"),
                             "PRECISION": precision,
                             "SLOTS": slots,
                             "ADJOINTS": False,
                         }
+                        bx |= {"LAPLACIAN": True} if laplacian else {}
                         cases.append(_case("layer_backward", bx, backward_config, dtype, arch))
                     for rows_a in (rows, 1) if tangents else (1,):
                         slots_a = slots if rows_a > 1 else 1

@@ -281,6 +281,13 @@ class InputMap:
         D = d1[:, self.perm].view(-1, self.k, self.n).transpose(0, 1).contiguous()
         return a0, D, d1, d2
 
+    def third_derivative(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoded features' third derivatives along their own coordinate, (P, len(encoding))
+        (the second-order backward's; `evaluate` gives the first and second)."""
+        t = x[:, self.coordinate] * self.frequency
+        cube = self.weight * self.frequency**3
+        return torch.where(self.is_sin, -torch.cos(t), torch.where(self.is_cos, torch.sin(t), 0.0)) * cube
+
     def tangent(self, D, tangent_weight):
         """a0's tangent times a layer's a0 columns: (k, 1, d) (broadcast) or (k, P, d)."""
         return tangent_weight if D is None else torch.bmm(D, tangent_weight)

@@ -43,7 +43,15 @@ from .common import (
     run_chunks,
 )
 
-__all__ = ["SecondOrder", "second_order_jacobian", "assemble", "forward_points", "backward_by_recompute"]
+__all__ = [
+    "SecondOrder",
+    "second_order_jacobian",
+    "assemble",
+    "forward_points",
+    "backward_by_recompute",
+    "activation_derivatives",
+    "through_activation",
+]
 
 
 @dataclass(frozen=True)
@@ -79,14 +87,6 @@ class SecondOrder:
 
 
 # ---- the input rows --------------------------------------------------------------------------------
-def _encoding_third_derivative(net: Network, x: torch.Tensor):
-    """The encoded features' third derivatives along their own coordinate, (P, C) (the first and
-    second come from `InputMap.evaluate`): feature c is w_c f_c(freq_c x_j), f in (sin, cos, identity)."""
-    m = net.input_map
-    t = x[:, m.coordinate] * m.frequency
-    return torch.where(m.is_sin, -torch.cos(t), torch.where(m.is_cos, torch.sin(t), 0.0)) * (m.weight * m.frequency**3)
-
-
 def _input_rows(net: Network, x: torch.Tensor, order: SecondOrder, scratch: Scratch):
     """a0's stacked rows (1 + k + q, P, len(a0)): its values, its tangents along the k inputs and
     its second derivatives, for one chunk x (P, d_in)."""
@@ -117,7 +117,7 @@ def _input_grad(net: Network, x, gA0, order: SecondOrder):
     if input_map.encoding is None:
         return gA0[0].clone()  # the tangent and curvature rows do not depend on x
     _, _, d1, d2 = input_map.evaluate(x, second=True)
-    d3 = _encoding_third_derivative(net, x)
+    d3 = input_map.third_derivative(x)
     C, coordinate = input_map.width, input_map.coordinate
     columns = torch.arange(C, device=x.device)
     g_x = torch.zeros_like(x)
@@ -250,7 +250,7 @@ def forward_points(x2d, weights, biases, spec: NetworkSpec, order: SecondOrder, 
 
 
 # ---- backward --------------------------------------------------------------------------------------
-def _derivatives(act, z):
+def activation_derivatives(act, z):
     """(s, s', s'', s''') at z; (z, None, None, None) for the identity. Softplus's are flushed on CPU
     like the forward's (`evaluate_activation`)."""
     if act.is_identity:
@@ -261,7 +261,7 @@ def _derivatives(act, z):
     return h, s1, s2, s3
 
 
-def _through_activation(derivatives, D, g0, GD, rows, order: SecondOrder):
+def through_activation(derivatives, D, g0, GD, rows, order: SecondOrder):
     """dLoss/d[z; U; V] as one stacked (1 + k + q, P, d) tensor G, or (gz, gD) apart when the last
     layer's derivative rows hold fewer outputs than its values (then G is None), from
     dLoss/d[h'; T'; Q'] (g0 (P, d), GD (k + q, P, d_rows)) and the activation's `_derivatives`."""
@@ -300,15 +300,15 @@ def _backward_chunk(x, layer_saved, net: Network, order: SecondOrder, g0, GD, gr
     A0 = _input_rows(net, x, order, scratch)
     gA0 = None
     last = len(layers) - 1
-    derivatives = _derivatives(layers[last].act, layer_saved[last][0])
+    derivatives = activation_derivatives(layers[last].act, layer_saved[last][0])
     for l in range(last, -1, -1):
         layer = layers[l]
         rows = layer.rows if layer.rows is not None else slice(None)
-        G, gz, gD = _through_activation(derivatives, layer_saved[l][1], g0, GD, rows, order)
+        G, gz, gD = through_activation(derivatives, layer_saved[l][1], g0, GD, rows, order)
         A = None
         if layer.hidden is not None:  # this layer's input: the previous layer's output rows
             z_prev, D_prev = layer_saved[l - 1]
-            derivatives = _derivatives(layers[l - 1].act, z_prev)
+            derivatives = activation_derivatives(layers[l - 1].act, z_prev)
             A = _stack_rows(*derivatives[:3], D_prev, order)
         for rows_in, W, cols in ((A, layer.hidden, layer.hidden_cols), (A0, layer.inputs, layer.input_cols)):
             if W is None or grad_W[l] is None:

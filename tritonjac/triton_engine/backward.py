@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .. import torch_engine
 from ..network import NetworkSpec
 from ..precision import layer_precision, matmul_precision
 from . import launch, tuning
@@ -39,11 +40,14 @@ from .plans import backward_plan, seeds_tangents, slots
 __all__ = ["mlp_backward", "fused_mlp_backward", "layers_backward", "LayerLaunches", "recompute_layers", "propagate"]
 
 
-def mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None):
+def mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None, gS=None):
     """dLoss/dx (None unless `need_x`), the weight gradients and the bias gradients (None where a
     layer has no bias), in the parameters' dtypes. gy (P, d_L) or gJ (P, m, k) may be None.
     Whichever mode computed J: with a loss on J of fewer rows than columns both plans seed m tangents
-    with its rows, else they carry J's k columns (`plans.backward_plan`)."""
+    with its rows, else they carry J's k columns (`plans.backward_plan`). gS (P, m, 1): a loss on
+    the Laplacian (`second_order.py`), taken back by the per-layer kernels."""
+    if gS is not None:
+        return layers_backward(x2d, weights, biases, spec, gy, gJ, need_x, band_weights, gS)
     kernels, seeded = backward_plan(x2d, weights, spec, gJ is not None)
     if kernels == "fused":
         return fused_mlp_backward(x2d, weights, biases, spec, gy, gJ, need_x, seeded=seeded)
@@ -131,24 +135,28 @@ def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: 
 
 
 # ---- the per-layer backward ------------------------------------------------------------------------
-def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None):
+def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None, gS=None):
     """`mlp_backward` by the per-layer kernels (any widths, depths, activations, skips and
     encodings): recompute a chunk's forward layer by layer keeping [h; T] and [z; U], then two
     kernels per layer (kernels/backward.py) for the part of its weight that multiplies the previous
     layer's output. The part that multiplies a0 (the first layer's, and a skip layer's) is x's
     columns through the same weight-gradient kernel, or with an encoding a few small matmuls on its
     features (`torch_engine.InputMap`), which also carries dLoss/da0 back to x. The tangents are J's
-    k columns, or with m < k m directions seeded with dLoss/dJ's rows (docs/design.md section 9)."""
+    k columns, or with m < k m directions seeded with dLoss/dJ's rows (docs/design.md section 9).
+    With gS (a loss on the Laplacian row, (P, m, 1)) the rows are [h; T; S]: the k unit tangents and
+    the Laplacian row after them, whose adjoints go back through the third derivative (docs/design.md section 11)."""
     launch.check_device(x2d)
     P = x2d.shape[0]
     L, k = len(weights), spec.jacobian_inputs
-    jacobian = gJ is not None
+    laplacian = gS is not None
+    jacobian = gJ is not None or laplacian  # the tangent rows are carried
     d_out_last = weights[-1].shape[0]
     selected = spec.output_rows(d_out_last)
     # with m < k the tangents are J's m rows seeded with dLoss/dJ's rows, else J's k columns
-    seeded = jacobian and seeds_tangents(spec, d_out_last)
+    seeded = gJ is not None and not laplacian and seeds_tangents(spec, d_out_last)
     tangents = selected.stop - selected.start if seeded else k
-    rows, num_slots = (1 + tangents, slots(tangents, True)) if jacobian else (1, 1)
+    derivative_rows = tangents + laplacian  # tangent rows, then the Laplacian row
+    rows, num_slots = (1 + derivative_rows, slots(derivative_rows, True)) if jacobian else (1, 1)
     precision = matmul_precision(x2d.dtype)
     f32 = dict(device=x2d.device, dtype=torch.float32)
     grad_W = [torch.zeros(W.shape, **f32) for W in weights]
@@ -162,7 +170,7 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     is_traced = traced(x2d)
     bf16 = interpret_bf16(x2d.dtype)
     inputs = LayerInputs(x2d, spec, band_weights)
-    run = LayerLaunches(arch, precision, num_slots, bf16, is_traced)
+    run = LayerLaunches(arch, precision, num_slots, bf16, is_traced, laplacian)
     encoded = inputs.encoded_width > 0
     # x's gradient straight from the first layer's propagation kernel when a0 is x and nothing
     # else reads it; otherwise dLoss/da0 is summed over the layers that read a0, then taken to x
@@ -172,7 +180,7 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
         for start in range(0, P, chunk):
             xc = x2d[start : start + chunk]
             C = xc.shape[0]
-            gJc = gJ[start : start + chunk] if jacobian else None
+            gJc = gJ[start : start + chunk] if gJ is not None else None
             seeds = gJc if seeded else None
             As, Zs = recompute_layers(xc, weights, biases, spec, inputs, jacobian, run, seeds)
 
@@ -183,17 +191,19 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
             if seeded:  # the loss on the seeded tangents: tangent r of selected output r
                 r = torch.arange(tangents, device=x2d.device)
                 G[:, 1 + r, selected.start + r] = 1.0
-            elif jacobian:
-                G[:, 1:, selected] = gJc.transpose(1, 2)
-            G = _last_activation_backward(spec.activations[-1], G, Zs[-1], jacobian)
+            elif gJc is not None:
+                G[:, 1 : 1 + k, selected] = gJc.transpose(1, 2)
+            if laplacian:
+                G[:, 1 + k, selected] = gS[start : start + chunk, :, 0]
+            G = _last_activation_backward(spec.activations[-1], G, Zs[-1], jacobian, laplacian)
 
             a0 = D = d1 = d2 = V = seed_a0 = None
             if encoded:  # the features and their derivatives, in fp32 as the kernels compute them
-                a0, D, d1, d2 = inputs.map.evaluate(xc.float(), second=need_x and jacobian)
+                a0, D, d1, d2 = inputs.map.evaluate(xc.float(), second=(need_x and jacobian) or laplacian)
             if seeded:  # the seeds as directions (tangents, C, k), and a0's tangents along them
                 V = gJc.float().transpose(0, 1)
                 seed_a0 = inputs.map.seed_tangent(V, d1) if encoded else None
-            g_a0 = g_D = g_T = None
+            g_a0 = g_D = g_T = g_lap = None
             for l in range(L - 1, -1, -1):
                 W, scale = weights[l], spec.layer_scale(l)
                 W_hidden, W_input = inputs.parts(l, W)
@@ -215,10 +225,12 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                             g_seeded = torch.einsum("rpn,rpf->nf", gU, seed_a0)
                             grad_W[l][:, input_cols][:, :width].add_(g_seeded, alpha=scale)
                         elif jacobian:
-                            gU = G[:, 1:].transpose(0, 1)
+                            gU = G[:, 1 : 1 + k].transpose(0, 1)
                             g_input = grad_W[l][:, input_cols]
                             partial = torch.zeros_like(g_input)
                             inputs.map.add_weight_grad(partial, gU, D)
+                            if laplacian:  # the encoded features' Laplacian row: their second derivatives
+                                partial[:, : inputs.encoded_width].addmm_(G[:, 1 + k].t(), d2)
                             g_input.add_(partial, alpha=scale)
                         if biases[l] is not None and W_hidden is None:
                             grad_b[l] += G[:, 0].sum(0)
@@ -231,8 +243,8 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                         if seeded:  # the tangents along the seeds: dLoss/dJ's rows in x's columns
                             g_seeded = torch.einsum("prn,rpj->nj", G[:, 1:], V)
                             grad_W[l][:, first : first + k] += scale * g_seeded
-                        elif jacobian:  # unit vectors
-                            grad_W[l][:, first : first + k] += scale * G[:, 1:].sum(0).t()
+                        elif jacobian:  # unit vectors (a0's Laplacian row is zero)
+                            grad_W[l][:, first : first + k] += scale * G[:, 1 : 1 + k].sum(0).t()
                 # propagate: to the previous layer's dLoss/d[z; U], and a0's share
                 if W_hidden is not None:
                     d_prev = W_hidden.shape[1]
@@ -249,8 +261,11 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                             g = G[:, 1:].transpose(0, 1) @ Wi[:, : inputs.encoded_width]
                             g_T = g if g_T is None else g_T.add_(g)
                         elif encoded and jacobian:
-                            g = inputs.map.tangent_grad(G[:, 1:].transpose(0, 1), inputs.map.tangent_weight(Wi))
+                            g = inputs.map.tangent_grad(G[:, 1 : 1 + k].transpose(0, 1), inputs.map.tangent_weight(Wi))
                             g_D = g if g_D is None else g_D.add_(g)
+                            if laplacian:  # dLoss/d(the encoded features' Laplacian row)
+                                g = G[:, 1 + k] @ Wi[:, : inputs.encoded_width]
+                                g_lap = g if g_lap is None else g_lap.add_(g)
                 if W_hidden is not None:
                     G = out
             if need_x and not direct_gx:
@@ -258,6 +273,8 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                     g_x = inputs.map.input_grad(xc.float(), g_a0, g_D, d1, d2)
                     if g_T is not None:  # the seeded tangents depend on x through the encoding's derivatives
                         inputs.map.add_seed_input_grad(g_x, g_T, V, d2)
+                    if g_lap is not None:  # the Laplacian row (second derivatives) depends on x too
+                        g_x[:, :k].index_add_(1, inputs.map.coordinate, g_lap * inputs.map.third_derivative(xc.float()))
                     gx[start : start + chunk] = g_x
                 else:
                     gx[start : start + chunk] = g_a0
@@ -273,13 +290,15 @@ class LayerLaunches:
     num_slots: int  # stacked rows per point in the propagation (adjoint rows in reverse mode)
     bf16: dict  # interpret_bf16's argument
     is_traced: bool
+    laplacian: bool = False  # the rows end with the Laplacian row (`layers_backward` with gS)
 
 
 def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaunches, seeds=None):
     """The forward of a chunk again, keeping A_l = [h; T] (compute dtype) and Z_l = [z; U] (fp32).
-    The tangents are J's k columns, or with `seeds` (C, m, k) m directions in x (dLoss/dJ's rows)."""
+    The tangents are J's k columns, or with `seeds` (C, m, k) m directions in x (dLoss/dJ's rows);
+    with `run.laplacian` the Laplacian row follows them."""
     num_tangents = spec.jacobian_inputs if seeds is None else seeds.shape[1]
-    rows = 1 + num_tangents if jacobian else 1
+    rows = 1 + num_tangents + run.laplacian if jacobian else 1
     C = xc.shape[0]
     As, Zs = [], []
     a, a_strides = None, (0, 0, 0)
@@ -317,10 +336,12 @@ def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaun
                 tangents,
                 precision,
             )
+            if run.laplacian:  # in the configuration's key only then, as in the forward
+                constexprs |= {"LAPLACIAN": True, "SLOTS": run.num_slots}
             args |= inputs.args(xc, Wi, seeds) | constexprs
             cfg = tuning.recompute_config(constexprs, run.arch)
             grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(Av.shape[2], cfg.kwargs["BLOCK_N"]))
-            recompute = args | {"STORE_Z": True, "LAPLACIAN": False, **run.bf16}
+            recompute = {"LAPLACIAN": False} | args | {"STORE_Z": True, **run.bf16}
             run_kernel("layer_forward", grid, cfg, recompute, run.is_traced)
         As.append(A)
         Zs.append(Z)
@@ -412,17 +433,24 @@ def propagate(G, W, z_prev, out, prev_act, rows, last_step, run: LayerLaunches, 
             PRECISION=precision,
             SLOTS=run.num_slots,
             ADJOINTS=adjoints,
+            LAPLACIAN=run.laplacian and not adjoints,
             **run.bf16,
         ),
         run.is_traced,
     )
 
 
-def _last_activation_backward(act, G, Z, jacobian: bool):
+def _last_activation_backward(act, G, Z, jacobian: bool, laplacian: bool = False):
     """dLoss/d[z; U] from dLoss/d[s(z); s'(z) U] for the last layer (usually the identity), with the
-    registry's PyTorch formulas."""
+    registry's PyTorch formulas (the PyTorch engine's, with the Laplacian row)."""
     if act.is_identity:
         return G
+    if laplacian:
+        order = torch_engine.second_order.SecondOrder(G.shape[1] - 2, False, True)
+        derivatives = torch_engine.second_order.activation_derivatives(act, Z[:, 0])
+        D, GD = Z[:, 1:].transpose(0, 1), G[:, 1:].transpose(0, 1)
+        stacked, _, _ = torch_engine.second_order.through_activation(derivatives, D, G[:, 0], GD, slice(None), order)
+        return stacked.transpose(0, 1)
     _, slope, second = act.evaluate(Z[:, 0], value=False, curvature=jacobian)
     g_z = slope * G[:, 0]
     if jacobian and second is not None:

@@ -4,18 +4,21 @@ carries one more stacked row after the k tangents (docs/design.md, section 11).
 Coverage: the Laplacian (not the Hessian, whose k (k + 1) / 2 rows make 16 slots for k = 3, a
 tile that spills), encodings (their second derivatives in the kernels' `encoded_input`), skips,
 latent codes, selected inputs and outputs.
-The backward recomputes the forward chunk by chunk on the PyTorch engine, on the same device
-(`torch_engine.second_order.backward_by_recompute`): the kernels have no second-order backward yet.
+The backward runs on the per-layer kernels as well (`backward.layers_backward` with gS): it
+recomputes the forward with the Laplacian row, keeping each layer's [z; U; Q], and takes the
+adjoints back through the activation's first three derivatives (kernels/backward.py,
+`_laplacian_activation_backward`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .. import torch_engine
 from ..grad_mode import records_autograd, refuse_double_backward
 from ..network import NetworkSpec
 from ..precision import matmul_precision
+from ..torch_engine.common import saved_call
+from .backward import mlp_backward
 from .forward import LayerInputs, _launch_layer
 from .launch import allocate, device_guard
 
@@ -55,7 +58,7 @@ def laplacian_forward(x2d, weights, biases, spec: NetworkSpec, band_weights=None
 
 
 class _LaplacianOnKernels(torch.autograd.Function):
-    """(y, J, S) from the kernels; the backward recomputes on the PyTorch engine (saves the inputs)."""
+    """(y, J, S) from the kernels, and their backward on the kernels (saves the inputs alone)."""
 
     @staticmethod
     def forward(ctx, spec, band_weights, x2d, *params):
@@ -72,13 +75,15 @@ class _LaplacianOnKernels(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy, gJ, gS):
         refuse_double_backward()
-        x2d, weights, saved_biases, _, need_x, need_W, need_b = torch_engine.common.saved_call(ctx)
+        x2d, weights, saved_biases, _, need_x, need_W, need_b = saved_call(ctx)
         given = iter(saved_biases)
         biases = [next(given) if has else None for has in ctx.has_bias]
-        order = torch_engine.second_order.SecondOrder(ctx.spec.jacobian_inputs, False, True)
-        gx, grad_W, grad_b = torch_engine.second_order.backward_by_recompute(
-            x2d, weights, biases, ctx.spec, order, gy, gJ, gS, need_x, need_W, need_b, ctx.band_weights
-        )
+        if gy is None and gJ is None and gS is None:
+            return (None,) * len(ctx.needs_input_grad)
+        # without a loss on the Laplacian, the first-order backward (its fused kernel where it fits)
+        gx, grad_W, grad_b = mlp_backward(x2d, weights, biases, ctx.spec, gy, gJ, need_x, ctx.band_weights, gS)
+        grad_W = [g if need else None for g, need in zip(grad_W, need_W)]
+        grad_b = [g if need else None for g, need in zip(grad_b, need_b)]
         return (None, None, gx, *grad_W, *grad_b)
 
 

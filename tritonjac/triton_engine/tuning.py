@@ -423,6 +423,8 @@ def layer_backward_configs(arch: int = 90, precision: str = "tf32", slots: int =
     warps_p = propagation.num_warps
     if arch >= 90 and precision == "tf32x3" and slots == 2 and not interpreting():
         warps_p = 8  # one seeded tangent (32 points x 2 rows) in 3xTF32: 24 spilled bytes with 4 warps (triton 3.9)
+    if slots >= 8 and not interpreting():
+        warps_p = 8  # the Laplacian's 8 slots: 64-224 spilled bytes with 4 warps (sm_80 TF32, sm_90 3xTF32; triton 3.9)
     return (
         triton.Config(kw_p, num_warps=warps_p, num_stages=propagation.num_stages),
         triton.Config(kw_w, num_warps=weight_grad.num_warps, num_stages=weight_grad.num_stages),
@@ -452,6 +454,12 @@ def recompute_config(constexprs: dict, arch: int) -> triton.Config:
     if interpreting():
         return INTERPRETER_CONFIGS["layer_forward"]
     named = {**constexprs, "STORE_Z": True}
+    skip_layer = named["HAS_HIDDEN"] and named["HAS_INPUT"]
+    if named.get("LAPLACIAN") and skip_layer and named["PRECISION"] != "ieee":
+        # a skip layer's 8 slots with Z stored in TF32 / 3xTF32: the first fitting tile (16 x 16, 4
+        # warps) spilled 8-40 bytes (sm_80 TF32, 3xTF32 with an encoding; triton 3.9); 8 warps hold it
+        # on both archs (and spill 8 bytes in bf16 and in a first layer, which keep the first tile)
+        return triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=8, num_stages=2)
     if arch >= 90 and named["PRECISION"] == "tf32x3" and named["HAS_INPUT"] and not named["JACOBIAN"]:
         # a layer reading x without tangents (reverse mode's way up, a loss on y alone): the first
         # fitting tile, 64 x 32 with 4 warps, spilled 48-88 bytes with triton 3.8 (torch 2.14's)
