@@ -439,7 +439,7 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
     )
     backward = kernels + (" seeded" if seeded else "")
     if case.get("laplacian"):
-        plan, backward = f"laplacian {call.kernels}", "PyTorch engine (recomputed)"
+        plan, backward = f"laplacian {call.kernels}", "layers laplacian"
 
     laplacian = case.get("laplacian", False)
 
