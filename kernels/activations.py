@@ -204,59 +204,40 @@ def activation_slope_and_curvature(z, ACT: tl.constexpr, PARAM: tl.constexpr, TH
 
 @triton.jit
 def activation_derivatives_to_third(z, ACT: tl.constexpr, PARAM: tl.constexpr, THRESHOLD: tl.constexpr):
-    """(s'(z), s''(z), s'''(z)) for the Laplacian's backward (s'' and s''' are 0 for piecewise-linear
-    activations); the same transcendental work as `activation_slope_and_curvature`."""
+    """(s'(z), s''(z), s'''(z)) for the second-order backward (s'' and s''' are 0 for piecewise-linear
+    activations): `activation_slope_and_curvature`, then s''' from the same intermediates (the
+    compiler shares the repeated transcendental work)."""
+    ds, d2s = activation_slope_and_curvature(z, ACT, PARAM, THRESHOLD)
     if ACT == IDENTITY or ACT == RELU or ACT == LEAKY_RELU:
-        ds, d2s = activation_slope_and_curvature(z, ACT, PARAM, THRESHOLD)
         d3s = tl.zeros(z.shape, z.dtype)
-    elif ACT == SOFTPLUS:  # s'' = beta q (1 - q), s''' = beta s'' (1 - 2q) with q = sigmoid(beta z)
-        u = z * PARAM
-        q, q_neg = _sigmoid_pair(u)
-        linear = u > THRESHOLD
-        ds = tl.where(linear, 1.0, q)
-        d2s = tl.where(linear, 0.0, PARAM * q * q_neg)
+    elif ACT == SOFTPLUS:  # s'' = beta q (1 - q) with q = sigmoid(beta z): s''' = beta s'' (1 - 2q)
+        q, q_neg = _sigmoid_pair(z * PARAM)
         d3s = d2s * (q_neg - q) * PARAM
     elif ACT == TANH:
-        t = _tanh(z)
-        ds = 1.0 - t * t
-        d2s = -2.0 * t * ds
-        d3s = -2.0 * (ds * ds + t * d2s)
+        d3s = -2.0 * (ds * ds + _tanh(z) * d2s)
     elif ACT == SIGMOID:
         q, q_neg = _sigmoid_pair(z)
-        ds = q * q_neg
-        d2s = ds * (q_neg - q)
         d3s = d2s * (q_neg - q) - 2.0 * ds * ds
-    elif ACT == SILU:  # s = z q: s' = q + z p, s'' = 2 p + z p', s''' = 3 p' + z p'' with p = q (1 - q)
+    elif ACT == SILU:  # s = z q: s''' = 3 p' + z p'' with p = q (1 - q)
         q, q_neg = _sigmoid_pair(z)
         p = q * q_neg
         dp = p * (q_neg - q)
-        d2p = dp * (q_neg - q) - 2.0 * p * p
-        ds = q + z * p
-        d2s = 2.0 * p + z * dp
-        d3s = 3.0 * dp + z * d2p
+        d3s = 3.0 * dp + z * (dp * (q_neg - q) - 2.0 * p * p)
     elif ACT == GELU:
-        pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-        ds = 0.5 * (1.0 + tl.erf(z * _SQRT_HALF)) + z * pdf
-        d2s = pdf * (2.0 - z * z)
-        d3s = pdf * z * (z * z - 4.0)
-    elif ACT == GELU_TANH:  # s = z g / 2, g = 1 + tanh(u), u = c (z + a z^3)
+        d3s = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI * z * (z * z - 4.0)
+    elif ACT == GELU_TANH:  # s = z g / 2, g = 1 + tanh(u), u = c (z + a z^3): s''' = 3 g'' / 2 + z g''' / 2
         z2 = z * z
         t = _tanh(z * (1.0 + z2 * _GELU_TANH_A) * _GELU_TANH_C)
         sech2 = 1.0 - t * t
         du = (1.0 + z2 * (3.0 * _GELU_TANH_A)) * _GELU_TANH_C
         d2u = z * (6.0 * _GELU_TANH_A * _GELU_TANH_C)
+        d3u = (6.0 * _GELU_TANH_A) * _GELU_TANH_C
         dg = sech2 * du
         inner = d2u - 2.0 * t * du * du
-        d2g = sech2 * inner
-        d3u = (6.0 * _GELU_TANH_A) * _GELU_TANH_C
         d3g = -2.0 * t * dg * inner + sech2 * ((-2.0 * dg * du - 4.0 * t * d2u) * du + d3u)
-        ds = 0.5 * (1.0 + t) + 0.5 * z * dg
-        d2s = dg + 0.5 * z * d2g
-        d3s = 1.5 * d2g + 0.5 * z * d3g
+        d3s = 1.5 * sech2 * inner + 0.5 * z * d3g
     else:
         tl.static_assert(ACT == SINE, "unknown activation id")
-        s, c = sin_cos(z * PARAM)
-        ds = PARAM * c
-        d2s = -(PARAM * PARAM) * s
+        _, c = sin_cos(z * PARAM)
         d3s = -(PARAM * PARAM * PARAM) * c
     return ds, d2s, d3s

@@ -34,7 +34,16 @@ from .activations import (
     activation_derivatives_to_third,
     activation_slope_and_curvature,
 )
-from .forward import activate_stacked, dot_f32, first_layer, hidden_layer, last_layer_output, to_operand
+from .forward import (
+    activate_stacked,
+    dot_f32,
+    first_layer,
+    hessian_slot,
+    hidden_layer,
+    last_layer_output,
+    slot_row,
+    to_operand,
+)
 
 
 @triton.jit
@@ -78,6 +87,38 @@ def _laplacian_activation_backward(G, Z, o_s, NUM_TANGENTS: tl.constexpr, ACT: t
     g_z = ds * g_h + d2s * curvature + d3s * g_s * squares
     G_Z = ds[:, None, :] * G
     G_Z = tl.where(is_tangent, G_Z + (2.0 * d2s * g_s)[:, None, :] * Z, G_Z)
+    return tl.where(is_value, g_z[:, None, :], G_Z)
+
+
+@triton.jit
+def _hessian_activation_backward(G, Z, o_s, NUM_TANGENTS: tl.constexpr, ACT: tl.constexpr, PARAM: tl.constexpr,
+                                 THRESHOLD: tl.constexpr):  # fmt: skip
+    """G_Z = dLoss/d[z; U; V] from G = dLoss/d[h; T; Q] through `forward.activate_hessian` (the
+    Hessian's rows (a, b), a <= b, in `hessian_slot`'s slots):
+
+        g_z = s' g_h + s'' (sum_j g_T,j U_j + sum_ab g_Q,ab V_ab) + s''' sum_ab g_Q,ab U_a U_b
+        g_U,j = s' g_T,j + s'' sum over the rows (a, b) holding j of g_Q,ab times the other factor
+        g_V,ab = s' g_Q,ab
+    """
+    if ACT == IDENTITY:
+        return G
+    is_value = o_s[None, :, None] == 0
+    z = slot_row(Z, o_s, 0)
+    ds, d2s, d3s = activation_derivatives_to_third(z, ACT, PARAM, THRESHOLD)
+    # every derivative row's adjoint times its pre-activation
+    curvature = tl.sum(tl.where(is_value, 0.0, G * Z), axis=1)
+    third = tl.zeros(z.shape, tl.float32)
+    G_Z = ds[:, None, :] * G
+    for a in tl.static_range(NUM_TANGENTS):
+        u_a = slot_row(Z, o_s, 1 + a)
+        for b in tl.static_range(a, NUM_TANGENTS):
+            u_b = slot_row(Z, o_s, 1 + b)
+            g_q = slot_row(G, o_s, hessian_slot(a, b, NUM_TANGENTS))
+            third += g_q * u_a * u_b
+            curved = d2s * g_q
+            G_Z = tl.where(o_s[None, :, None] == 1 + a, G_Z + (curved * u_b)[:, None, :], G_Z)
+            G_Z = tl.where(o_s[None, :, None] == 1 + b, G_Z + (curved * u_a)[:, None, :], G_Z)
+    g_z = ds * slot_row(G, o_s, 0) + d2s * curvature + d3s * third
     return tl.where(is_value, g_z[:, None, :], G_Z)
 
 
@@ -269,6 +310,7 @@ def layer_backward_kernel(
     PRECISION: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ADJOINTS: tl.constexpr = False, INTERPRET_BF16: tl.constexpr = False, LAPLACIAN: tl.constexpr = False,
+    HESSIAN: tl.constexpr = False, NUM_TANGENTS: tl.constexpr = 0,
 ):  # fmt: skip
     """G = G_Z W for BLOCK_M points and BLOCK_K input features (LIVE_SLOTS live slots of SLOTS), then
     the previous layer's activation backward with its Z (ACT), written to out[p, slot, k]; with
@@ -279,8 +321,10 @@ def layer_backward_kernel(
     caller passes stride_zs = 0), and LAST_STEP writes every live slot to out[p, slot, k].
 
     With LAPLACIAN the live slots are [value; LIVE_SLOTS - 2 tangents; the Laplacian row], taken
-    back through the forward Laplacian's activation (`_laplacian_activation_backward`)."""
-    tl.static_assert(not (LAPLACIAN and ADJOINTS), "the Laplacian row is a forward-mode row")
+    back through the forward Laplacian's activation (`_laplacian_activation_backward`); with HESSIAN
+    they are [value; NUM_TANGENTS tangents; the Hessian's rows] (`_hessian_activation_backward`)."""
+    tl.static_assert(not ((LAPLACIAN or HESSIAN) and ADJOINTS), "second-order rows are forward-mode rows")
+    tl.static_assert(not HESSIAN or LIVE_SLOTS == 1 + NUM_TANGENTS + NUM_TANGENTS * (NUM_TANGENTS + 1) // 2)
     i_m = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -315,6 +359,8 @@ def layer_backward_kernel(
             G_Z = _activation_backward(G, Z, 1, ACT, ACT_PARAM, ACT_THRESHOLD)
         elif LAPLACIAN:
             G_Z = _laplacian_activation_backward(G, Z, o_s, LIVE_SLOTS - 2, ACT, ACT_PARAM, ACT_THRESHOLD)
+        elif HESSIAN:
+            G_Z = _hessian_activation_backward(G, Z, o_s, NUM_TANGENTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         else:
             G_Z = _activation_backward(G, Z, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         tl.store(p_out, G_Z, mask=m_pk & m_s[None, :, None])

@@ -122,6 +122,39 @@ def activate_laplacian(Z, o_slot, NUM_TANGENTS: tl.constexpr, ACT: tl.constexpr,
 
 
 @triton.jit
+def hessian_slot(a, b, NUM_TANGENTS: tl.constexpr):
+    """The slot of the Hessian row (a, b), a <= b: after the value and the tangents, the upper
+    triangle row by row ((0, 0), (0, 1), .., (1, 1), ..), as `SecondOrder.pairs` orders it."""
+    return 1 + NUM_TANGENTS + a * NUM_TANGENTS - (a * (a - 1)) // 2 + (b - a)
+
+
+@triton.jit
+def slot_row(Z, o_slot, slot):
+    """Row `slot` of a stacked tile (BLOCK_M, SLOTS, width), as (BLOCK_M, width)."""
+    return tl.sum(tl.where(o_slot[None, :, None] == slot, Z, 0.0), axis=1)
+
+
+@triton.jit
+def activate_hessian(Z, o_slot, NUM_TANGENTS: tl.constexpr, ACT: tl.constexpr, PARAM: tl.constexpr,
+                     THRESHOLD: tl.constexpr):  # fmt: skip
+    """[s(z); s'(z) U; s'(z) V_ab + s''(z) U_a U_b] from Z = [z; U; V] stacked on axis 1: the
+    Hessian's rows (a, b), a <= b, in the slots `hessian_slot` gives; later slots are padding."""
+    if ACT == IDENTITY:
+        return Z
+    z = slot_row(Z, o_slot, 0)
+    s, ds = activation_and_slope(z, ACT, PARAM, THRESHOLD)
+    _, d2s = activation_slope_and_curvature(z, ACT, PARAM, THRESHOLD)
+    out = tl.where(o_slot[None, :, None] == 0, s[:, None, :], ds[:, None, :] * Z)
+    for a in tl.static_range(NUM_TANGENTS):
+        curved_a = d2s * slot_row(Z, o_slot, 1 + a)
+        for b in tl.static_range(a, NUM_TANGENTS):
+            quadratic = curved_a * slot_row(Z, o_slot, 1 + b)
+            slot = hessian_slot(a, b, NUM_TANGENTS)
+            out = tl.where(o_slot[None, :, None] == slot, out + quadratic[:, None, :], out)
+    return out
+
+
+@triton.jit
 def first_layer(
     x_ptr,
     w_ptr,
@@ -346,7 +379,7 @@ def encoded_input(
     enc_per_coord, stride_xp, stride_xf, stride_wen, stride_gjp, stride_gjo, stride_gjk,
     COORDINATES: tl.constexpr, NUM_TANGENTS: tl.constexpr, SLOTS: tl.constexpr, JACOBIAN: tl.constexpr,
     SEEDED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_E: tl.constexpr, INTERPRET_BF16: tl.constexpr, LAPLACIAN: tl.constexpr,
+    BLOCK_E: tl.constexpr, INTERPRET_BF16: tl.constexpr, LAPLACIAN: tl.constexpr, HESSIAN: tl.constexpr = False,
 ):  # fmt: skip
     """acc3 (BLOCK_M, SLOTS, BLOCK_N) plus the encoded features' share of [z; U], computed from x.
 
@@ -357,7 +390,8 @@ def encoded_input(
     another over their derivatives; no product with the zeros of the other coordinates. With
     SEEDED (reverse mode's backward) tangent slot r + 1 is the direction gj[p, r] in x instead, and
     gets the derivatives' dot of coordinate j times gj[p, r, j]. With LAPLACIAN, slot
-    1 + NUM_TANGENTS gets each coordinate's second derivatives' dot (the encoding's Laplacian).
+    1 + NUM_TANGENTS gets each coordinate's second derivatives' dot (the encoding's Laplacian); with
+    HESSIAN, coordinate j's goes to its diagonal row (j, j) (the others are zero: one coordinate each).
     """
     operand_ty = w_enc_ptr.dtype.element_ty
     o_e = tl.arange(0, BLOCK_E)
@@ -387,12 +421,13 @@ def encoded_input(
                 acc3 += seed[:, :, None] * u[:, None, :]
             else:
                 acc3 += tl.where(o_s[None, :, None] == j + 1, u[:, None, :], 0.0)
-        if LAPLACIAN:
+        if LAPLACIAN or HESSIAN:
             curvature = (
                 tl.where(is_sin, -sin_t, tl.where(is_cos, -cos_t, 0.0)) * (weight * frequency * frequency)[None, :]
             )
             c = dot_f32(to_operand(curvature, operand_ty, INTERPRET_BF16), b_w, None, PRECISION, INTERPRET_BF16)
-            acc3 += tl.where(o_s[None, :, None] == 1 + NUM_TANGENTS, c[:, None, :], 0.0)
+            row = hessian_slot(j, j, NUM_TANGENTS) if HESSIAN else 1 + NUM_TANGENTS
+            acc3 += tl.where(o_s[None, :, None] == row, c[:, None, :], 0.0)
     return acc3
 
 
@@ -421,7 +456,7 @@ def layer_forward_kernel(
     SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr = 16, STORE_Z: tl.constexpr = False,
     SEEDED: tl.constexpr = False, SEED_INPUTS: tl.constexpr = 0, INTERPRET_BF16: tl.constexpr = False,
-    LAPLACIAN: tl.constexpr = False,
+    LAPLACIAN: tl.constexpr = False, HESSIAN: tl.constexpr = False,
 ):  # fmt: skip
     """One layer for BLOCK_M points and BLOCK_N output features: [a] -> [s(z); s'(z) U].
 
@@ -439,10 +474,15 @@ def layer_forward_kernel(
     SEED_INPUTS differentiated inputs, gj[p, r, j] (dLoss/dJ's rows), not unit vectors.
     With LAPLACIAN, slot 1 + NUM_TANGENTS carries the Laplacian row as well (`activate_laplacian`;
     a0's is zero for x's columns, the encoding's second derivatives for encoded ones), stored with
-    the tangents.
+    the tangents. With HESSIAN, the k (k + 1) / 2 Hessian rows follow the tangents instead
+    (`activate_hessian`; a0's are zero for x's columns, the encoding's second derivatives on the
+    diagonal rows for encoded ones).
     """
-    tl.static_assert(SLOTS >= 1 + NUM_TANGENTS + LAPLACIAN or not JACOBIAN, "SLOTS must hold every row")
-    tl.static_assert(not (LAPLACIAN and SEEDED), "the Laplacian row needs the k unit tangents")
+    SECOND_ROWS: tl.constexpr = NUM_TANGENTS * (NUM_TANGENTS + 1) // 2 if HESSIAN else LAPLACIAN
+    LIVE: tl.constexpr = 1 + NUM_TANGENTS + SECOND_ROWS if JACOBIAN else 1
+    tl.static_assert(SLOTS >= LIVE, "SLOTS must hold every row")
+    tl.static_assert(not ((LAPLACIAN or HESSIAN) and SEEDED), "second derivatives need the k unit tangents")
+    tl.static_assert(not (LAPLACIAN and HESSIAN), "the Hessian's rows or the Laplacian's, not both")
     i_m = tl.program_id(0).to(tl.int64)
     i_n = tl.program_id(1)
     o_p = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -450,7 +490,7 @@ def layer_forward_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < d_out
     o_s = tl.arange(0, SLOTS)
-    m_s = o_s < (1 + NUM_TANGENTS + LAPLACIAN if JACOBIAN else 1)
+    m_s = o_s < LIVE
     operand_ty = w_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M * SLOTS, BLOCK_N), tl.float32)
@@ -510,7 +550,7 @@ def layer_forward_kernel(
             Z, x_ptr, w_enc_ptr, enc_func_ptr, enc_freq_ptr, enc_weight_ptr, gj_ptr, o_p, m_p, o_n, m_n, o_s,
             enc_per_coord, stride_xp, stride_xf, stride_wen, stride_gjp, stride_gjo, stride_gjk,
             SEED_INPUTS if SEEDED else NUM_TANGENTS, NUM_TANGENTS, SLOTS, JACOBIAN, SEEDED, PRECISION,
-            BLOCK_M, BLOCK_N, BLOCK_E, INTERPRET_BF16, LAPLACIAN,
+            BLOCK_M, BLOCK_N, BLOCK_E, INTERPRET_BF16, LAPLACIAN, HESSIAN,
         )  # fmt: skip
     if HAS_BIAS:
         bias_row = tl.load(bias_ptr + o_n, mask=m_n, other=0.0).to(tl.float32)
@@ -521,6 +561,8 @@ def layer_forward_kernel(
         tl.store(p_z, Z, mask=m_pn & m_s[None, :, None])
     if LAPLACIAN:
         A = activate_laplacian(Z, o_s, NUM_TANGENTS, ACT, ACT_PARAM, ACT_THRESHOLD)
+    elif HESSIAN:
+        A = activate_hessian(Z, o_s, NUM_TANGENTS, ACT, ACT_PARAM, ACT_THRESHOLD)
     else:
         A = activate_stacked(Z, o_s, SLOTS, ACT, ACT_PARAM, ACT_THRESHOLD)
 

@@ -250,7 +250,7 @@ def step_environment(work: Path, dry_run: bool) -> None:
 # measurement: in TF32, bf16 and fp16 at most twice what plain PyTorch errs in that precision on the
 # same inputs and parameters (measured in each case), never required below the fp32 figure; in 3xTF32
 # the interpreter's fp32 figures (tests/helpers.py: "float32" for y and J, "float32-gradient").
-FP32_TOLERANCE = {"y": 2e-5, "J": 2e-5, "lap": 2e-5, "grads": 5e-5}
+FP32_TOLERANCE = {"y": 2e-5, "J": 2e-5, "lap": 2e-5, "H": 2e-5, "grads": 5e-5}
 MEASURED = ("tf32", "bfloat16", "float16")
 
 # x as the kernels see it: (base shape, view of the base) for N points of d_in features
@@ -325,13 +325,14 @@ def correctness_cases(dry_run: bool) -> list[dict]:
             name="sdf-forward-mode", hidden=net, act="softplus(100)", precision="tf32", loss="both", d_out=1,
             mode="forward", points=n + 5,
         ),
-        # the Laplacian row on the per-layer kernels (SIREN-like and a softplus SDF with a latent code
-        # and a skip); the backward recomputes on the PyTorch engine
+        # second derivatives on the per-layer kernels, forward and backward: the Laplacian row
+        # (SIREN-like, and a softplus SDF with a latent code and a skip) and the Hessian's rows
         dict(name="laplacian-sine", hidden=[w, w], act="sine", precision="tf32", loss="both", d_out=1, laplacian=True),
         dict(
             name="laplacian-skip-latent", hidden=[w, w, w], act="softplus(100)", precision="tf32", loss="both",
             d_in=5, k=3, d_out=2, skips=(2,), laplacian=True,
         ),
+        dict(name="hessian-tanh", hidden=[w, w], act="tanh", precision="tf32", loss="both", d_out=2, hessian=True),
         # real networks (per-layer kernels): NeuS's SDF (PE(6), a scaled skip, a narrowed layer,
         # output 0 of many in J) and Nerfies' warp (windowed PE(8), a code after xyz, outputs 3..5)
         dict(
@@ -428,7 +429,8 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
     if case.get("mode"):
         ours.mode = case["mode"]
     x_ours = view(base.to(device=device, dtype=dtype)).reshape(-1, d_in)
-    call = ours.plan(x_ours, laplacian=case.get("laplacian", False))  # the mode and the forward's plan
+    laplacian, hessian = case.get("laplacian", False), case.get("hessian", False)
+    call = ours.plan(x_ours, laplacian=laplacian, hessian=hessian)  # the mode and the forward's plan
     plan = (
         f"{call.mode} {call.kernels}"
         if jacobian
@@ -438,12 +440,11 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
         x_ours, [m.weight for m in ours.linear_layers], ours._spec, jacobian and case["loss"] != "y"
     )
     backward = kernels + (" seeded" if seeded else "")
-    if case.get("laplacian"):
-        plan, backward = f"laplacian {call.kernels}", "layers laplacian"
+    if laplacian or hessian:
+        second = "hessian" if hessian else "laplacian"
+        plan, backward = f"{second} {call.kernels}", f"layers {second}"
 
-    laplacian = case.get("laplacian", False)
-
-    def loss_of(y, J, lap=None):
+    def loss_of(y, J, lap=None):  # lap: the Laplacian, or H
         loss = y.new_zeros((), dtype=torch.float32)
         if lap is not None:
             loss = loss + lap.float().square().sum() + lap.float().sum()
@@ -462,8 +463,8 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
         return [*outputs, *grads]
 
     def ours_forward(x):
-        if laplacian:
-            return ours(x, laplacian=True)
+        if laplacian or hessian:
+            return ours(x, laplacian=laplacian, hessian=hessian)
         return ours(x) if jacobian else (ours(x, jacobian=False), None)
 
     def torch_forward(model):
@@ -476,9 +477,11 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
             y = plain(x2d)
             J = torch.func.vmap(torch.func.jacfwd(plain))(x2d)[..., rows, inputs] if jacobian else None
             y, J = y.reshape(*x.shape[:-1], -1), None if J is None else J.reshape(*x.shape[:-1], *J.shape[-2:])
-            if not laplacian:
+            if not (laplacian or hessian):
                 return y, J
             H = torch.func.vmap(torch.func.hessian(plain))(x2d)[..., rows, inputs, inputs]
+            if hessian:
+                return y, J, H.reshape(*x.shape[:-1], *H.shape[-3:])
             return y, J, H.diagonal(dim1=-2, dim2=-1).sum(-1).reshape(*x.shape[:-1], -1)
 
         return forward, list(model.parameters())
@@ -517,14 +520,14 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
             return float("inf")
         return ((a - b.detach()).abs().max() / b.detach().abs().max().clamp_min(1e-300)).item()
 
-    names = ["y", "J", *(["lap"] if laplacian else [])]
+    names = ["y", "J", *(["lap"] if laplacian else []), *(["H"] if hessian else [])]
     names += [f"grad {n}" for n in ["x", *(name for name, _ in ours.named_parameters())]]
     measured = case["precision"] in MEASURED
     errors, tolerances, torch_errors, tf32_errors = {}, {}, {}, {}
     for name, g, w, t, e in zip(names, got, want, torch_own, emulated):
         if name == "J" and not jacobian:
             continue
-        floor = FP32_TOLERANCE[name if name in ("y", "J", "lap") else "grads"]
+        floor = FP32_TOLERANCE[name if name in ("y", "J", "lap", "H") else "grads"]
         errors[name], torch_errors[name] = rel(g, w), rel(t, w)
         if e is not None:
             tf32_errors[name] = rel(e, w)
@@ -544,6 +547,7 @@ def run_correctness_case(case: dict, dry_run: bool) -> dict:
             "y": errors["y"],
             "J": errors.get("J"),
             **({"lap": errors["lap"]} if laplacian else {}),
+            **({"H": errors["H"]} if hessian else {}),
             "grads": max(v for n, v in errors.items() if "grad" in n),
         },
         "worst_ratio": max(errors[n] / tolerances[n] for n in errors),

@@ -33,36 +33,38 @@ def launched(fn, laplacian_only=False):
         remove()
 
 
-def check(model, x, what, tolerance="float32", gradient_tolerance="float32-gradient"):
-    """y, J and the Laplacian on the kernels, and the gradients of a loss on all three, against
-    float64 torch.func on a copy of the model."""
+def check(model, x, what, tolerance="float32", gradient_tolerance="float32-gradient", hessian=False):
+    """y, J and the Laplacian (and with `hessian` H, from its rows) on the kernels, and the gradients
+    of a loss on all of them, against float64 torch.func on a copy of the model."""
     model = model.to(TRITON_DEVICE)
     model.backend = "triton"
     x = x.to(TRITON_DEVICE)
     oracle = copy.deepcopy(model).double().cpu()
     oracle.backend = "torch"
-    y_ref, J_ref, H_ref = func_second_order(oracle, x.double().cpu())
-    lap_ref = H_ref.diagonal(dim1=-2, dim2=-1).sum(-1)
-    (y, J, lap), names = launched(lambda: model(x, laplacian=True))
+
+    def reference(x):  # (y, J, [H], lap) from torch.func
+        y, J, H = func_second_order(oracle, x)
+        return (y, J, *([H] if hessian else []), H.diagonal(dim1=-2, dim2=-1).sum(-1))
+
+    outputs, names = launched(lambda: model(x, hessian=hessian, laplacian=True))
     assert set(names) == {"layer_forward"}, names
-    for name, got, want in (("y", y, y_ref), ("J", J, J_ref), ("lap", lap, lap_ref)):
+    for name, got, want in zip(("y", "J", *(["H"] if hessian else []), "lap"), outputs, reference(x.double().cpu())):
         assert_close(got, want, tolerance, f"{what} {name}")
 
-    def loss(y, J, lap):
-        return y.sin().sum() + J.square().sum() + lap.cos().sum() + (lap * lap).sum()
+    def loss(y, J, *second):
+        total = y.sin().sum() + J.square().sum()
+        for t in second:  # lap (and H): a nonlinear loss, so every row's adjoint differs
+            total = total + t.cos().sum() + (t * t).sum()
+        return total
 
     xg = x.clone().requires_grad_()
     params = list(model.parameters())
-    total = loss(*model(xg, laplacian=True))
+    total = loss(*model(xg, hessian=hessian, laplacian=True))
     got, names = launched(lambda: torch.autograd.grad(total, [xg, *params], allow_unused=True, materialize_grads=True))
     assert set(names) == {"layer_forward", "layer_backward", "layer_weight_grad"}, names
     xr = x.double().cpu().requires_grad_()
-    y_r, J_r, H_r = func_second_order(oracle, xr)
     want = torch.autograd.grad(
-        loss(y_r, J_r, H_r.diagonal(dim1=-2, dim2=-1).sum(-1)),
-        [xr, *oracle.parameters()],
-        allow_unused=True,
-        materialize_grads=True,
+        loss(*reference(xr)), [xr, *oracle.parameters()], allow_unused=True, materialize_grads=True
     )
     for i, (g, w) in enumerate(zip(got, want)):
         assert_close(g, w, gradient_tolerance, f"{what} gradient {i}")
@@ -128,23 +130,56 @@ def test_half_precision():
     assert_close(lap, lap_ref, "bfloat16", "bf16 Laplacian")
 
 
-def test_the_hessian_stays_on_the_pytorch_engine():
+def test_plans_limits_and_empty_input():
+    """The Hessian on the kernels for k <= 4 (16 slots); k = 5 needs 32: backend="triton" refuses it,
+    naming why, and "auto" takes the PyTorch engine on a GPU."""
     torch.manual_seed(4)
     x = torch.randn(8, 3, device=TRITON_DEVICE)
     model = JacobianMLP(3, [16], 1, "tanh", device=TRITON_DEVICE, backend="triton")
-    with pytest.raises(ValueError, match="not the Hessian"):
-        model(x, hessian=True)
-    model.backend = "auto"  # on a GPU: the Hessian on the PyTorch engine, saying why
+    for second in (dict(laplacian=True), dict(hessian=True)):
+        plan = model.plan(x, **second)
+        assert (plan.engine, plan.kernels) == ("triton", "layers"), plan
+    wide = JacobianMLP(5, [16], 1, "tanh", device=TRITON_DEVICE, backend="triton")
+    x5 = torch.randn(8, 5, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="16 slots"):
+        wide(x5, hessian=True)
+    assert wide(x5, laplacian=True)[2].shape == (8, 1)
+    wide.backend = "auto"
     if TRITON_DEVICE == "cuda":
-        plan = model.plan(x, hessian=True)
-        assert plan.engine == "torch" and "not the Hessian" in str(plan)
-    model.backend = "triton"
-    plan = model.plan(x, laplacian=True)
-    assert (plan.engine, plan.kernels) == ("triton", "layers")
-    empty = model(torch.empty(0, 3, device=TRITON_DEVICE), laplacian=True)
-    assert [t.shape for t in empty] == [(0, 1), (0, 1, 3), (0, 1)]
+        plan = wide.plan(x5, hessian=True)
+        assert plan.engine == "torch" and "16 slots" in str(plan)
+    empty = model(torch.empty(0, 3, device=TRITON_DEVICE), hessian=True, laplacian=True)
+    assert [t.shape for t in empty] == [(0, 1), (0, 1, 3), (0, 1, 3, 3), (0, 1)]
     weights = [m.weight for m in model.linear_layers]
     assert tritonjac.mlp_jacobian(x, weights, None, ["tanh", None], laplacian=True, backend="triton")[2].shape == (8, 1)
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sine", "gelu_tanh"])
+def test_hessian(activation):
+    """H's k (k + 1) / 2 rows in 16 slots (`activate_hessian`, `_hessian_activation_backward`)."""
+    torch.manual_seed(8)
+    model = JacobianMLP(3, [16, 24], 2, activation, output_activation="tanh")
+    if activation == "sine":
+        with torch.no_grad():
+            for layer in model.linear_layers:
+                layer.weight.mul_(1 / 30)
+    check(model, torch.randn(21, 3), f"hessian {activation}", hessian=True)
+
+
+def test_hessian_real_networks():
+    """Two differentiated inputs of a latent code's network with a skip (8 slots), NeuS's layout
+    with an encoding (its second derivatives on the diagonal rows), and k = 4 (15 rows)."""
+    torch.manual_seed(9)
+    skips = JacobianMLP(
+        2 + 3, [16, 16, 16], 3, "softplus", jacobian_inputs=slice(1, 3), jacobian_outputs=slice(0, 2), skips=(2,),
+    )  # fmt: skip
+    check(skips, torch.randn(13, 5), "hessian skips", hessian=True)
+    neus = JacobianMLP(
+        3 + 2, [16, 16, 16], 2, nn.Softplus(beta=5.0), jacobian_inputs=3, jacobian_outputs=1,
+        encoding=PositionalEncoding(2), skips=(2,), skip_scale=2**-0.5,
+    )  # fmt: skip
+    check(neus, torch.randn(11, 5) * 0.5, "hessian neus-like", hessian=True)
+    check(JacobianMLP(4, [16, 16], 1, "silu"), torch.randn(9, 4), "hessian k=4", hessian=True)
 
 
 def test_losses_on_some_outputs():

@@ -49,10 +49,12 @@ class Case:
             parts = "h" * c["HAS_HIDDEN"] + ("+x" if c["HAS_INPUT"] else "") + ("+enc" if c["ENCODED"] else "")
             shape = f"in={parts}" + (" +Z" if c.get("STORE_Z") else "") + (" seeded" if c.get("SEEDED") else "")
             shape += " laplacian" if c.get("LAPLACIAN") else ""
+            shape += " hessian" if c.get("HESSIAN") else ""
         elif self.kernel.startswith("layer_"):
             shape = f"rows={c.get('LIVE_SLOTS', c.get('LIVE_SLOTS_A'))}" + (" last" if c.get("LAST_STEP") else "")
             shape += " adjoints" if c.get("ADJOINTS") else ""
             shape += " laplacian" if c.get("LAPLACIAN") else ""
+            shape += " hessian" if c.get("HESSIAN") else ""
         elif self.kernel == "mlp_reverse":
             shape = f"W{c['WIDTH']} adjoints={c['ADJOINTS']}"
         else:
@@ -186,7 +188,7 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
     tangents, TF32 / 3xTF32 / bf16, and its fused backward (with and without a loss on J) wherever
     that plan is taken; the per-layer kernel (first and later layers, with and without
     tangents) in the same precisions: each candidate configuration the pruning keeps for the arch;
-    the Laplacian row's forward, recompute and propagation (`layer_backward` with LAPLACIAN).
+    the Laplacian's and the Hessian's rows: forward, recompute and propagation (`layer_backward`).
     """
     import torch
 
@@ -250,8 +252,9 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                 if jacobian or (hidden and not has_input):
                     for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(cx), arch=arch):
                         cases.append(_case("layer_forward", cx, config, dtype, arch))
-                if jacobian:  # the Laplacian row after the tangents (second order), and its backward's recompute
-                    lx = cx | {"LAPLACIAN": True, "SLOTS": plans.slots(3 + 1, True)}
+                # the Laplacian row or the Hessian's rows after the tangents, and their backward's recompute
+                for second in ("laplacian", "hessian") if jacobian else ():
+                    lx = cx | plans.second_order_constexprs(second, 3)
                     for config in tuning.prune_layer_configs(tuning.layer_configs(), dict(lx), arch=arch):
                         cases.append(_case("layer_forward", lx, config, dtype, arch))
                     lz = lx | {"STORE_Z": True}
@@ -279,10 +282,11 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                         cases.append(_case("layer_backward", ax, adjoint_config, dtype, arch))
                 # the backward's two kernels: J's 3 columns as tangents, one seeded tangent, or none;
                 # and the 3 tangents with the Laplacian row (softplus, and SIREN's sine)
-                rows_and_activations = [(1 + t, False, softplus) for t in ((3, 1) if jacobian else (0,))]
-                if jacobian:
-                    rows_and_activations += [(1 + 3 + 1, True, act) for act in (softplus, sine)]
-                for rows, laplacian, act in rows_and_activations:
+                rows_and_activations = [(1 + t, "", softplus) for t in ((3, 1) if jacobian else (0,))]
+                for second in ("laplacian", "hessian") if jacobian else ():
+                    rows = 1 + 3 + plans.second_order_rows(second, 3)
+                    rows_and_activations += [(rows, second, act) for act in (softplus, sine)]
+                for rows, second, act in rows_and_activations:
                     tangents = rows - 1
                     slots = plans.slots(tangents, tangents > 0)
                     backward_config, _ = tuning.layer_backward_configs(arch, precision, slots)
@@ -295,7 +299,7 @@ def shipped_cases(archs=(80, 90)) -> list[Case]:
                             "SLOTS": slots,
                             "ADJOINTS": False,
                         }
-                        bx |= {"LAPLACIAN": True} if laplacian else {}
+                        bx |= {second.upper(): True, "NUM_TANGENTS": 3} if second else {}
                         cases.append(_case("layer_backward", bx, backward_config, dtype, arch))
                     for rows_a in (rows, 1) if tangents else (1,):
                         slots_a = slots if rows_a > 1 else 1

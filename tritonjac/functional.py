@@ -177,7 +177,8 @@ def _second_order_engine(x, spec: NetworkSpec, backend: str, hessian: bool) -> t
 
     unsupported = triton_engine.second_order.second_order_unsupported(spec, hessian)
     if unsupported is None:
-        return "triton", "the Laplacian row on the per-layer kernels (backward: recomputed on the PyTorch engine)"
+        rows = "the Hessian's rows" if hessian else "the Laplacian row"
+        return "triton", f"{rows} on the per-layer kernels, forward and backward"
     if backend == "triton":
         raise ValueError(
             f"backend='triton' cannot compute these second derivatives: {unsupported}; use backend='auto' or "
@@ -201,8 +202,8 @@ def apply_second_order(
     x, weights, biases, spec: NetworkSpec, backend: str, hessian: bool, laplacian: bool, band_weights=None
 ):
     """(y, J, [H], [Laplacian]) after validation: `apply_spec` with second derivatives, which run
-    in forward mode (docs/design.md, section 11): the Laplacian of plain inputs on the per-layer
-    Triton kernels, everything else (and every call under torch.compile) on the PyTorch engine."""
+    in forward mode (docs/design.md, section 11): on the per-layer Triton kernels for CUDA tensors
+    (the Hessian for k <= 4), else (and under torch.compile) on the PyTorch engine."""
     engine, _ = _second_order_engine(x, spec, backend, hessian)
     spec = dataclasses.replace(spec, mode="forward")
     order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, hessian, laplacian)
@@ -219,7 +220,7 @@ def apply_second_order(
     elif engine == "triton":
         from . import triton_engine
 
-        y, J, S = triton_engine.second_order.mlp_laplacian(x2d, weights, biases, spec, band_weights)
+        y, J, S = triton_engine.second_order.mlp_second_order(x2d, weights, biases, spec, order, band_weights)
         outputs = (y, J, *torch_engine.second_order.assemble(order, S))
     else:
         outputs = torch_engine.second_order_jacobian(x2d, weights, biases, spec, hessian, laplacian, band_weights)

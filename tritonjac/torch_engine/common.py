@@ -281,6 +281,10 @@ class InputMap:
         D = d1[:, self.perm].view(-1, self.k, self.n).transpose(0, 1).contiguous()
         return a0, D, d1, d2
 
+    def columns_of(self, j: int) -> torch.Tensor:
+        """The encoded features of coordinate j (indices into the encoding's columns)."""
+        return self.perm[j * self.n : (j + 1) * self.n]
+
     def third_derivative(self, x: torch.Tensor) -> torch.Tensor:
         """The encoded features' third derivatives along their own coordinate, (P, len(encoding))
         (the second-order backward's; `evaluate` gives the first and second)."""

@@ -15,8 +15,10 @@ import triton
 from .. import torch_engine
 from ..network import NetworkSpec
 from ..precision import layer_precision, matmul_precision
+from ..torch_engine.second_order import SecondOrder
 from . import launch, tuning
 from .forward import (
+    NO_SECOND_ORDER,
     LayerInputs,
     layer_args,
     layer_constexprs,
@@ -35,19 +37,22 @@ from .launch import (
     sm_count,
     traced,
 )
-from .plans import backward_plan, seeds_tangents, slots
+from .plans import backward_plan, second_order_constexprs, second_order_rows, seeds_tangents, slots
 
 __all__ = ["mlp_backward", "fused_mlp_backward", "layers_backward", "LayerLaunches", "recompute_layers", "propagate"]
 
 
-def mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None, gS=None):
+def mlp_backward(
+    x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None, gS=None, hessian=False
+):
     """dLoss/dx (None unless `need_x`), the weight gradients and the bias gradients (None where a
     layer has no bias), in the parameters' dtypes. gy (P, d_L) or gJ (P, m, k) may be None.
     Whichever mode computed J: with a loss on J of fewer rows than columns both plans seed m tangents
-    with its rows, else they carry J's k columns (`plans.backward_plan`). gS (P, m, 1): a loss on
-    the Laplacian (`second_order.py`), taken back by the per-layer kernels."""
+    with its rows, else they carry J's k columns (`plans.backward_plan`). gS (P, m, q): a loss on
+    the second-order rows (the Laplacian, or with `hessian` H's upper triangle; `second_order.py`),
+    taken back by the per-layer kernels."""
     if gS is not None:
-        return layers_backward(x2d, weights, biases, spec, gy, gJ, need_x, band_weights, gS)
+        return layers_backward(x2d, weights, biases, spec, gy, gJ, need_x, band_weights, gS, hessian)
     kernels, seeded = backward_plan(x2d, weights, spec, gJ is not None)
     if kernels == "fused":
         return fused_mlp_backward(x2d, weights, biases, spec, gy, gJ, need_x, seeded=seeded)
@@ -135,7 +140,9 @@ def fused_mlp_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: 
 
 
 # ---- the per-layer backward ------------------------------------------------------------------------
-def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None, gS=None):
+def layers_backward(
+    x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: bool, band_weights=None, gS=None, hessian=False
+):
     """`mlp_backward` by the per-layer kernels (any widths, depths, activations, skips and
     encodings): recompute a chunk's forward layer by layer keeping [h; T] and [z; U], then two
     kernels per layer (kernels/backward.py) for the part of its weight that multiplies the previous
@@ -143,19 +150,20 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     columns through the same weight-gradient kernel, or with an encoding a few small matmuls on its
     features (`torch_engine.InputMap`), which also carries dLoss/da0 back to x. The tangents are J's
     k columns, or with m < k m directions seeded with dLoss/dJ's rows (docs/design.md section 9).
-    With gS (a loss on the Laplacian row, (P, m, 1)) the rows are [h; T; S]: the k unit tangents and
-    the Laplacian row after them, whose adjoints go back through the third derivative (docs/design.md section 11)."""
+    With gS (a loss on the second-order rows, (P, m, q)) the rows are [h; T; Q]: the k unit tangents
+    and the Laplacian row, or with `hessian` H's k (k + 1) / 2 rows, after them, whose adjoints go
+    back through the third derivative (docs/design.md section 11)."""
     launch.check_device(x2d)
     P = x2d.shape[0]
     L, k = len(weights), spec.jacobian_inputs
-    laplacian = gS is not None
-    jacobian = gJ is not None or laplacian  # the tangent rows are carried
+    second = ("hessian" if hessian else "laplacian") if gS is not None else ""
+    jacobian = gJ is not None or bool(second)  # the tangent rows are carried
     d_out_last = weights[-1].shape[0]
     selected = spec.output_rows(d_out_last)
     # with m < k the tangents are J's m rows seeded with dLoss/dJ's rows, else J's k columns
-    seeded = gJ is not None and not laplacian and seeds_tangents(spec, d_out_last)
+    seeded = gJ is not None and not second and seeds_tangents(spec, d_out_last)
     tangents = selected.stop - selected.start if seeded else k
-    derivative_rows = tangents + laplacian  # tangent rows, then the Laplacian row
+    derivative_rows = tangents + (second_order_rows(second, k) if second else 0)  # tangents, then second order
     rows, num_slots = (1 + derivative_rows, slots(derivative_rows, True)) if jacobian else (1, 1)
     precision = matmul_precision(x2d.dtype)
     f32 = dict(device=x2d.device, dtype=torch.float32)
@@ -170,7 +178,7 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
     is_traced = traced(x2d)
     bf16 = interpret_bf16(x2d.dtype)
     inputs = LayerInputs(x2d, spec, band_weights)
-    run = LayerLaunches(arch, precision, num_slots, bf16, is_traced, laplacian)
+    run = LayerLaunches(arch, precision, num_slots, bf16, is_traced, second, k)
     encoded = inputs.encoded_width > 0
     # x's gradient straight from the first layer's propagation kernel when a0 is x and nothing
     # else reads it; otherwise dLoss/da0 is summed over the layers that read a0, then taken to x
@@ -193,17 +201,19 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                 G[:, 1 + r, selected.start + r] = 1.0
             elif gJc is not None:
                 G[:, 1 : 1 + k, selected] = gJc.transpose(1, 2)
-            if laplacian:
-                G[:, 1 + k, selected] = gS[start : start + chunk, :, 0]
-            G = _last_activation_backward(spec.activations[-1], G, Zs[-1], jacobian, laplacian)
+            if second:
+                G[:, 1 + k :, selected] = gS[start : start + chunk].transpose(1, 2)
+            G = _last_activation_backward(spec.activations[-1], G, Zs[-1], jacobian, second)
 
             a0 = D = d1 = d2 = V = seed_a0 = None
             if encoded:  # the features and their derivatives, in fp32 as the kernels compute them
-                a0, D, d1, d2 = inputs.map.evaluate(xc.float(), second=(need_x and jacobian) or laplacian)
+                a0, D, d1, d2 = inputs.map.evaluate(xc.float(), second=(need_x and jacobian) or bool(second))
+            # the encoded features' second-order rows: coordinate j's f'' in row curvature_rows[j]
+            curvature_rows = _curvature_rows(second, k) if encoded and second else []
             if seeded:  # the seeds as directions (tangents, C, k), and a0's tangents along them
                 V = gJc.float().transpose(0, 1)
                 seed_a0 = inputs.map.seed_tangent(V, d1) if encoded else None
-            g_a0 = g_D = g_T = g_lap = None
+            g_a0 = g_D = g_T = g_curved = None
             for l in range(L - 1, -1, -1):
                 W, scale = weights[l], spec.layer_scale(l)
                 W_hidden, W_input = inputs.parts(l, W)
@@ -229,8 +239,9 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                             g_input = grad_W[l][:, input_cols]
                             partial = torch.zeros_like(g_input)
                             inputs.map.add_weight_grad(partial, gU, D)
-                            if laplacian:  # the encoded features' Laplacian row: their second derivatives
-                                partial[:, : inputs.encoded_width].addmm_(G[:, 1 + k].t(), d2)
+                            for j, row in enumerate(curvature_rows):  # a0's second-order rows: f''
+                                cols = inputs.map.columns_of(j)
+                                partial[:, cols] += G[:, row].t() @ d2[:, cols]
                             g_input.add_(partial, alpha=scale)
                         if biases[l] is not None and W_hidden is None:
                             grad_b[l] += G[:, 0].sum(0)
@@ -263,9 +274,11 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                         elif encoded and jacobian:
                             g = inputs.map.tangent_grad(G[:, 1 : 1 + k].transpose(0, 1), inputs.map.tangent_weight(Wi))
                             g_D = g if g_D is None else g_D.add_(g)
-                            if laplacian:  # dLoss/d(the encoded features' Laplacian row)
-                                g = G[:, 1 + k] @ Wi[:, : inputs.encoded_width]
-                                g_lap = g if g_lap is None else g_lap.add_(g)
+                            if curvature_rows:  # dLoss/d(the encoded features' second-order rows)
+                                g_curved = torch.zeros_like(d2) if g_curved is None else g_curved
+                                for j, row in enumerate(curvature_rows):
+                                    cols = inputs.map.columns_of(j)
+                                    g_curved[:, cols] += G[:, row] @ Wi[:, cols]
                 if W_hidden is not None:
                     G = out
             if need_x and not direct_gx:
@@ -273,8 +286,9 @@ def layers_backward(x2d, weights, biases, spec: NetworkSpec, gy, gJ, need_x: boo
                     g_x = inputs.map.input_grad(xc.float(), g_a0, g_D, d1, d2)
                     if g_T is not None:  # the seeded tangents depend on x through the encoding's derivatives
                         inputs.map.add_seed_input_grad(g_x, g_T, V, d2)
-                    if g_lap is not None:  # the Laplacian row (second derivatives) depends on x too
-                        g_x[:, :k].index_add_(1, inputs.map.coordinate, g_lap * inputs.map.third_derivative(xc.float()))
+                    if g_curved is not None:  # the second-order rows (f'') depend on x through f'''
+                        d3 = inputs.map.third_derivative(xc.float())
+                        g_x[:, :k].index_add_(1, inputs.map.coordinate, g_curved * d3)
                     gx[start : start + chunk] = g_x
                 else:
                     gx[start : start + chunk] = g_a0
@@ -290,15 +304,17 @@ class LayerLaunches:
     num_slots: int  # stacked rows per point in the propagation (adjoint rows in reverse mode)
     bf16: dict  # interpret_bf16's argument
     is_traced: bool
-    laplacian: bool = False  # the rows end with the Laplacian row (`layers_backward` with gS)
+    second: str = ""  # "laplacian" or "hessian": the rows' second-order rows (`layers_backward` with gS)
+    num_tangents: int = 0  # k, with `second`
 
 
 def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaunches, seeds=None):
     """The forward of a chunk again, keeping A_l = [h; T] (compute dtype) and Z_l = [z; U] (fp32).
     The tangents are J's k columns, or with `seeds` (C, m, k) m directions in x (dLoss/dJ's rows);
-    with `run.laplacian` the Laplacian row follows them."""
+    with `run.second` the second-order rows follow them."""
     num_tangents = spec.jacobian_inputs if seeds is None else seeds.shape[1]
-    rows = 1 + num_tangents + run.laplacian if jacobian else 1
+    second_rows = second_order_rows(run.second, num_tangents) if run.second else 0
+    rows = 1 + num_tangents + second_rows if jacobian else 1
     C = xc.shape[0]
     As, Zs = [], []
     a, a_strides = None, (0, 0, 0)
@@ -336,12 +352,12 @@ def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaun
                 tangents,
                 precision,
             )
-            if run.laplacian:  # in the configuration's key only then, as in the forward
-                constexprs |= {"LAPLACIAN": True, "SLOTS": run.num_slots}
+            if run.second:  # in the configuration's key only then, as in the forward
+                constexprs |= second_order_constexprs(run.second, num_tangents)
             args |= inputs.args(xc, Wi, seeds) | constexprs
             cfg = tuning.recompute_config(constexprs, run.arch)
             grid = (triton.cdiv(C, cfg.kwargs["BLOCK_M"]), triton.cdiv(Av.shape[2], cfg.kwargs["BLOCK_N"]))
-            recompute = {"LAPLACIAN": False} | args | {"STORE_Z": True, **run.bf16}
+            recompute = NO_SECOND_ORDER | args | {"STORE_Z": True, **run.bf16}
             run_kernel("layer_forward", grid, cfg, recompute, run.is_traced)
         As.append(A)
         Zs.append(Z)
@@ -433,20 +449,31 @@ def propagate(G, W, z_prev, out, prev_act, rows, last_step, run: LayerLaunches, 
             PRECISION=precision,
             SLOTS=run.num_slots,
             ADJOINTS=adjoints,
-            LAPLACIAN=run.laplacian and not adjoints,
+            LAPLACIAN=run.second == "laplacian" and not adjoints,
+            HESSIAN=run.second == "hessian" and not adjoints,
+            NUM_TANGENTS=run.num_tangents,
             **run.bf16,
         ),
         run.is_traced,
     )
 
 
-def _last_activation_backward(act, G, Z, jacobian: bool, laplacian: bool = False):
+def _curvature_rows(second: str, k: int) -> list[int]:
+    """The row of [h; T; Q] holding each coordinate j's d2/dx_j^2: the Laplacian's one row for all,
+    or the Hessian's diagonal row (j, j)."""
+    if second == "hessian":
+        return [1 + k + r for r in SecondOrder(k, True, False).diagonal_rows()]
+    return [1 + k] * k
+
+
+def _last_activation_backward(act, G, Z, jacobian: bool, second: str = ""):
     """dLoss/d[z; U] from dLoss/d[s(z); s'(z) U] for the last layer (usually the identity), with the
     registry's PyTorch formulas (the PyTorch engine's, with the Laplacian row)."""
     if act.is_identity:
         return G
-    if laplacian:
-        order = torch_engine.second_order.SecondOrder(G.shape[1] - 2, False, True)
+    if second:
+        k = next(k for k in range(G.shape[1]) if 1 + k + second_order_rows(second, k) == G.shape[1])
+        order = SecondOrder(k, second == "hessian", second == "laplacian")
         derivatives = torch_engine.second_order.activation_derivatives(act, Z[:, 0])
         D, GD = Z[:, 1:].transpose(0, 1), G[:, 1:].transpose(0, 1)
         stacked, _, _ = torch_engine.second_order.through_activation(derivatives, D, G[:, 0], GD, slice(None), order)

@@ -19,7 +19,7 @@ from .launch import (
     traced,
     tuning_key,
 )
-from .plans import pad_width, planned_kind, slots
+from .plans import pad_width, planned_kind, second_order_constexprs, slots
 
 __all__ = [
     "mlp_forward",
@@ -372,10 +372,15 @@ def part_features(W_hidden, W_input) -> tuple[int, int]:
     return sum(W.shape[1] for W in parts), parts[0].shape[0]
 
 
-def _launch_layer(x, inputs: LayerInputs, previous, parts, act, h_out, t_out, tangents, precision, laplacian=False):
+# every launch of `layer_forward_kernel` names these (True for a call with second derivatives)
+NO_SECOND_ORDER = {"LAPLACIAN": False, "HESSIAN": False}
+
+
+def _launch_layer(x, inputs: LayerInputs, previous, parts, act, h_out, t_out, tangents, precision, second=""):
     """One autotuned launch of `layer_forward_kernel`: previous = ([h; T] or None, its strides),
-    parts = (W's columns for it, W's a0 columns, bias), each None where absent. With `laplacian`
-    the stacked rows carry the Laplacian row after the tangents (`second_order.py`)."""
+    parts = (W's columns for it, W's a0 columns, bias), each None where absent. With `second`
+    ("laplacian" or "hessian") the stacked rows carry second-order rows after the tangents
+    (`second_order.py`)."""
     (a, a_strides), (Wh, Wi, bias) = previous, parts
     P, k = x.shape[0], inputs.spec.jacobian_inputs
     encoded = inputs.encoded_width > 0
@@ -384,10 +389,10 @@ def _launch_layer(x, inputs: LayerInputs, previous, parts, act, h_out, t_out, ta
     constexprs = layer_constexprs(
         act, k, Wh is not None, Wi is not None, encoded, bias is not None, tangents, precision
     )
-    if laplacian:  # in the tuning key only then: the tables' keys of other launches stay as they were
-        constexprs |= {"LAPLACIAN": True, "SLOTS": slots(k + 1, True)}
+    if second:  # in the tuning key only then: the tables' keys of other launches stay as they were
+        constexprs |= second_order_constexprs(second, k)
     args = layer_args(a, a_strides, Wh, bias, P, d_rows, h_out, t_out)
-    args |= inputs.args(x, Wi) | {"LAPLACIAN": False} | constexprs | {"STORE_Z": False, **interpret_bf16(x.dtype)}
+    args |= inputs.args(x, Wi) | NO_SECOND_ORDER | constexprs | {"STORE_Z": False, **interpret_bf16(x.dtype)}
     key = tuning_key(x.dtype, constexprs, d_in=d_in, d_out=d_rows, bucket=args["points_bucket"])
     grid = lambda meta: (triton.cdiv(P, meta["BLOCK_M"]), triton.cdiv(d_rows, meta["BLOCK_N"]))  # noqa: E731
     launch_autotuned("layer_forward", grid, args, key, x.device, traced(x))

@@ -58,6 +58,16 @@ def slots(k: int, jacobian: bool) -> int:
     return triton.next_power_of_2(1 + k) if jacobian else 1
 
 
+def second_order_rows(second: str, k: int) -> int:
+    """The second-order rows after the k tangents: the Hessian's k (k + 1) / 2, or the Laplacian's one."""
+    return k * (k + 1) // 2 if second == "hessian" else 1
+
+
+def second_order_constexprs(second: str, k: int) -> dict:
+    """The per-layer kernels' constexprs for `second` ("laplacian" or "hessian") rows after k tangents."""
+    return {second.upper(): True, "SLOTS": slots(k + second_order_rows(second, k), True)}
+
+
 def adjoint_slots(m: int) -> int:
     """Stacked adjoint rows per point in reverse mode: J's m rows, padded to a power of two."""
     return triton.next_power_of_2(m)

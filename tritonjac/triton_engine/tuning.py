@@ -105,11 +105,13 @@ def network_configs() -> list[triton.Config]:
 
 
 def layer_configs() -> list[triton.Config]:
+    # the last: 4 points of 16 slots (the Hessian's rows for k = 3, 4), kept for those alone; on sm_80
+    # (triton 3.9) it spilled 8-16 bytes with 4 warps (an encoded skip layer), and 16 with 3 stages
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 32}, num_warps=w, num_stages=s)
         for bm, bn, w in ((16, 32, 4), (32, 32, 8), (16, 16, 4), (64, 32, 4), (64, 64, 8))
         for s in (2, 3)
-    ]
+    ] + [triton.Config({"BLOCK_M": 4, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=8, num_stages=2)]
 
 
 def current_arch() -> int:
@@ -252,6 +254,7 @@ def prune_layer_configs(configs, named_args, arch: int | None = None, **kwargs):
         return layer_cost(c.kwargs["BLOCK_M"], slots, c.kwargs["BLOCK_N"], c.num_warps)
 
     fits = [c for c in configs if cost(c) <= LAYER_BUDGET and _no_known_spill(c, arch, named)]
+    fits = [c for c in fits if c.kwargs["BLOCK_M"] >= 16 or slots >= 16]  # 4-point tiles: 16 slots only
     big = [c for c in fits if arch < 90 or c.kwargs["BLOCK_M"] * slots >= WGMMA_ROWS]
     # many tangents (SLOTS >= 16): nothing fits; the smallest tile spills least
     return big or fits or [min(configs, key=cost)]
@@ -425,6 +428,10 @@ def layer_backward_configs(arch: int = 90, precision: str = "tf32", slots: int =
         warps_p = 8  # one seeded tangent (32 points x 2 rows) in 3xTF32: 24 spilled bytes with 4 warps (triton 3.9)
     if slots >= 8 and not interpreting():
         warps_p = 8  # the Laplacian's 8 slots: 64-224 spilled bytes with 4 warps (sm_80 TF32, sm_90 3xTF32; triton 3.9)
+    if slots >= 16 and not interpreting():  # the Hessian's: 4 points (64 rows, a wgmma's minimum)
+        kw_p["BLOCK_M"] = max(WGMMA_ROWS // slots, 1)
+    if weight_grad_slots >= 8 and not interpreting():  # 16 points of 8 slots spilled 192-880 bytes
+        kw_w["BLOCK_P"] = WGMMA_ROWS // weight_grad_slots
     return (
         triton.Config(kw_p, num_warps=warps_p, num_stages=propagation.num_stages),
         triton.Config(kw_w, num_warps=weight_grad.num_warps, num_stages=weight_grad.num_stages),
