@@ -20,7 +20,9 @@ slot 0 the values h (or pre-activations z), slots 1..NUM_TANGENTS the tangents T
 padding slots up to SLOTS = next_power_of_2(1 + NUM_TANGENTS) zeros. Reshaped to
 (BLOCK_M * SLOTS, width) it is one `tl.dot` operand, so the values and all tangents go through a
 layer's matmul together. Without tangents (JACOBIAN=False, or no loss on J in a backward) SLOTS = 1.
-With LAPLACIAN (per-layer forward) slot 1 + NUM_TANGENTS carries the Laplacian row (second order).
+With LAPLACIAN (the per-layer kernels, forward and backward) slot 1 + NUM_TANGENTS carries the
+Laplacian row; with HESSIAN slots 1 + NUM_TANGENTS.. carry the Hessian's upper triangle, row (a, b)
+in `forward.hessian_slot(a, b)` (second order).
 In reverse mode (kernels/reverse.py, and layer_backward_kernel with ADJOINTS) the stacked rows of a
 point are instead the adjoints of J's m rows, ADJOINTS = m of them padded to ADJ_SLOTS.
 

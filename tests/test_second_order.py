@@ -256,14 +256,14 @@ def test_opcheck(hessian, laplacian):
     biases = bias_arguments(biases, x)
     bands = band_weights_argument(model.encoding.band_weights(x), x)
     spec_args = model._spec.to_op_args()
-    args = (x, weights, biases, bands, *spec_args, hessian, laplacian)
+    args = (x, weights, biases, bands, *spec_args, hessian, laplacian, False)
     torch.library.opcheck(mlp_second_order_op, args)
     with torch.no_grad():
         y, J, S = mlp_second_order_op(*args)
     detached = [t.detach() for t in weights], [t.detach() for t in biases]
     ones = [torch.ones_like(t) for t in (y, J, S)]
     torch.library.opcheck(
-        mlp_second_order_backward_op, (x.detach(), *detached, bands, *ones, *spec_args, hessian, laplacian)
+        mlp_second_order_backward_op, (x.detach(), *detached, bands, *ones, *spec_args, hessian, laplacian, False)
     )
 
 

@@ -220,3 +220,27 @@ def test_half_precision_gradients():
     for i, (g, w) in enumerate(zip(*grads)):
         assert g.dtype == torch.bfloat16
         assert_close(g, w, "bfloat16", f"bf16 weight gradient {i}")
+
+
+def test_compiled_training_step_runs_on_the_kernels():
+    """Under torch.compile (fullgraph) the custom op takes the engine an eager call takes: the
+    kernels, forward and backward, with eager's gradients."""
+    torch._dynamo.reset()
+    torch.manual_seed(10)
+    model = JacobianMLP(3, [16, 16], 1, "tanh", device=TRITON_DEVICE, backend="triton")
+    x = torch.rand(24, 3, device=TRITON_DEVICE) * 2 - 1
+
+    def loss(x):
+        y, J, H, lap = model(x, hessian=True, laplacian=True)
+        return (lap[:, 0] - x.sin().sum(-1)).square().mean() + H.square().mean() + y.square().mean()
+
+    xg = x.clone().requires_grad_()
+    _, names = launched(lambda: torch.compile(loss, fullgraph=True)(xg).backward(), laplacian_only=False)
+    compiled = [xg.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+    assert {"layer_forward", "layer_backward", "layer_weight_grad"} <= set(names), names
+    model.zero_grad()
+    xe = x.clone().requires_grad_()
+    loss(xe).backward()
+    eager = [xe.grad, *(p.grad for p in model.parameters())]
+    for i, (got, want) in enumerate(zip(compiled, eager, strict=True)):
+        assert_close(got, want, "float32-reordered", f"compiled gradient {i}")

@@ -210,11 +210,12 @@ def apply_second_order(
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, d_in)
     x2d, weights, biases = _autocast_operands(x, x2d, weights, biases)
-    if torch.compiler.is_compiling():  # the custom op: opaque, its backward recomputes the forward
+    if torch.compiler.is_compiling():  # the custom op: opaque, on the engine an eager call takes
         from .ops.second_order import mlp_second_order_op
 
         bands = band_weights_argument(band_weights, x2d)
-        args = (x2d, weights, bias_arguments(biases, x2d), bands, *spec.to_op_args(), hessian, laplacian)
+        on_kernels = engine == "triton"
+        args = (x2d, weights, bias_arguments(biases, x2d), bands, *spec.to_op_args(), hessian, laplacian, on_kernels)
         y, J, S = mlp_second_order_op(*args)
         outputs = (y, J, *torch_engine.second_order.assemble(order, S))
     elif engine == "triton":

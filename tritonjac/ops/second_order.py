@@ -1,6 +1,7 @@
 """`tritonjac::mlp_second_order` and its backward: `custom_op`s (opaque to the compiler) for calls
-with second derivatives, which run on the PyTorch engine. The forward returns the second-order
-rows S (P, m, q) raw; `tritonjac.functional` assembles H and the Laplacian from them."""
+with second derivatives, which run on the per-layer Triton kernels (`on_kernels`, the engine the
+eager call would take) or on the PyTorch engine. The forward returns the second-order rows
+S (P, m, q) raw; `tritonjac.functional` assembles H and the Laplacian from them."""
 
 from __future__ import annotations
 
@@ -26,17 +27,21 @@ def mlp_second_order_op(
     scalars: list[float],
     hessian: bool,
     laplacian: bool,
+    on_kernels: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     spec = NetworkSpec.from_op_args(activation_ids, params, thresholds, structure, scalars)
     order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, hessian, laplacian)
+    biases, band_weights = optional_biases(biases), optional_band_weights(band_weights)
     with torch.no_grad():
-        return torch_engine.second_order.forward_points(
-            x, weights, optional_biases(biases), spec, order, None, optional_band_weights(band_weights)
-        )
+        if on_kernels:
+            from ..triton_engine import second_order
+
+            return second_order.mlp_second_order(x, weights, biases, spec, order, band_weights)
+        return torch_engine.second_order.forward_points(x, weights, biases, spec, order, None, band_weights)
 
 
 @mlp_second_order_op.register_fake
-def _(x, weights, biases, band_weights, activation_ids, params, thresholds, structure, scalars, hessian, laplacian):
+def _(x, weights, biases, band_weights, activation_ids, params, thresholds, structure, scalars, hessian, laplacian, *_):
     spec = NetworkSpec.from_op_args(activation_ids, params, thresholds, structure, scalars)
     order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, hessian, laplacian)
     m = spec.jacobian_outputs(weights[-1].shape[0])
@@ -60,15 +65,22 @@ def mlp_second_order_backward_op(
     scalars: list[float],
     hessian: bool,
     laplacian: bool,
+    on_kernels: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     spec = NetworkSpec.from_op_args(activation_ids, params, thresholds, structure, scalars)
     order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, hessian, laplacian)
-    biases = optional_biases(biases)
+    biases, band_weights = optional_biases(biases), optional_band_weights(band_weights)
     L = len(weights)
     has_bias = [b is not None for b in biases]
-    dx, dW, db = torch_engine.second_order.backward_by_recompute(
-        x, weights, biases, spec, order, dy, dJ, dS, True, [True] * L, has_bias, optional_band_weights(band_weights)
-    )
+    if on_kernels:
+        from ..triton_engine import backward, launch
+
+        with launch.device_guard(x):
+            dx, dW, db = backward.mlp_backward(x, weights, biases, spec, dy, dJ, True, band_weights, dS, hessian)
+    else:
+        dx, dW, db = torch_engine.second_order.backward_by_recompute(
+            x, weights, biases, spec, order, dy, dJ, dS, True, [True] * L, has_bias, band_weights
+        )
     return dx, list(dW), bias_arguments(db, x)  # an empty gradient for an empty bias
 
 
@@ -85,7 +97,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dJ, dS):
     dx, dW, db = mlp_second_order_backward_op(*saved_inputs(ctx), dy, dJ, dS, *ctx.spec_args)
-    return dx, dW, db, None, None, None, None, None, None, None, None
+    return dx, dW, db, None, None, None, None, None, None, None, None, None
 
 
 mlp_second_order_op.register_autograd(_backward, setup_context=_setup_context)

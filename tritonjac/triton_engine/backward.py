@@ -203,7 +203,7 @@ def layers_backward(
                 G[:, 1 : 1 + k, selected] = gJc.transpose(1, 2)
             if second:
                 G[:, 1 + k :, selected] = gS[start : start + chunk].transpose(1, 2)
-            G = _last_activation_backward(spec.activations[-1], G, Zs[-1], jacobian, second)
+            G = _last_activation_backward(spec.activations[-1], G, Zs[-1], jacobian, second, k)
 
             a0 = D = d1 = d2 = V = seed_a0 = None
             if encoded:  # the features and their derivatives, in fp32 as the kernels compute them
@@ -466,13 +466,12 @@ def _curvature_rows(second: str, k: int) -> list[int]:
     return [1 + k] * k
 
 
-def _last_activation_backward(act, G, Z, jacobian: bool, second: str = ""):
+def _last_activation_backward(act, G, Z, jacobian: bool, second: str = "", k: int = 0):
     """dLoss/d[z; U] from dLoss/d[s(z); s'(z) U] for the last layer (usually the identity), with the
-    registry's PyTorch formulas (the PyTorch engine's, with the Laplacian row)."""
+    registry's PyTorch formulas (the PyTorch engine's with `second` rows after k tangents)."""
     if act.is_identity:
         return G
     if second:
-        k = next(k for k in range(G.shape[1]) if 1 + k + second_order_rows(second, k) == G.shape[1])
         order = SecondOrder(k, second == "hessian", second == "laplacian")
         derivatives = torch_engine.second_order.activation_derivatives(act, Z[:, 0])
         D, GD = Z[:, 1:].transpose(0, 1), G[:, 1:].transpose(0, 1)
