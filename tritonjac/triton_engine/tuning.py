@@ -70,6 +70,10 @@ SHIPPED_DIR = Path(__file__).parent.parent / "configs"
 # On sm_90 the dot also needs at least 64 rows (BLOCK_M * SLOTS) to become a wgmma (a warpgroup's M);
 # with fewer, Triton falls back to the older mma.sync.
 WGMMA_ROWS = 64
+
+# Triton before 3.8 (3.6 is the lent GPUs' version) spills in a few configurations that 3.8 and 3.9
+# compile cleanly: those are left out only there (see ENCODED_SPILLS, REVERSE_SPILLS, _no_known_spill).
+OLD_TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 8)
 NETWORK_TILE_BUDGET = 32
 NETWORK_BUDGET = 160
 LAYER_BUDGET = 16
@@ -203,7 +207,7 @@ def prune_network_configs(configs, named_args, arch: int | None = None, **kwargs
 # Whole-network configurations whose encoded first layer (feature tiles and their dots beside the
 # stacked tile) spills, measured by ahead-of-time compilation (triton 3.9; Nerfies' warp, 3 tangents):
 # (sm_90 or later, WIDTH_PAD, PRECISION, BLOCK_M, num_warps). Left out: with none left (3xTF32 at
-# width 128 on sm_90) such a network runs per layer.
+# width 128 on sm_90, and before triton 3.8 every width-128 case there) such a network runs per layer.
 ENCODED_SPILLS = {
     (False, 64, "tf32", 16, 8),
     (False, 64, "ieee", 16, 8),
@@ -211,6 +215,14 @@ ENCODED_SPILLS = {
     (True, 64, "tf32x3", 16, 4),  # triton 3.8 (torch 2.14's): 255 registers, 168 bytes spilled
     (True, 128, "tf32x3", 16, 8),
 }
+if OLD_TRITON:  # triton 3.6 (the lent GPUs'; perf/results/aot-triton-3.6.0-alternatives.txt)
+    ENCODED_SPILLS |= {
+        (True, 64, "tf32", 16, 4),  # 64 bytes
+        (True, 64, "tf32", 32, 8),  # 864 bytes
+        (True, 64, "ieee", 32, 8),  # 784 bytes
+        (True, 128, "tf32", 16, 8),  # 136 bytes (every candidate at width 128 spilled)
+        (True, 128, "ieee", 16, 8),  # 96 bytes
+    }
 
 
 def _no_known_spill(config: triton.Config, arch: int, named: dict) -> bool:
@@ -224,7 +236,9 @@ def _no_known_spill(config: triton.Config, arch: int, named: dict) -> bool:
       tile, 4 warps, 2 stages (the operands rounded to nearest); an encoded first layer in 3xTF32
       with the 16x16 tile and 4 warps;
     - a skip layer carrying the Laplacian row (8 slots) with the 16x16 tile, 4 warps and 3 stages:
-      24 spilled bytes in TF32, and 16 in 3xTF32 with an encoding (triton 3.9)."""
+      24 spilled bytes in TF32, and 16 in 3xTF32 with an encoding (triton 3.9);
+    - before triton 3.8 (3.6 is the lent GPUs'): an encoded first layer's TF32 recompute with the
+      16x32 tile, 4 warps, 2 stages: 16 bytes."""
     if arch >= 90:
         return True
     tile = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
@@ -240,6 +254,8 @@ def _no_known_spill(config: triton.Config, arch: int, named: dict) -> bool:
     encoded_first = named.get("ENCODED") and not named.get("HAS_HIDDEN")
     if encoded_first and precision == "tf32x3" and tile[:3] == (16, 16, 4):
         return False
+    if OLD_TRITON and encoded_first and named.get("STORE_Z") and precision == "tf32" and tile == (16, 32, 4, 2):
+        return False  # the recompute of an encoded first layer: 16 bytes (triton 3.6)
     return not (skip_layer and precision == "ieee" and tile[:3] == (32, 32, 8))
 
 
@@ -381,6 +397,8 @@ REVERSE_SPILLS = {
     (False, 64, "ieee", 32, 8, 2),  # triton 3.8: 24 bytes
     (False, 128, "tf32", 32, 8, 1),  # triton 3.8: 80 bytes
 }
+if OLD_TRITON:
+    REVERSE_SPILLS.add((True, 64, "tf32x3", 64, 8, 2))  # triton 3.6: 40 bytes
 
 
 def reverse_configs(named_args: dict, arch: int) -> list[triton.Config]:
@@ -430,8 +448,11 @@ def layer_backward_configs(arch: int = 90, precision: str = "tf32", slots: int =
         warps_p = 8  # the Laplacian's 8 slots: 64-224 spilled bytes with 4 warps (sm_80 TF32, sm_90 3xTF32; triton 3.9)
     if slots >= 16 and not interpreting():  # the Hessian's: 4 points (64 rows, a wgmma's minimum)
         kw_p["BLOCK_M"] = max(WGMMA_ROWS // slots, 1)
-    if weight_grad_slots >= 8 and not interpreting():  # 16 points of 8 slots spilled 192-880 bytes
-        kw_w["BLOCK_P"] = WGMMA_ROWS // weight_grad_slots
+    if weight_grad_slots >= 8 and not interpreting():
+        # 16 points of 8 slots spilled 192-880 bytes (triton 3.9): 64 rows; on sm_80 4 points of 16
+        # slots in 3xTF32 spilled 24 (triton 3.6), and 2 points in TF32 16: 32 rows in 3xTF32 there
+        rows = 32 if arch < 90 and precision == "tf32x3" else WGMMA_ROWS
+        kw_w["BLOCK_P"] = rows // weight_grad_slots
     return (
         triton.Config(kw_p, num_warps=warps_p, num_stages=propagation.num_stages),
         triton.Config(kw_w, num_warps=weight_grad.num_warps, num_stages=weight_grad.num_stages),
