@@ -21,6 +21,7 @@ import tritonjac
 from helpers import TOLERANCE, TRITON_DEVICE, assert_close, rel_err
 from tritonjac import JacobianMLP, PositionalEncoding
 from tritonjac.init import geometric_, siren_
+from tritonjac.triton_engine.tuning import OLD_TRITON
 
 GRADIENT_TOLERANCE = 1e-8  # autograd's double backward against the analytic backward, float64
 
@@ -266,7 +267,9 @@ def test_triton_kernels_on_the_network(name, plan, kernels_run, monkeypatch, tf3
     y, J = kernels(xo)
     ours = gradients(y, J, xo, list(kernels.parameters()))
     whole = "mlp_forward" in kernels_run
-    assert whole == (name in WHOLE_NETWORK and plan == "auto"), f"kernels run: {sorted(set(kernels_run))}"
+    # before triton 3.8 the encoded whole-network configurations at width 128 are left out (they spilled)
+    takes_whole = name in WHOLE_NETWORK and plan == "auto" and not (OLD_TRITON and kernels.hidden_features[0] >= 128)
+    assert whole == takes_whole, f"kernels run: {sorted(set(kernels_run))}"
     assert "mlp_backward" not in kernels_run  # real networks' backward runs per layer
 
     # the same network rebuilt (same seed) and converted in place: its forward reads its layers
@@ -468,10 +471,12 @@ def test_which_plan_real_networks_take():
     """The whole-network forward takes Nerfies' warp (one skip into an equal-width hidden layer)
     where an encoded configuration fits; NeuS (a narrowed layer before its skip, width 256) and
     networks with two skips run per layer, and the plan says why."""
-    from tritonjac.triton_engine import plan_for
+    from tritonjac.triton_engine import plan_for, tuning
 
     warp, *_ = nerfies()
-    assert plan_for(warp._weights(), warp._spec, precision="tf32", arch=90).kind == "network"
+    # before triton 3.8 every width-128 encoded configuration spilled on sm_90 (tuning.ENCODED_SPILLS)
+    expected = "layers" if tuning.OLD_TRITON else "network"
+    assert plan_for(warp._weights(), warp._spec, precision="tf32", arch=90).kind == expected
     plan = plan_for(warp._weights(), warp._spec, precision="tf32x3", arch=90)
     assert plan.kind == "layers" and "does not fit the registers" in plan.reason
     sdf, *_ = neus()
