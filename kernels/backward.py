@@ -76,10 +76,9 @@ def _laplacian_activation_backward(G, Z, o_s, NUM_TANGENTS: tl.constexpr, ACT: t
         return G
     is_value = o_s[None, :, None] == 0
     is_tangent = (o_s[None, :, None] >= 1) & (o_s[None, :, None] <= NUM_TANGENTS)
-    is_laplacian = o_s[None, :, None] == 1 + NUM_TANGENTS
-    z = tl.sum(tl.where(is_value, Z, 0.0), axis=1)
-    g_h = tl.sum(tl.where(is_value, G, 0.0), axis=1)
-    g_s = tl.sum(tl.where(is_laplacian, G, 0.0), axis=1)
+    z = slot_row(Z, o_s, 0)
+    g_h = slot_row(G, o_s, 0)
+    g_s = slot_row(G, o_s, 1 + NUM_TANGENTS)
     squares = tl.sum(tl.where(is_tangent, Z * Z, 0.0), axis=1)
     # sum_j g_T,j U_j + g_S Q: every derivative row's adjoint times its pre-activation
     curvature = tl.sum(tl.where(is_value, 0.0, G * Z), axis=1)
@@ -320,10 +319,11 @@ def layer_backward_kernel(
     not [value; tangents]: each is scaled by the slope s'(z) alone (z_prev holds z once per point: the
     caller passes stride_zs = 0), and LAST_STEP writes every live slot to out[p, slot, k].
 
-    With LAPLACIAN the live slots are [value; LIVE_SLOTS - 2 tangents; the Laplacian row], taken
-    back through the forward Laplacian's activation (`_laplacian_activation_backward`); with HESSIAN
-    they are [value; NUM_TANGENTS tangents; the Hessian's rows] (`_hessian_activation_backward`)."""
+    With LAPLACIAN the live slots are [value; NUM_TANGENTS tangents; the Laplacian row], taken back
+    through the forward Laplacian's activation (`_laplacian_activation_backward`); with HESSIAN
+    [value; NUM_TANGENTS tangents; the Hessian's rows] (`_hessian_activation_backward`)."""
     tl.static_assert(not ((LAPLACIAN or HESSIAN) and ADJOINTS), "second-order rows are forward-mode rows")
+    tl.static_assert(not LAPLACIAN or LIVE_SLOTS == 2 + NUM_TANGENTS)
     tl.static_assert(not HESSIAN or LIVE_SLOTS == 1 + NUM_TANGENTS + NUM_TANGENTS * (NUM_TANGENTS + 1) // 2)
     i_m = tl.program_id(0).to(tl.int64)
     i_k = tl.program_id(1)
@@ -358,7 +358,7 @@ def layer_backward_kernel(
         if ADJOINTS:  # every slot times s'(z): no value row, no curvature term
             G_Z = _activation_backward(G, Z, 1, ACT, ACT_PARAM, ACT_THRESHOLD)
         elif LAPLACIAN:
-            G_Z = _laplacian_activation_backward(G, Z, o_s, LIVE_SLOTS - 2, ACT, ACT_PARAM, ACT_THRESHOLD)
+            G_Z = _laplacian_activation_backward(G, Z, o_s, NUM_TANGENTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         elif HESSIAN:
             G_Z = _hessian_activation_backward(G, Z, o_s, NUM_TANGENTS, ACT, ACT_PARAM, ACT_THRESHOLD)
         else:

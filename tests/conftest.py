@@ -36,22 +36,23 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _float32_matmul_precision(precision: str):
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 @pytest.fixture
 def tf32():
     """Matmul precision "high" (TF32 on GPUs, exact fp32 in the interpreter) for one test."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(before)
+    yield from _float32_matmul_precision("high")
 
 
 @pytest.fixture
 def highest_precision():
     """fp32-accurate dots (3xTF32 on a GPU) for one test: the fp32 figures of `helpers.TOLERANCE` apply."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    yield
-    torch.set_float32_matmul_precision(before)
+    yield from _float32_matmul_precision("highest")
 
 
 @pytest.fixture

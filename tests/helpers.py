@@ -133,6 +133,23 @@ def make_mlp(d_in, hidden, d_out, activation="softplus", **kw):
     return model
 
 
+def poisson_loss(model):
+    """A loss on every second-order output: a Poisson residual on the Laplacian, H and y (SIREN-like
+    training), as a function of the points x (P, 3)."""
+
+    def loss(x):
+        y, J, H, lap = model(x, hessian=True, laplacian=True)
+        return (lap[:, 0] - x.sin().sum(-1)).square().mean() + H.square().mean() + y.square().mean()
+
+    return loss
+
+
+def input_and_weight_gradients(loss, x, params):
+    """d loss(x) / d(x, params) at a fresh copy of x."""
+    x = x.clone().requires_grad_()
+    return torch.autograd.grad(loss(x), [x, *params])
+
+
 def func_second_order(model, x):
     """torch.func's y, J, H of the model's plain forward at the rows of x (P, d_in), J and H
     restricted to the model's jacobian inputs and outputs; differentiable in the parameters."""

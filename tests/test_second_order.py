@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import tritonjac
-from helpers import assert_close, func_second_order, make_mlp
+from helpers import assert_close, func_second_order, input_and_weight_gradients, make_mlp, poisson_loss
 from tritonjac import JacobianMLP, PositionalEncoding
 from tritonjac.activations import REGISTRY
 from tritonjac.torch_engine import second_order
@@ -274,18 +274,9 @@ def test_poisson_step_compiles_fullgraph_and_matches_eager():
     torch.manual_seed(10)
     model = make_mlp(3, [16, 16], 1, "sine", dtype=torch.float32)
     x = torch.rand(64, 3) * 2 - 1
-
-    def loss(x):
-        y, J, H, lap = model(x, hessian=True, laplacian=True)
-        return (lap[:, 0] - x.sin().sum(-1)).square().mean() + H.square().mean() + y.square().mean()
-
-    xg = x.clone().requires_grad_()
-    torch.compile(loss, fullgraph=True)(xg).backward()
-    compiled = [xg.grad.clone(), *(p.grad.clone() for p in model.parameters())]
-    model.zero_grad()
-    xe = x.clone().requires_grad_()
-    loss(xe).backward()
-    eager = [xe.grad, *(p.grad for p in model.parameters())]
+    loss, params = poisson_loss(model), list(model.parameters())
+    compiled = input_and_weight_gradients(torch.compile(loss, fullgraph=True), x, params)
+    eager = input_and_weight_gradients(loss, x, params)
     for i, (got, want) in enumerate(zip(compiled, eager, strict=True)):
         assert_close(got, want, "float32", f"compiled gradient {i}")
 

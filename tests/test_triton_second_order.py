@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import tritonjac
-from helpers import TRITON_DEVICE, assert_close, func_second_order
+from helpers import TRITON_DEVICE, assert_close, func_second_order, input_and_weight_gradients, make_mlp, poisson_loss
 from tritonjac import JacobianMLP, PositionalEncoding
 from tritonjac.activations import ACTIVATION_NAMES
 from tritonjac.triton_engine import launch
@@ -73,11 +73,7 @@ def check(model, x, what, tolerance="float32", gradient_tolerance="float32-gradi
 @pytest.mark.parametrize("activation", [a for a in ACTIVATION_NAMES if a != "identity"])
 def test_every_activation(activation):
     torch.manual_seed(0)
-    model = JacobianMLP(3, [16, 24], 2, activation, output_activation="tanh")
-    if activation == "sine":
-        with torch.no_grad():
-            for layer in model.linear_layers:
-                layer.weight.mul_(1 / 30)
+    model = make_mlp(3, [16, 24], 2, activation, output_activation="tanh", dtype=torch.float32)
     check(model, torch.randn(37, 3), activation)
 
 
@@ -109,10 +105,9 @@ def test_encodings():
         encoding=PositionalEncoding(3), skips=(2,), skip_scale=2**-0.5,
     )  # fmt: skip
     check(neus, torch.randn(19, 5) * 0.5, "neus-like")
-    windowed = JacobianMLP(3, [16, 16], 3, "sine", encoding=PositionalEncoding(2, alpha=1.5), skips=(1,))
-    with torch.no_grad():
-        for layer in windowed.linear_layers:
-            layer.weight.mul_(1 / 30)
+    windowed = make_mlp(
+        3, [16, 16], 3, "sine", encoding=PositionalEncoding(2, alpha=1.5), skips=(1,), dtype=torch.float32
+    )
     check(windowed, torch.randn(9, 3), "windowed encoding")
 
 
@@ -158,11 +153,7 @@ def test_plans_limits_and_empty_input():
 def test_hessian(activation):
     """H's k (k + 1) / 2 rows in 16 slots (`activate_hessian`, `_hessian_activation_backward`)."""
     torch.manual_seed(8)
-    model = JacobianMLP(3, [16, 24], 2, activation, output_activation="tanh")
-    if activation == "sine":
-        with torch.no_grad():
-            for layer in model.linear_layers:
-                layer.weight.mul_(1 / 30)
+    model = make_mlp(3, [16, 24], 2, activation, output_activation="tanh", dtype=torch.float32)
     check(model, torch.randn(21, 3), f"hessian {activation}", hessian=True)
 
 
@@ -229,18 +220,9 @@ def test_compiled_training_step_runs_on_the_kernels():
     torch.manual_seed(10)
     model = JacobianMLP(3, [16, 16], 1, "tanh", device=TRITON_DEVICE, backend="triton")
     x = torch.rand(24, 3, device=TRITON_DEVICE) * 2 - 1
-
-    def loss(x):
-        y, J, H, lap = model(x, hessian=True, laplacian=True)
-        return (lap[:, 0] - x.sin().sum(-1)).square().mean() + H.square().mean() + y.square().mean()
-
-    xg = x.clone().requires_grad_()
-    _, names = launched(lambda: torch.compile(loss, fullgraph=True)(xg).backward(), laplacian_only=False)
-    compiled = [xg.grad.clone(), *(p.grad.clone() for p in model.parameters())]
+    loss, params = poisson_loss(model), list(model.parameters())
+    compiled, names = launched(lambda: input_and_weight_gradients(torch.compile(loss, fullgraph=True), x, params))
     assert {"layer_forward", "layer_backward", "layer_weight_grad"} <= set(names), names
-    model.zero_grad()
-    xe = x.clone().requires_grad_()
-    loss(xe).backward()
-    eager = [xe.grad, *(p.grad for p in model.parameters())]
+    eager = input_and_weight_gradients(loss, x, params)
     for i, (got, want) in enumerate(zip(compiled, eager, strict=True)):
         assert_close(got, want, "float32-reordered", f"compiled gradient {i}")

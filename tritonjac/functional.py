@@ -203,7 +203,8 @@ def apply_second_order(
 ):
     """(y, J, [H], [Laplacian]) after validation: `apply_spec` with second derivatives, which run
     in forward mode (docs/design.md, section 11): on the per-layer Triton kernels for CUDA tensors
-    (the Hessian for k <= 4), else (and under torch.compile) on the PyTorch engine."""
+    (the Hessian for k <= 4), else on the PyTorch engine; under torch.compile as a custom op on the
+    same engine."""
     engine, _ = _second_order_engine(x, spec, backend, hessian)
     spec = dataclasses.replace(spec, mode="forward")
     order = torch_engine.second_order.SecondOrder(spec.jacobian_inputs, hessian, laplacian)

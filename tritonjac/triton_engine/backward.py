@@ -178,7 +178,7 @@ def layers_backward(
     is_traced = traced(x2d)
     bf16 = interpret_bf16(x2d.dtype)
     inputs = LayerInputs(x2d, spec, band_weights)
-    run = LayerLaunches(arch, precision, num_slots, bf16, is_traced, second, k)
+    run = LayerLaunches(arch, precision, num_slots, bf16, is_traced, second, k if second else 0)
     encoded = inputs.encoded_width > 0
     # x's gradient straight from the first layer's propagation kernel when a0 is x and nothing
     # else reads it; otherwise dLoss/da0 is summed over the layers that read a0, then taken to x
@@ -305,7 +305,7 @@ class LayerLaunches:
     bf16: dict  # interpret_bf16's argument
     is_traced: bool
     second: str = ""  # "laplacian" or "hessian": the rows' second-order rows (`layers_backward` with gS)
-    num_tangents: int = 0  # k, with `second`
+    num_tangents: int = 0  # k with `second` (the propagation kernel's NUM_TANGENTS), else 0
 
 
 def recompute_layers(xc, weights, biases, spec, inputs, jacobian, run: LayerLaunches, seeds=None):
