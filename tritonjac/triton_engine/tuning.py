@@ -378,8 +378,11 @@ def reverse_fits_config(
     together spilled beyond these budgets, and two stages (the next layer's weights prefetched)
     spilled where one did not: one stage there. Before sm_90 the forward kernel's budgets held,
     but for the cases in REVERSE_SPILLS and, with triton 3.8, every 3xTF32 one at width 128."""
-    if (arch >= 90, width_pad, precision, block_m, num_warps, adj_slots) in REVERSE_SPILLS:
+    key = (arch >= 90, width_pad, precision, block_m, num_warps, adj_slots)
+    if key in REVERSE_SPILLS:
         return False
+    if key in REVERSE_CLEAN_BEYOND_BUDGET:
+        return True
     if arch < 90:
         if precision == "tf32x3" and width_pad >= 128:
             return False
@@ -397,8 +400,14 @@ REVERSE_SPILLS = {
     (False, 64, "ieee", 32, 8, 2),  # triton 3.8: 24 bytes
     (False, 128, "tf32", 32, 8, 1),  # triton 3.8: 80 bytes
 }
+# ... and configurations beyond the budgets that compiled clean, where the ones within spilled
+REVERSE_CLEAN_BEYOND_BUDGET = set()
 if OLD_TRITON:
     REVERSE_SPILLS.add((True, 64, "tf32x3", 64, 8, 2))  # triton 3.6: 40 bytes
+    # triton 3.6, 16-bit at width 128 with 2 adjoints: 32 rows on 8 warps spilled 40 bytes, on 4
+    # warps they took 187 registers and no spill (perf/results/aot-triton-3.6.0-alternatives.txt)
+    REVERSE_SPILLS.add((True, 128, "ieee", 32, 8, 2))
+    REVERSE_CLEAN_BEYOND_BUDGET.add((True, 128, "ieee", 32, 4, 2))
 
 
 def reverse_configs(named_args: dict, arch: int) -> list[triton.Config]:
