@@ -33,6 +33,29 @@ def test_every_activation(activation, output_activation):
     check(model, torch.randn(200, 3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS[:-1], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_activations_written_into_buffers_equal_their_formulas(activation, dtype):
+    """`Activation.into` (the CPU engine's allocation-free path) gives s, s' and s'' bit for bit as
+    `evaluate` does, writes into strided views, and leaves the s'' buffer alone where s'' is zero."""
+    act = as_activation(activation)
+    z = torch.randn(40, 24, dtype=dtype) * 3
+    z[0, :4] = torch.tensor([0.0, 25.0 / max(act.param, 1.0), -1e-30, 200.0])  # 0, softplus's threshold, tails
+    value, slope, second = (torch.full((2, 40, 24), float("nan"), dtype=dtype)[1] for _ in range(3))
+    if not act.into(z, value, slope, second):
+        assert act.kind.into is None
+        return
+    want_value, want_slope, want_second = act.evaluate(z, curvature=True)
+    assert torch.equal(value, want_value) and torch.equal(slope, want_slope)
+    if want_second is None:
+        assert second.isnan().all()
+    else:
+        assert torch.equal(second, want_second)
+    slope.fill_(float("nan"))
+    act.into(z, value, slope)  # without s''
+    assert torch.equal(slope, want_slope)
+
+
 def test_softplus_threshold_region_matches_torch():
     # beta * z crosses nn.Softplus's threshold (20): there torch switches to the identity
     model = make_mlp(3, [16, 16], 2, nn.Softplus(beta=100))

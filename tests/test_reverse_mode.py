@@ -279,6 +279,40 @@ def test_workers_flush_denormals_and_restore_the_callers_mode(threads, caller_fl
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads, points", [(1, 40), (2, 40), (2, 5)])
+def test_what_skips_the_flush_passes_zeroes_their_products(threads, points):
+    """`flush_denormals` zeroes softplus's values below 2^26 x the smallest normal, so that their
+    products with small tangents are not denormal; it skips that pass only on a worker whose ops run
+    alone with the CPU's flush mode set, where such products come out zero anyway. Outside the
+    workers, and on a worker whose ops run on several threads (one chunk, two threads), the pass is
+    made."""
+    from tritonjac.torch_engine import common
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    seen = []
+
+    def probe(start, stop, worker, scratch):
+        small = torch.full((4,), 1e-35)  # a normal float32; times 1e-5, a denormal
+        common.flush_denormals(small)
+        alone = torch.get_num_threads() == 1
+        seen.append((alone, bool(small.eq(0).all()), bool((small * 1e-5).eq(0).all())))
+
+    try:
+        small = torch.full((4,), 1e-35)
+        common.flush_denormals(small)
+        assert small.eq(0).all(), "outside the workers the pass zeroes them"
+        common.run_chunks(points, 5, torch.zeros(1), probe)
+        assert len(seen) == points // 5
+        assert all(product_zero for _, _, product_zero in seen)
+        assert all(zeroed is not alone for alone, zeroed, _ in seen)
+        assert any(alone for alone, _, _ in seen) is (points > 5 or threads == 1)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_softplus_network_is_accurate_where_values_are_denormal():
     """Softplus(100) where most pre-activations are far below zero: values and slopes there are
     below float32's normal range and flushed to zero on the workers; y and J in float32 still agree

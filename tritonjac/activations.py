@@ -63,6 +63,9 @@ class ActivationKind:
     piecewise_linear: bool = False  # s'' is zero wherever it is defined
     # (s, s', s'' if asked) in one go, sharing work (sin and cos of one product), or None
     joint: Callable[["Activation", torch.Tensor, bool], tuple] | None = None
+    # writes s(z), s'(z) and, given a third tensor, s''(z) into given tensors without allocating,
+    # or None (`Activation.into`)
+    into: Callable[..., None] | None = None
 
 
 REGISTRY: dict[str, ActivationKind] = {}
@@ -80,6 +83,7 @@ def _register(
     default_param=None,
     piecewise_linear=False,
     joint=None,
+    into=None,
 ) -> None:
     if (third is None) != piecewise_linear:
         raise ValueError(f"activation {name!r}: give s''' (third=) exactly when it is not piecewise linear")
@@ -95,6 +99,7 @@ def _register(
         default_param,
         piecewise_linear,
         joint,
+        into,
     )
 
 
@@ -142,6 +147,18 @@ class Activation:
         s = self.value(z) if value else None
         slope, second = self.kind.derivatives(self, z, curvature)
         return s, slope, second
+
+    def into(self, z: torch.Tensor, value: torch.Tensor, slope: torch.Tensor, second=None) -> bool:
+        """Write s(z) into `value`, s'(z) into `slope` and, if given, s''(z) into `second` (each of
+        z's shape, none overlapping z or another; `second` is left alone where s'' is zero).
+
+        Returns False, writing nothing, for activations whose record has no allocation-free form.
+        The CPU engine's forward uses it for its per-chunk buffers: fresh tensors per chunk cost more
+        than the arithmetic there (glibc maps and unmaps them; design section 6)."""
+        if self.kind.into is None:
+            return False
+        self.kind.into(self, z, value, slope, second if self.has_curvature else None)
+        return True
 
     def evaluate_third(self, z: torch.Tensor):
         """(s, s', s'', s''') at z, with None for the last two where they are zero (piecewise linear)."""
@@ -217,6 +234,44 @@ def _softplus(a, z, curvature):
         return slope, None
     # beta s' (1 - s'), torch's own double-backward formula: exactly 0 where s' is exactly 1
     return slope, torch.addcmul(slope, slope, slope, value=-1.0).mul_(a.param)
+
+
+def _softplus_into(a, z, value, slope, second):
+    torch.ops.aten.softplus.out(z, a.param, a.threshold, out=value)
+    torch.ops.aten.softplus_backward.grad_input(_ONE[z.dtype, z.device], z, a.param, a.threshold, grad_input=slope)
+    if second is not None:  # as in _softplus
+        torch.addcmul(slope, slope, slope, value=-1.0, out=second).mul_(a.param)
+
+
+class _Ones(dict):
+    """A scalar one per (dtype, device), made once: softplus_backward's grad_output."""
+
+    def __missing__(self, key):
+        one = self[key] = torch.ones((), dtype=key[0], device=key[1])
+        return one
+
+
+_ONE = _Ones()
+
+
+def _relu_into(a, z, value, slope, second):
+    torch.clamp_min(z, 0.0, out=value)
+    torch.gt(z, 0.0, out=slope)
+
+
+def _tanh_into(a, z, value, slope, second):
+    torch.tanh(z, out=value)
+    torch.mul(value, value, out=slope).neg_().add_(1.0)
+    if second is not None:  # -2 t s', as in _tanh
+        torch.mul(value, slope, out=second).mul_(-2.0)
+
+
+def _sine_into(a, z, value, slope, second):
+    wz = torch.mul(z, a.param, out=slope)
+    torch.sin(wz, out=value)
+    wz.cos_().mul_(a.param)
+    if second is not None:
+        torch.mul(value, -(a.param**2), out=second)
 
 
 def _tanh(a, z, curvature):
@@ -340,7 +395,15 @@ def _sine_third(a, z):
 
 # The order fixes the kernels' ids: append new activations at the end.
 _register("identity", lambda a, z: z, _identity, lambda a: nn.Identity(), modules=[nn.Identity], piecewise_linear=True)
-_register("relu", lambda a, z: torch.relu(z), _relu, lambda a: nn.ReLU(), modules=[nn.ReLU], piecewise_linear=True)
+_register(
+    "relu",
+    lambda a, z: torch.relu(z),
+    _relu,
+    lambda a: nn.ReLU(),
+    modules=[nn.ReLU],
+    piecewise_linear=True,
+    into=_relu_into,
+)
 _register(
     "leaky_relu",
     lambda a, z: F.leaky_relu(z, a.param),
@@ -357,6 +420,7 @@ _register(
     _softplus,
     lambda a: nn.Softplus(beta=a.param, threshold=a.threshold),
     third=_softplus_third,
+    into=_softplus_into,
     modules=[nn.Softplus],
     from_module=lambda m: Activation("softplus", float(m.beta), float(m.threshold)),
     default_param=1.0,  # nn.Softplus's default beta
@@ -369,6 +433,7 @@ _register(
     third=_tanh_third,
     modules=[nn.Tanh],
     joint=_tanh_joint,
+    into=_tanh_into,
 )
 _register(
     "sigmoid",
@@ -402,6 +467,7 @@ _register(
     lambda a: Sine(a.param),
     third=_sine_third,
     joint=_sine_joint,
+    into=_sine_into,
     modules=[Sine],
     from_module=lambda m: Activation("sine", m.w0),
     default_param=30.0,

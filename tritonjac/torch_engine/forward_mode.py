@@ -19,6 +19,7 @@ from .common import (
     Layer,
     Network,
     Scratch,
+    activation_into,
     chunk_points,
     chunked_gradients,
     evaluate_activation,
@@ -44,38 +45,55 @@ def _stack(h, slope, U, with_tangents: bool, scratch: Scratch):
 
 
 def _activate(act: Activation, z, U, scratch: Scratch, *, curvature: bool = False, with_tangents: bool = True):
-    """The next layer's input [s(z); s'(z) U] (in scratch), plus s'(z) and s''(z) for the backward."""
+    """The next layer's input [s(z); s'(z) U] (in scratch), plus s'(z) and s''(z) for the backward
+    (in scratch too where the activation can write into buffers: valid until the next call)."""
+    if not act.is_identity:
+        A = scratch.get("A", 1 + (U.shape[0] if with_tangents else 0), *z.shape)
+        slope = scratch.get("slope", *z.shape)
+        second = scratch.get("second", *z.shape) if curvature and act.has_curvature else None
+        if activation_into(act, z, A[0], slope, second):
+            if with_tangents:
+                torch.mul(slope, U, out=A[1:])
+            return A, slope, second
     h, slope, second = evaluate_activation(act, z, curvature=curvature)
     return _stack(h, slope, U, with_tangents, scratch), slope, second
 
 
-def _rowsum_product(GT, U):
-    """sum over the k tangents of GT * U, (k, P, d) x (k, P, d) -> (P, d).
+def _rowsum_product(GT, U, scratch: Scratch):
+    """sum over the k tangents of GT * U, (k, P, d) x (k, P, d) -> (P, d), in scratch.
 
     Accumulated tangent by tangent: 3x faster on CPU than (GT * U).sum(0), whose reduction over the
     outer dimension is slow.
     """
-    acc = GT[0] * U[0]
+    acc = torch.mul(GT[0], U[0], out=scratch.get("rowsum", *GT.shape[1:]))
     for j in range(1, GT.shape[0]):
         acc.addcmul_(GT[j], U[j])
     return acc
 
 
-def _linear(A, weight, bias):
-    """Z = [z; U] = W A (+ b on the value row): one GEMM over all rows of the stacked input."""
+def _linear(A, weight, bias, scratch: Scratch | None):
+    """Z = [z; U] = W A (+ b on the value row): one GEMM over all rows of the stacked input, into
+    scratch when given (Z is then overwritten by the next layer)."""
     rows, P, d_in = A.shape
-    Z = torch.mm(A.view(rows * P, d_in), weight.t()).view(rows, P, weight.shape[0])
+    out = scratch.get("Z", rows * P, weight.shape[0]) if scratch is not None else None
+    Z = torch.mm(A.view(rows * P, d_in), weight.t(), out=out).view(rows, P, weight.shape[0])
     if bias is not None:
         Z[0] += bias
     return Z
 
 
-def _pre_activation(net: Network, layer: Layer, A, a0, D):
-    """z (P, d) and U (k, P, d_rows) of one layer (U may be (k, 1, d): the same for every point)."""
+def _pre_activation(net: Network, layer: Layer, A, a0, D, scratch: Scratch | None = None):
+    """z (P, d) and U (k, P, d_rows) of one layer (U may be (k, 1, d): the same for every point).
+    With `scratch`, z and U of hidden layers are written there (valid until the next layer's)."""
     if layer.hidden is None:  # the first layer: a0 alone
-        return F.linear(a0, layer.inputs, layer.bias), net.input_map.tangent(D, layer.tangent_weight)
+        out = scratch.get("Z", a0.shape[0], layer.inputs.shape[0]) if scratch is not None else None
+        if layer.bias is None:
+            z = torch.mm(a0, layer.inputs.t(), out=out)
+        else:
+            z = torch.addmm(layer.bias, a0, layer.inputs.t(), out=out)
+        return z, net.input_map.tangent(D, layer.tangent_weight)
     if layer.rows is None:
-        Z = _linear(A, layer.hidden, layer.bias)
+        Z = _linear(A, layer.hidden, layer.bias, scratch)
         z, U = Z[0], Z[1:]
     else:
         z = F.linear(A[0], layer.hidden, layer.bias)
@@ -97,7 +115,7 @@ def _forward_chunk(x, net: Network, saved: list | None, scratch: Scratch):
     last = len(net.layers) - 1
     A = None
     for l, layer in enumerate(net.layers):
-        z, U = _pre_activation(net, layer, A, a0, D)
+        z, U = _pre_activation(net, layer, A, a0, D, scratch if saved is None else None)
         if saved is not None:
             saved.append((None, None) if (l == last and layer.act.is_identity) else (z, U))
         if l < last:
@@ -154,7 +172,7 @@ def _backward_chunk(x, layer_saved, net: Network, G, gy, gT, grad_W, grad_b, nee
         rows = layer.rows if layer.rows is not None else slice(None)
         # through the activation, in place: then gy, gT = dLoss/d[z_l; U_l]
         if not layer.act.is_identity:
-            curvature = _rowsum_product(gT, layer_saved[l][1]) if tangents and second is not None else None
+            curvature = _rowsum_product(gT, layer_saved[l][1], scratch) if tangents and second is not None else None
             gy.mul_(slope)
             if tangents:
                 gT.mul_(slope[:, rows])
