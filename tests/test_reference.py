@@ -54,6 +54,9 @@ def test_activations_written_into_buffers_equal_their_formulas(activation, dtype
     slope.fill_(float("nan"))
     act.into(z, value, slope)  # without s''
     assert torch.equal(slope, want_slope)
+    value.fill_(float("nan"))
+    act.into(z, value)  # s alone
+    assert torch.equal(value, want_value)
 
 
 def test_softplus_threshold_region_matches_torch():

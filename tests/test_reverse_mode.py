@@ -76,12 +76,15 @@ def test_every_activation_in_both_modes(activation, loss_name, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("shape", ["one-layer", "one-hidden", "latent-skip", "skip-into-last"])
+@pytest.mark.parametrize("shape", ["one-layer", "one-hidden", "linear-hidden", "latent-skip", "skip-into-last"])
 def test_structures_in_both_modes(shape, mode):
     """The reverse sweep's edge cases: no hidden layer, a first layer that is also the last's input,
-    a latent code before xyz with a skip, a skip into the last layer (a0's adjoint from there)."""
+    equal-width hidden layers with no activation (an adjoint passes through unchanged), a latent
+    code before xyz with a skip, a skip into the last layer (a0's adjoint from there)."""
     x = torch.randn(30, 3, dtype=torch.float64)
-    if shape == "one-layer":
+    if shape == "linear-hidden":
+        check_mode(make_mlp(3, [16, 16, 16, 16], 2, "identity", output_activation="tanh"), x, "both", slice(0, 2), mode)
+    elif shape == "one-layer":
         check_mode(make_mlp(3, [], 2, None, output_activation="sigmoid"), x, "both", slice(0, 2), mode)
     elif shape == "one-hidden":
         check_mode(make_mlp(3, [16], 1, "sine"), x, "both", slice(0, 1), mode)

@@ -148,9 +148,9 @@ class Activation:
         slope, second = self.kind.derivatives(self, z, curvature)
         return s, slope, second
 
-    def into(self, z: torch.Tensor, value: torch.Tensor, slope: torch.Tensor, second=None) -> bool:
-        """Write s(z) into `value`, s'(z) into `slope` and, if given, s''(z) into `second` (each of
-        z's shape, none overlapping z or another; `second` is left alone where s'' is zero).
+    def into(self, z: torch.Tensor, value: torch.Tensor, slope=None, second=None) -> bool:
+        """Write s(z) into `value` and, if given, s'(z) into `slope` and s''(z) into `second` (each
+        of z's shape, none overlapping z or another; `second` is left alone where s'' is zero).
 
         Returns False, writing nothing, for activations whose record has no allocation-free form.
         The CPU engine's forward uses it for its per-chunk buffers: fresh tensors per chunk cost more
@@ -238,6 +238,8 @@ def _softplus(a, z, curvature):
 
 def _softplus_into(a, z, value, slope, second):
     torch.ops.aten.softplus.out(z, a.param, a.threshold, out=value)
+    if slope is None:
+        return
     torch.ops.aten.softplus_backward.grad_input(_ONE[z.dtype, z.device], z, a.param, a.threshold, grad_input=slope)
     if second is not None:  # as in _softplus
         torch.addcmul(slope, slope, slope, value=-1.0, out=second).mul_(a.param)
@@ -256,17 +258,23 @@ _ONE = _Ones()
 
 def _relu_into(a, z, value, slope, second):
     torch.clamp_min(z, 0.0, out=value)
-    torch.gt(z, 0.0, out=slope)
+    if slope is not None:
+        torch.gt(z, 0.0, out=slope)
 
 
 def _tanh_into(a, z, value, slope, second):
     torch.tanh(z, out=value)
+    if slope is None:
+        return
     torch.mul(value, value, out=slope).neg_().add_(1.0)
     if second is not None:  # -2 t s', as in _tanh
         torch.mul(value, slope, out=second).mul_(-2.0)
 
 
 def _sine_into(a, z, value, slope, second):
+    if slope is None:
+        torch.mul(z, a.param, out=value).sin_()
+        return
     wz = torch.mul(z, a.param, out=slope)
     torch.sin(wz, out=value)
     wz.cos_().mul_(a.param)

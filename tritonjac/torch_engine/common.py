@@ -428,7 +428,7 @@ def evaluate_activation(act: Activation, z, *, value: bool = True, curvature: bo
     return h, slope, second
 
 
-def activation_into(act: Activation, z, value, slope, second=None) -> bool:
+def activation_into(act: Activation, z, value, slope=None, second=None) -> bool:
     """`Activation.into` (s, s' and s'' written into the given tensors; False where the activation
     has no such form), flushed as in `evaluate_activation`."""
     if not act.into(z, value, slope, second):

@@ -32,6 +32,7 @@ from .common import (
     Layer,
     Network,
     Scratch,
+    activation_into,
     activation_value,
     chunk_points,
     chunked_gradients,
@@ -105,13 +106,11 @@ def _forward_chunk(x, net: Network, scratch: Scratch, saved: list | None = None)
     last = L - 1
     a0, _, d1, _ = input_map.evaluate(x)
     zs, slopes, h = [], [], None
+    P = x.shape[0]
     for l, layer in enumerate(layers):
-        out = saved[l] if saved is not None and saved[l] is not None else scratch.get(f"z{l}", x.shape[0], layer.width)
+        out = saved[l] if saved is not None and saved[l] is not None else scratch.get(f"z{l}", P, layer.width)
         z = _value_pre_activation(layer, h, a0, out)
-        if layer.act.name == "softplus" and l < last:  # its adjoint in one pass (`_adjoint`)
-            h, slope = activation_value(layer.act, z), None
-        else:
-            h, slope, _ = evaluate_activation(layer.act, z)
+        h, slope = _activate(layer.act, z, scratch, l, slope=not (layer.act.name == "softplus" and l < last))
         zs.append(z)
         slopes.append(slope)
     y = h
@@ -126,10 +125,11 @@ def _forward_chunk(x, net: Network, scratch: Scratch, saved: list | None = None)
         layer = layers[l]
         if saved is not None:
             saved[L + l].copy_(dh)
-        dz = _adjoint(layer.act, dh, zs[l], slopes[l])
+        dz = _adjoint(layer.act, dh, zs[l], slopes[l], scratch.get("dz", *dh.shape))
         m, P, d = dz.shape
-        if layer.hidden is not None:
-            dh = torch.mm(dz.reshape(m * P, d), layer.hidden).view(m, P, -1)
+        if layer.hidden is not None:  # two buffers in turn: dz is dh itself after an identity
+            out = scratch.get("dh" if l % 2 else "dh'", m * P, layer.hidden.shape[1])
+            dh = torch.mm(dz.reshape(m * P, d), layer.hidden, out=out).view(m, P, -1)
         if layer.inputs is not None:
             g = torch.mm(dz.reshape(m * P, d), layer.inputs[:, columns]).view(m, P, -1)
             da0 = g if da0 is None else da0.add_(g)
@@ -138,14 +138,30 @@ def _forward_chunk(x, net: Network, scratch: Scratch, saved: list | None = None)
     return y, input_map.jacobian(da0, d1)
 
 
-def _adjoint(act, dh, z, slope):
-    """dz = s'(z) * dh: from the slope, or without one (softplus) by torch's fused kernel, which
-    computes the slope and the product in one pass, as autograd does."""
+def _activate(act, z, scratch: Scratch, l: int, slope: bool = True):
+    """h_l = s(z_l) and s'(z_l) (None when not asked for, or for the identity) of one layer, in
+    scratch (one buffer per layer: the adjoints read them all) where the activation can write into
+    buffers."""
+    if act.is_identity:
+        return z, None
+    h = scratch.get("h" if l % 2 else "h'", *z.shape)  # the next layer reads h while writing its own
+    s1 = scratch.get(f"slope{l}", *z.shape) if slope else None
+    if activation_into(act, z, h, s1):
+        return h, s1
+    if not slope:
+        return activation_value(act, z), None
+    h, s1, _ = evaluate_activation(act, z)
+    return h, s1
+
+
+def _adjoint(act, dh, z, slope, out):
+    """dz = s'(z) * dh, into `out`: from the slope, or without one (softplus) by torch's fused
+    kernel, which computes the slope and the product in one pass, as autograd does."""
     if act.is_identity:
         return dh
     if slope is not None:
-        return dh * slope
-    return torch.ops.aten.softplus_backward(dh, z, act.param, act.threshold)
+        return torch.mul(dh, slope, out=out)
+    return torch.ops.aten.softplus_backward.grad_input(dh, z, act.param, act.threshold, grad_input=out)
 
 
 def forward_points(x2d, weights, biases, spec: NetworkSpec, store: _Store | None, band_weights=None):
