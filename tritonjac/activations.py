@@ -154,7 +154,7 @@ class Activation:
 
         Returns False, writing nothing, for activations whose record has no allocation-free form.
         The CPU engine's forward uses it for its per-chunk buffers: fresh tensors per chunk cost more
-        than the arithmetic there (glibc maps and unmaps them; design section 6)."""
+        than the arithmetic there (glibc maps and unmaps them; docs/design.md, section 10)."""
         if self.kind.into is None:
             return False
         self.kind.into(self, z, value, slope, second if self.has_curvature else None)
