@@ -246,10 +246,12 @@ def _softplus_into(a, z, value, slope, second):
 
 
 class _Ones(dict):
-    """A scalar one per (dtype, device), made once: softplus_backward's grad_output."""
+    """A scalar one per (dtype, device), made once: softplus_backward's grad_output. Never an
+    inference tensor, even when first asked for under `torch.inference_mode()`."""
 
     def __missing__(self, key):
-        one = self[key] = torch.ones((), dtype=key[0], device=key[1])
+        with torch.inference_mode(False):
+            one = self[key] = torch.ones((), dtype=key[0], device=key[1])
         return one
 
 
