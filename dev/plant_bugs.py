@@ -277,6 +277,27 @@ BUGS = [
         "the calling thread is left flushing denormals after a call",
     ),
     Bug(
+        "flush-skipped-beside-openmp-threads",
+        "tritonjac/torch_engine/common.py",
+        'return getattr(_thread_flush, "on", False) and torch.get_num_threads() == 1',
+        'return getattr(_thread_flush, "on", False)',
+        "softplus's flush passes are skipped on a worker whose ops also run on OpenMP threads without FTZ",
+    ),
+    Bug(
+        "tanh-into-slope",
+        "tritonjac/activations.py",
+        "    torch.mul(value, value, out=slope).neg_().add_(1.0)",
+        "    torch.mul(value, value, out=slope).add_(1.0)",
+        "tanh's allocation-free slope is 1 + t^2",
+    ),
+    Bug(
+        "saved-pre-activations-in-scratch",
+        "tritonjac/torch_engine/forward_mode.py",
+        "z, U = _pre_activation(net, layer, A, a0, D, scratch if saved is None else None)",
+        "z, U = _pre_activation(net, layer, A, a0, D, scratch)",
+        "forward mode saves z and U for the backward in a buffer the next layer overwrites",
+    ),
+    Bug(
         "second-order-third-derivative",
         "tritonjac/torch_engine/second_order.py",
         "        curvature.addcmul_(r3, _row_products(GQ, _quadratic(U, order)))",
