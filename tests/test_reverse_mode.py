@@ -124,7 +124,7 @@ def test_reverse_mode_over_many_chunks(monkeypatch):
     """Chunk boundaries and a ragged last chunk: the saved adjoints belong to their chunk."""
     from tritonjac import torch_engine
 
-    monkeypatch.setattr(torch_engine.common, "CHUNK_BYTES", 2 * 16 * 8 * 5)  # 5 points per chunk
+    monkeypatch.setattr(torch_engine.common, "REVERSE_CHUNK_BYTES", 2 * 16 * 8 * 5)  # 5 points per chunk
     model = make_mlp(3, [16, 16], 1, "tanh")
     check_mode(model, torch.randn(23, 3, dtype=torch.float64), "both", slice(0, 1), "reverse")
 
@@ -204,7 +204,8 @@ def test_chunks_on_worker_threads(mode, monkeypatch):
     and the same inputs give bit-identical gradients (the workers' chunks are fixed)."""
     from tritonjac import torch_engine
 
-    monkeypatch.setattr(torch_engine.common, "CHUNK_BYTES", 4 * 16 * 8 * 3)  # 3-6 points per chunk
+    monkeypatch.setattr(torch_engine.common, "CHUNK_BYTES", 4 * 16 * 8 * 3)  # 3 points per chunk
+    monkeypatch.setattr(torch_engine.common, "REVERSE_CHUNK_BYTES", 2 * 16 * 8 * 3)  # and in reverse mode
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -227,7 +228,7 @@ def test_chunks_on_worker_threads(mode, monkeypatch):
 def test_workers_keep_inference_mode_and_raise_errors(monkeypatch):
     from tritonjac.torch_engine import common
 
-    monkeypatch.setattr(common, "CHUNK_BYTES", 2 * 16 * 8 * 3)
+    monkeypatch.setattr(common, "REVERSE_CHUNK_BYTES", 2 * 16 * 8 * 3)  # one output: reverse mode
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

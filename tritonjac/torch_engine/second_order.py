@@ -211,9 +211,9 @@ def _forward_chunk(x, net: Network, order: SecondOrder, saved: list | None, scra
     return layer.act.value(z), out[1:]
 
 
-# Twice the first-order engine's chunks on CPU: with 5 or more stacked rows the per-op overhead of
-# small chunks outweighed the cache (SIREN's Laplacian step on a 2-core VM: 3 MB chunks 5-10% faster).
-SECOND_ORDER_CHUNK_BYTES = 2 * CHUNK_BYTES
+# Forward mode's chunks on CPU: with 5 or more stacked rows the per-op overhead of small chunks
+# outweighed the cache (SIREN's Laplacian step on a 2-core VM: 3 MB chunks 5-10% faster than 1.5 MB).
+SECOND_ORDER_CHUNK_BYTES = CHUNK_BYTES
 
 
 def chunk_points(num_points: int, weights, order: SecondOrder, x: torch.Tensor) -> int:
