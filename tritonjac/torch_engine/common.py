@@ -24,6 +24,7 @@ __all__ = [
     "Layer",
     "Network",
     "flush_denormals",
+    "flush_softplus",
     "activation_into",
 ]
 
@@ -429,12 +430,11 @@ class Network:
 
 def evaluate_activation(act: Activation, z, *, value: bool = True, curvature: bool = False):
     """(s(z), s'(z), s''(z)) as `Activation.evaluate` gives them, with (z, None, None) for the
-    identity, and softplus's denormals flushed on CPU (`flush_denormals`)."""
+    identity, and softplus's denormals flushed on CPU (`flush_softplus`)."""
     if act.is_identity:
         return z, None, None
     h, slope, second = act.evaluate(z, value=value, curvature=curvature)
-    if act.name == "softplus" and z.device.type == "cpu":
-        flush_denormals(h, slope, second)
+    flush_softplus(act, z, h, slope, second)
     return h, slope, second
 
 
@@ -443,17 +443,21 @@ def activation_into(act: Activation, z, value, slope=None, second=None) -> bool:
     has no such form), flushed as in `evaluate_activation`."""
     if not act.into(z, value, slope, second):
         return False
-    if act.name == "softplus" and z.device.type == "cpu":
-        flush_denormals(value, slope, second)
+    flush_softplus(act, z, value, slope, second)
     return True
 
 
 def activation_value(act: Activation, z):
     """s(z) alone, flushed as in `evaluate_activation`."""
     h = act.value(z)
-    if act.name == "softplus" and z.device.type == "cpu":
-        flush_denormals(h)
+    flush_softplus(act, z, h)
     return h
+
+
+def flush_softplus(act: Activation, z, *tensors) -> None:
+    """`flush_denormals` on what softplus gave for z on CPU (the only activation that makes them)."""
+    if act.name == "softplus" and z.device.type == "cpu":
+        flush_denormals(*tensors)
 
 
 def flush_denormals(*tensors) -> None:

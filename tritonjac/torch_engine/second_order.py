@@ -39,7 +39,7 @@ from .common import (
     Scratch,
     chunked_gradients,
     evaluate_activation,
-    flush_denormals,
+    flush_softplus,
     run_chunks,
 )
 
@@ -256,8 +256,7 @@ def activation_derivatives(act, z):
     if act.is_identity:
         return z, None, None, None
     h, s1, s2, s3 = act.evaluate_third(z)
-    if act.name == "softplus" and z.device.type == "cpu":
-        flush_denormals(h, s1, s2)
+    flush_softplus(act, z, h, s1, s2)
     return h, s1, s2, s3
 
 
